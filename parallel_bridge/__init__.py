@@ -1,0 +1,11 @@
+"""parallel_bridge: one model definition across Megatron-core / DeepSpeed training and vLLM serving.
+
+``import parallel_bridge`` needs torch alone; each integration lives in
+``parallel_bridge.adapters`` and imports its library when first used.
+"""
+
+from parallel_bridge.context import GROUP_NAMES, ParallelContext
+from parallel_bridge.layout import MEGATRON_ORDER, VLLM_ORDER
+
+__all__ = ["GROUP_NAMES", "MEGATRON_ORDER", "VLLM_ORDER", "ParallelContext", "__version__"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Megatron checkpoints: tensor layouts, readers, and conversion for serving."""

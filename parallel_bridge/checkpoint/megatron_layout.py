@@ -1,0 +1,95 @@
+"""How megatron-core's GPT tensors are split across tensor-parallel ranks and pipeline stages.
+
+Verified against megatron-core 0.16.1's layers (see tests/test_megatron_adapter.py,
+which moves a GPTModel's weights between TP sizes with these functions and
+checks the loss is unchanged):
+- column-parallel (split on dim 0): ``embedding.word_embeddings``, ``output_layer``,
+  ``linear_qkv`` (rows grouped per query group, so a chunk holds whole groups);
+- gated ``linear_fc1`` (SwiGLU): each rank holds ``[gate_shard ; up_shard]``, so the
+  full tensor ``[gate ; up]`` is split half by half;
+- row-parallel (split on dim 1): ``linear_proj``, ``linear_fc2`` weights;
+- replicated: norms, row-parallel biases.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+SplitKind = Literal["column", "glu", "row", "replicated"]
+
+_LAYER = re.compile(r"^(?P<prefix>.*?layers\.)(?P<index>\d+)(?P<rest>\..*)$")
+
+
+def split_kind(name: str, gated_linear_unit: bool = True) -> SplitKind:
+    """How the tensor called ``name`` is divided across tensor-parallel ranks."""
+    if name.endswith("layer_norm_weight") or name.endswith("layer_norm_bias") or "layernorm" in name:
+        return "replicated"
+    if "linear_fc1." in name:
+        return "glu" if gated_linear_unit else "column"
+    if "word_embeddings." in name or "output_layer." in name or "linear_qkv." in name:
+        return "column"
+    if "linear_proj." in name or "linear_fc2." in name:
+        return "row" if name.endswith(".weight") else "replicated"
+    return "replicated"
+
+
+def shard(name: str, full: torch.Tensor, tp: int, rank: int, gated_linear_unit: bool = True) -> torch.Tensor:
+    """This TP rank's part of the full tensor ``name``."""
+    kind = split_kind(name, gated_linear_unit)
+    if kind == "replicated" or tp == 1:
+        return full
+    if kind == "row":
+        return _chunk(name, full, tp, dim=1)[rank]
+    if kind == "column":
+        return _chunk(name, full, tp, dim=0)[rank]
+    gate, up = _chunk(name, full, 2, dim=0)
+    return torch.cat([_chunk(name, gate, tp, 0)[rank], _chunk(name, up, tp, 0)[rank]], dim=0)
+
+
+def merge(name: str, shards: Sequence[torch.Tensor], gated_linear_unit: bool = True) -> torch.Tensor:
+    """The full tensor ``name`` from its TP shards (rank order)."""
+    kind = split_kind(name, gated_linear_unit)
+    if kind == "replicated" or len(shards) == 1:
+        return shards[0]
+    if kind == "row":
+        return torch.cat(list(shards), dim=1)
+    if kind == "column":
+        return torch.cat(list(shards), dim=0)
+    halves = [_chunk(name, s, 2, 0) for s in shards]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+
+def _chunk(name: str, t: torch.Tensor, parts: int, dim: int) -> tuple[torch.Tensor, ...]:
+    if t.shape[dim] % parts:
+        raise ValueError(
+            f"tensor {name} of shape {tuple(t.shape)} cannot be split in {parts} along dim {dim}"
+        )
+    return torch.chunk(t, parts, dim=dim)
+
+
+def layer_offset(num_layers: int, pp: int, pp_rank: int) -> int:
+    """Index of the first transformer layer on pipeline stage ``pp_rank`` (even split)."""
+    if num_layers % pp:
+        raise ValueError(f"pipeline size {pp} does not divide num_layers={num_layers}")
+    return pp_rank * (num_layers // pp)
+
+
+def to_global_name(name: str, offset: int) -> str:
+    """A stage-local name (``decoder.layers.0...``) with the layer index made global."""
+    m = _LAYER.match(name)
+    return name if m is None else f"{m['prefix']}{int(m['index']) + offset}{m['rest']}"
+
+
+def to_local_name(name: str, offset: int, layers_per_stage: int) -> str | None:
+    """The stage-local name of a global ``name``, or None when the layer is on another stage."""
+    m = _LAYER.match(name)
+    if m is None:
+        return name
+    local = int(m["index"]) - offset
+    if not 0 <= local < layers_per_stage:
+        return None
+    return f"{m['prefix']}{local}{m['rest']}"

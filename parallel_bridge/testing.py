@@ -1,0 +1,161 @@
+"""Run a function on N local processes, as torchrun would, with a deadline.
+
+``run_distributed(fn, world_size)`` spawns one process per rank with torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), initializes
+gloo, calls ``fn(*args)`` and returns the per-rank results. A rank that raises is
+reported with its own traceback and the others are stopped; a rank that hangs or
+dies is reported by number once the deadline passes, instead of hanging the caller.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+_GRACE_S = 3.0
+
+
+class DistributedTestError(RuntimeError):
+    """A rank failed, hung or died; the message holds its traceback or exit code."""
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives one rank on a single node."""
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "GROUP_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
+def _worker(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    results: Any,
+    args: tuple,
+    env: dict[str, str],
+    init: bool,
+    timeout_s: float,
+    threads: int,
+) -> None:
+    os.environ.update(torchrun_env(rank, world_size, port))
+    os.environ.update(env)
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(threads)
+        if init:
+            dist.init_process_group(
+                "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            )
+        value = fn(*args)
+        results.put((rank, "ok", value))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - teardown after a reported success
+        pass
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
+    init: bool = True,
+    threads: int = 1,
+) -> list[Any]:
+    """Call ``fn(*args)`` on ``world_size`` spawned ranks; return their results by rank.
+
+    ``fn`` and ``args`` must be picklable (a module-level function). With
+    ``init=True`` the default gloo group exists when ``fn`` starts; with False,
+    ``fn`` gets only torchrun's environment. Raises :class:`DistributedTestError`
+    naming the first failing rank (with its traceback), or the ranks still
+    running at ``timeout_s``.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(fn, rank, world_size, port, results, args, dict(env or {}), init, timeout_s, threads),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    outcome: dict[int, tuple[str, Any]] = {}
+    failure: tuple[int, str] | None = None
+    failure_time = 0.0
+    try:
+        while len(outcome) < world_size:
+            now = time.monotonic()
+            if failure is not None and now > failure_time + _GRACE_S:
+                break
+            if now > deadline:
+                break
+            try:
+                rank, status, value = results.get(timeout=0.2)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in outcome and not p.is_alive()]
+                if dead and failure is None:
+                    time.sleep(0.5)  # its message may still be in flight
+                    try:
+                        rank, status, value = results.get(timeout=0.5)
+                    except queue.Empty:
+                        r = dead[0]
+                        raise DistributedTestError(
+                            f"rank {r} of {world_size} died with exit code {procs[r].exitcode} "
+                            f"before reporting (killed, or crashed in native code)"
+                        ) from None
+                else:
+                    continue
+            outcome[rank] = (status, value)
+            if status == "error" and failure is None:
+                failure, failure_time = (rank, value), time.monotonic()
+        if failure is not None:
+            rank, tb = failure
+            raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{tb}")
+        missing = [r for r in range(world_size) if r not in outcome]
+        if missing:
+            raise DistributedTestError(
+                f"ranks {missing} of {world_size} did not finish within {timeout_s:.0f} s "
+                f"(hung in a collective, or waiting for a rank that failed)"
+            )
+        return [outcome[r][1] for r in range(world_size)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=5)
