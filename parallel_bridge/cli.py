@@ -74,6 +74,8 @@ def torchrun(module: str, nproc: int, argv: list[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the end-to-end demo under torchrun."""
+    if args.nproc < 1:
+        raise CliError(f"--nproc must be >= 1, got {args.nproc}")
     argv = ["--out", args.out, "--steps", str(args.steps)]
     if args.quick:
         argv.append("--quick")
@@ -110,9 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return args.func(args)
     except (CliError, ValueError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as e:

@@ -46,6 +46,25 @@ def torchrun_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     }
 
 
+def _to_bytes(value: Any) -> bytes:
+    """Results travel as bytes: tensors sent as shared memory vanish when their rank exits."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
 def _worker(
     fn: Callable[..., Any],
     rank: int,
@@ -70,7 +89,7 @@ def _worker(
                 "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
             )
         value = fn(*args)
-        results.put((rank, "ok", value))
+        results.put((rank, "ok", _to_bytes(value)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
         return
@@ -140,7 +159,7 @@ def run_distributed(
                         ) from None
                 else:
                     continue
-            outcome[rank] = (status, value)
+            outcome[rank] = (status, _from_bytes(value) if status == "ok" else value)
             if status == "error" and failure is None:
                 failure, failure_time = (rank, value), time.monotonic()
         if failure is not None:

@@ -255,20 +255,31 @@ def bind_parallel_state(
             setattr(mps, group_global, ctx.group(name))
             if ranks_global and hasattr(mps, ranks_global):
                 setattr(mps, ranks_global, ctx.ranks(name))
-        ensure_memory_buffer()
-        yield ctx
+        with memory_buffer():
+            yield ctx
     finally:
         for g, value in saved.items():
             setattr(mps, g, value)
 
 
-def ensure_memory_buffer() -> None:
-    """Create megatron's global activation buffer (used by core attention and sequence
-    parallelism) if ``initialize_model_parallel`` has not, as with explicit groups."""
+@contextlib.contextmanager
+def memory_buffer() -> Iterator[None]:
+    """Megatron's global activation buffer (core attention, sequence parallelism) for a scope.
+
+    ``initialize_model_parallel`` makes it; with explicit groups nobody does. Made
+    here only if missing, and removed on exit if made here, so a later
+    ``initialize_model_parallel`` still succeeds.
+    """
     from megatron.core import parallel_state as mps
 
-    if getattr(mps, "_GLOBAL_MEMORY_BUFFER", None) is None:
-        mps._set_global_memory_buffer()
+    if getattr(mps, "_GLOBAL_MEMORY_BUFFER", None) is not None:
+        yield
+        return
+    mps._set_global_memory_buffer()
+    try:
+        yield
+    finally:
+        mps._GLOBAL_MEMORY_BUFFER = None
 
 
 def context_from_megatron(timeout_s: float = 600.0) -> ParallelContext:
@@ -383,9 +394,9 @@ def cpu_compat() -> Iterator[None]:
     Megatron's own behaviour applies.
     """
     import_megatron()
-    ensure_memory_buffer()
     if torch.cuda.is_available():
-        yield
+        with memory_buffer():
+            yield
         return
     from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mrandom
@@ -402,7 +413,8 @@ def cpu_compat() -> Iterator[None]:
         mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     try:
-        yield
+        with memory_buffer():
+            yield
     finally:
         torch.cuda.current_device = saved[0]
         mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved[1], saved[2]
@@ -448,15 +460,16 @@ def build_gpt_model(
     """A megatron-core ``GPTModel`` (local spec: no Transformer Engine) on the context's groups.
 
     RoPE positions, this rank's pipeline stage (pre/post-processing) and every
-    process group come from the context; no ``parallel_state`` global is needed
-    for the forward and backward pass.
+    process group come from the context. Run it inside :func:`cpu_compat` (which
+    also provides Megatron's activation buffer) or :func:`bind_parallel_state`;
+    megatron-core 0.16's vocab-parallel loss still reads ``parallel_state``, so
+    training with labels needs the binding.
     """
     import_megatron()
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     check_divisibility(ctx, vocab_size=vocab_size)
-    ensure_memory_buffer()
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
     return GPTModel(
         config=config,
