@@ -484,6 +484,13 @@ class ParallelContext:
 
         return context_from_vllm(**kwargs)
 
+    @classmethod
+    def from_deepspeed(cls, **kwargs: Any) -> ParallelContext:
+        """Build from the groups DeepSpeed set up itself (``deepspeed.utils.groups``), adopting them."""
+        from parallel_bridge.adapters.deepspeed import context_from_deepspeed
+
+        return context_from_deepspeed(**kwargs)
+
     # --------------------------------------------------------- serialization
     def to_dict(self) -> dict[str, Any]:
         """The layout as plain data (no process groups)."""

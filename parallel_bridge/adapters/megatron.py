@@ -310,7 +310,7 @@ def context_from_megatron(timeout_s: float = 600.0) -> ParallelContext:
         name: dist.get_process_group_ranks(getattr(mps, _STATE_GLOBALS[name][0]))
         for name in ("tp", "pp", "dp", "cp", "ep", "expt_tp")
     }
-    used = [a for a in AXES if a != "ep" and degrees[a] > 1] or ["tp"]
+    used = [a for a in AXES if degrees[a] > 1] or ["tp"]
     for perm in itertools.permutations(used):
         order = "-".join(perm)
         try:

@@ -1,0 +1,266 @@
+"""DeepSpeed adapter: ParallelContext -> DeepSpeed ``mpu``, DeepSpeed's groups, engines.
+
+- :func:`make_mpu`: the duck-typed ``mpu`` that ``deepspeed.initialize(mpu=...)``
+  reads its data/model/tensor/pipeline (and, with context parallelism,
+  sequence) groups from, answering from the context's groups.
+- :func:`install_expert_groups`: writes the context's expert-parallel and
+  expert-data-parallel groups where ``deepspeed.utils.groups`` keeps them, so MoE
+  layers find them instead of building their own.
+- :func:`initialize`: ``deepspeed.initialize`` with the mpu, after checking the
+  config's batch sizes against the data-parallel size.
+- :func:`context_from_deepspeed`: the context DeepSpeed's own groups describe.
+
+On CPU set ``DS_ACCELERATOR=cpu``; DeepSpeed then compiles a shared-memory
+communication extension on first use (cached in ``TORCH_EXTENSIONS_DIR``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+from parallel_bridge.context import ParallelContext
+
+logger = logging.getLogger(__name__)
+
+
+def import_deepspeed():
+    """``deepspeed``, or an ImportError that says which extra to install."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError(
+            "deepspeed is not installed: install the extra with `pip install parallel-bridge[deepspeed]` "
+            f"(DS_BUILD_OPS=0 pip install deepspeed>=0.19.8) ({e})"
+        ) from e
+    return deepspeed
+
+
+class DeepSpeedMPU:
+    """DeepSpeed's model-parallel unit over a ParallelContext.
+
+    "Model parallel" is tensor x pipeline (the ``mp`` group), as in Megatron; the
+    slice-parallel methods (Megatron-DeepSpeed's name for tensor parallelism) are
+    the tensor-parallel ones.
+    """
+
+    def __init__(self, ctx: ParallelContext) -> None:
+        self.ctx = ctx
+
+    def _rank_in(self, name: str) -> int:
+        return self.ctx.ranks(name).index(self.ctx.rank)
+
+    # data parallel
+    def get_data_parallel_group(self):
+        return self.ctx.group("dp")
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ctx.dp
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ctx.dp_rank
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return self.ctx.ranks("dp")
+
+    # model parallel (tensor x pipeline)
+    def get_model_parallel_group(self):
+        return self.ctx.group("mp")
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ctx.tp * self.ctx.pp
+
+    def get_model_parallel_rank(self) -> int:
+        return self._rank_in("mp")
+
+    # tensor parallel
+    def get_tensor_model_parallel_group(self):
+        return self.ctx.group("tp")
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ctx.tp
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ctx.tp_rank
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ctx.ranks("tp")[0]
+
+    get_slice_parallel_group = get_tensor_model_parallel_group
+    get_slice_parallel_world_size = get_tensor_model_parallel_world_size
+    get_slice_parallel_rank = get_tensor_model_parallel_rank
+
+    # pipeline parallel
+    def get_pipeline_model_parallel_group(self):
+        return self.ctx.group("pp")
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.ctx.pp
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.ctx.pp_rank
+
+    get_pipe_parallel_group = get_pipeline_model_parallel_group
+    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
+    get_pipe_parallel_rank = get_pipeline_model_parallel_rank
+
+
+class DeepSpeedSequenceParallelMPU(DeepSpeedMPU):
+    """The mpu for contexts with context (sequence) parallelism: adds DeepSpeed's sequence methods.
+
+    ZeRO then shards over data x sequence ranks (the ``dp_cp`` group).
+    """
+
+    def get_sequence_parallel_group(self):
+        return self.ctx.group("cp")
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.ctx.cp
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.ctx.cp_rank
+
+    def get_sequence_data_parallel_group(self):
+        return self.ctx.group("dp_cp")
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.ctx.dp * self.ctx.cp
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self._rank_in("dp_cp")
+
+
+class DeepSpeedUlyssesMPU(DeepSpeedSequenceParallelMPU):
+    """Sequence parallelism alone (tp = pp = 1): DeepSpeed's Ulysses contract.
+
+    DeepSpeed treats an mpu with ``initialize_sequence_parallel`` as
+    sequence-parallel only (no model parallelism), so only this case has it.
+    """
+
+    def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
+        if sequence_parallel_size != self.ctx.cp:
+            raise ValueError(
+                f"DeepSpeed asked for sequence parallel size {sequence_parallel_size}, "
+                f"but the context has cp={self.ctx.cp}"
+            )
+
+
+def make_mpu(ctx: ParallelContext) -> DeepSpeedMPU:
+    """The mpu for ``deepspeed.initialize(mpu=...)``; sequence methods only when ``ctx.cp > 1``."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() != ctx.world_size:
+        raise ValueError(
+            f"the context describes {ctx.world_size} ranks (tp={ctx.tp} x pp={ctx.pp} x dp={ctx.dp} "
+            f"x cp={ctx.cp}) but torch.distributed has {dist.get_world_size()}"
+        )
+    if ctx.cp == 1:
+        return DeepSpeedMPU(ctx)
+    if ctx.tp * ctx.pp == 1:
+        return DeepSpeedUlyssesMPU(ctx)
+    return DeepSpeedSequenceParallelMPU(ctx)
+
+
+def install_expert_groups(ctx: ParallelContext) -> str:
+    """Register the context's expert groups in ``deepspeed.utils.groups``; returns the group name.
+
+    DeepSpeed names them ``ep_size_{ep}``; its MoE layers then reuse them. The
+    context must use ``etp == tp`` (DeepSpeed has no separate expert TP degree here).
+    """
+    import_deepspeed()
+    from deepspeed.utils import groups
+
+    if ctx.etp != ctx.tp:
+        raise ValueError(
+            f"DeepSpeed's expert groups assume etp == tp; the context has etp={ctx.etp}, tp={ctx.tp}"
+        )
+    name = f"ep_size_{ctx.ep}"
+    groups._EXPERT_PARALLEL_GROUP[name] = ctx.group("ep")
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ctx.ranks("ep")
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = ctx.group("expt_dp")
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = ctx.ranks("expt_dp")
+    return name
+
+
+def check_batch_config(ctx: ParallelContext, config: dict[str, Any]) -> None:
+    """Raise ValueError naming the numbers when the config's batch sizes don't fit the data-parallel size."""
+    dp = ctx.dp * ctx.cp if ctx.cp > 1 else ctx.dp
+    train = config.get("train_batch_size")
+    micro = config.get("train_micro_batch_size_per_gpu")
+    accum = config.get("gradient_accumulation_steps")
+    where = f"data-parallel size {dp} (dp={ctx.dp}" + (f" x cp={ctx.cp})" if ctx.cp > 1 else ")")
+    if train is not None and micro is not None and accum is not None and train != micro * accum * dp:
+        raise ValueError(
+            f"train_batch_size={train} != train_micro_batch_size_per_gpu={micro} x "
+            f"gradient_accumulation_steps={accum} x {where} = {micro * accum * dp}"
+        )
+    for per_rank, label in (
+        (micro, "train_micro_batch_size_per_gpu"),
+        (accum, "gradient_accumulation_steps"),
+    ):
+        if train is not None and per_rank is not None and train % (per_rank * dp):
+            raise ValueError(f"train_batch_size={train} is not divisible by {label}={per_rank} x {where}")
+    if train is not None and train % dp:
+        raise ValueError(f"train_batch_size={train} is not divisible by the {where}")
+    if train is None and micro is None:
+        raise ValueError("the DeepSpeed config needs train_batch_size or train_micro_batch_size_per_gpu")
+
+
+def initialize(ctx: ParallelContext, model: Any, config: dict[str, Any], **kwargs: Any):
+    """``deepspeed.initialize`` over the context: its mpu, its expert groups, batch sizes checked first.
+
+    Returns what ``deepspeed.initialize`` returns (engine, optimizer, dataloader, scheduler).
+    """
+    deepspeed = import_deepspeed()
+    check_batch_config(ctx, config)
+    if ctx.ep > 1:
+        install_expert_groups(ctx)
+    if "mpu" in kwargs:
+        raise ValueError("pass the layout as the ParallelContext, not an mpu")
+    return deepspeed.initialize(model=model, config=config, mpu=make_mpu(ctx), **kwargs)
+
+
+def context_from_deepspeed(timeout_s: float = 600.0) -> ParallelContext:
+    """The context that DeepSpeed's own groups describe (``deepspeed.utils.groups``), groups adopted.
+
+    Without an mpu DeepSpeed is pure data parallel; expert groups set up by
+    DeepSpeed (``ep_size_N``) give the expert degree.
+    """
+    import_deepspeed()
+    import torch.distributed as dist
+    from deepspeed.utils import bwc, groups
+
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: call deepspeed.init_distributed() first")
+    mpu = groups.mpu
+    world, rank = dist.get_world_size(), dist.get_rank()
+    tp = 1 if mpu is None else bwc.bwc_tensor_model_parallel_world_size(mpu)
+    pp = 1 if mpu is None else bwc.bwc_pipeline_parallel_world_size(mpu)
+    ep_names = sorted(groups._EXPERT_PARALLEL_GROUP, key=lambda n: int(n.rsplit("_", 1)[1]))
+    ep = int(ep_names[-1].rsplit("_", 1)[1]) if ep_names else 1
+    actual: dict[str, Any] = {"dp": groups._get_data_parallel_group()}
+    if mpu is not None:
+        actual["tp"] = bwc.bwc_tensor_model_parallel_group(mpu)
+    if ep_names:
+        actual["ep"] = groups._get_expert_parallel_group(ep_names[-1])
+        actual["expt_dp"] = groups._get_expert_data_parallel_group(ep_names[-1])
+    ranks = {n: dist.get_process_group_ranks(g) for n, g in actual.items()}
+    sizes = (("tp", tp), ("ep", ep), ("dp", world // (tp * pp)), ("pp", pp))
+    used = [a for a, size in sizes if size > 1] or ["dp"]
+    for perm in itertools.permutations(used):
+        try:
+            ctx = ParallelContext(
+                tp=tp,
+                pp=pp,
+                dp=world // (tp * pp),
+                ep=ep,
+                rank=rank,
+                order="-".join(perm),
+                timeout_s=timeout_s,
+            )
+        except ValueError:
+            continue
+        if all(ctx.ranks(n) == r for n, r in ranks.items()):
+            return ctx.with_groups(actual)
+    raise RuntimeError(f"DeepSpeed's groups {ranks} match no rank order of tp={tp}, pp={pp}, ep={ep}")
