@@ -6,6 +6,7 @@
 
 from parallel_bridge.context import GROUP_NAMES, ParallelContext
 from parallel_bridge.layout import MEGATRON_ORDER, VLLM_ORDER
+from parallel_bridge.registry import register_model
 
-__all__ = ["GROUP_NAMES", "MEGATRON_ORDER", "VLLM_ORDER", "ParallelContext", "__version__"]
+__all__ = ["GROUP_NAMES", "MEGATRON_ORDER", "VLLM_ORDER", "ParallelContext", "__version__", "register_model"]
 __version__ = "0.1.0"

@@ -93,3 +93,31 @@ def to_local_name(name: str, offset: int, layers_per_stage: int) -> str | None:
     if not 0 <= local < layers_per_stage:
         return None
     return f"{m['prefix']}{local}{m['rest']}"
+
+
+def qkv_shard(
+    name: str, full: torch.Tensor, num_heads: int, num_groups: int, head_dim: int, tp: int, rank: int
+) -> torch.Tensor:
+    """This rank's rows of a grouped ``linear_qkv`` tensor, kv groups replicated when fewer than tp.
+
+    With ``num_groups >= tp`` this is the plain column split (whole groups per
+    rank). With fewer groups than ranks (which Megatron cannot train, but vLLM
+    serves by replicating kv heads), each rank keeps one group's k and v and its
+    own slice of that group's query heads, still in grouped order.
+    """
+    per = num_heads // num_groups
+    rows = num_groups * (per + 2) * head_dim
+    if full.shape[0] != rows:
+        raise ValueError(
+            f"tensor {name} has {full.shape[0]} rows, but {num_heads} heads in {num_groups} query groups "
+            f"of head_dim {head_dim} need {rows}"
+        )
+    if num_groups >= tp:
+        return _chunk(name, full, tp, dim=0)[rank]
+    grouped = full.view(num_groups, per + 2, head_dim, *full.shape[1:])
+    sharing = tp // num_groups
+    group, j = rank // sharing, rank % sharing
+    q_local = per // sharing
+    q = grouped[group, j * q_local : (j + 1) * q_local]
+    kv = grouped[group, per:]
+    return torch.cat([q, kv], dim=0).reshape(-1, *full.shape[1:])

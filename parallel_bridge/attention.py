@@ -1,0 +1,194 @@
+"""TrainableAttention: one causal GQA attention module for training and for vLLM serving.
+
+Built in a training job it runs with autograd on packed variable-length
+sequences (``cu_seqlens``): flash-attn's varlen kernel when installed and on GPU,
+else torch's ``varlen_attn`` on GPU, else ``scaled_dot_product_attention`` per
+sequence. Built inside a vLLM engine (``vllm_config`` given) it owns a vLLM
+``Attention`` layer and serves through the paged KV cache. Both modes apply the
+same rotary embedding (Llama's rotate-half convention) from token positions, and
+the module has no weights of its own: the projections around it are what train.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel_bridge.context import ParallelContext
+
+logger = logging.getLogger(__name__)
+
+
+def heads_per_rank(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int]:
+    """(query heads, kv heads) on each TP rank; kv heads are replicated when fewer than tp."""
+    if num_heads % tp:
+        raise ValueError(f"tensor-parallel size {tp} does not divide num_attention_heads={num_heads}")
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_key_value_heads={num_kv_heads} does not divide num_attention_heads={num_heads}"
+        )
+    if num_kv_heads >= tp:
+        if num_kv_heads % tp:
+            raise ValueError(f"tensor-parallel size {tp} does not divide num_key_value_heads={num_kv_heads}")
+        return num_heads // tp, num_kv_heads // tp
+    if tp % num_kv_heads:
+        raise ValueError(
+            f"num_key_value_heads={num_kv_heads} is below tensor-parallel size {tp} and does not divide it, "
+            "so kv heads cannot be replicated evenly"
+        )
+    return num_heads // tp, 1
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE (Hugging Face Llama / vLLM neox style) on ``x`` of shape [tokens, heads, head_dim]."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim)
+    )
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def varlen_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
+    """Causal attention over packed sequences; q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]. Differentiable."""
+    if q.is_cuda:
+        flash = _flash_attn_varlen()
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        if flash is not None:
+            return flash(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            varlen_attn = None
+        if varlen_attn is not None:
+            return varlen_attn(
+                q,
+                k,
+                v,
+                cu,
+                cu,
+                max_seqlen,
+                max_seqlen,
+                scale=scale,
+                window_size=(-1, 0),
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, S, D]
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=qs.shape[0] != ks.shape[0]
+        )
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def cpu_supported_head_sizes() -> list[int] | None:
+    """Head sizes vLLM's CPU attention backend supports, or None when it is not installed."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:
+        return None
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
+class TrainableAttention(nn.Module):
+    """Causal GQA attention with RoPE; trains with autograd, serves with vLLM's paged KV cache.
+
+    ``num_heads``/``num_kv_heads`` are model totals; each TP rank of ``ctx``
+    handles its share. ``layer_index`` names the vLLM layer (``{prefix}``
+    must hold exactly that one integer, as vLLM requires).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        layer_index: int,
+        ctx: ParallelContext | None = None,
+        rope_theta: float = 10000.0,
+        vllm_config: Any = None,
+        prefix: str | None = None,
+    ) -> None:
+        super().__init__()
+        ctx = ctx or ParallelContext()
+        self.num_heads, self.num_kv_heads = heads_per_rank(num_heads, num_kv_heads, ctx.tp)
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.rope_theta = rope_theta
+        self.layer_index = layer_index
+        self.vllm_attn = None
+        if vllm_config is not None:
+            self.vllm_attn = self._make_vllm_attention(vllm_config, prefix or f"layers.{layer_index}.attn")
+
+    def _make_vllm_attention(self, vllm_config: Any, prefix: str):
+        from vllm.model_executor.layers.attention import Attention
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            supported = cpu_supported_head_sizes()
+            if supported is not None and self.head_dim not in supported:
+                raise ValueError(
+                    f"head_dim={self.head_dim} is not supported by vLLM's CPU attention backend; "
+                    f"supported head sizes are {supported}"
+                )
+        digits = [int(t) for t in prefix.replace(".", " ").split() if t.isdigit()]
+        if digits != [self.layer_index]:
+            raise ValueError(
+                f"vLLM attention prefix {prefix!r} must contain exactly the layer index {self.layer_index}"
+            )
+        return Attention(
+            self.num_heads,
+            self.head_dim,
+            self.scale,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=vllm_config.cache_config,
+            prefix=prefix,
+        )
+
+    @property
+    def serving(self) -> bool:
+        """True when built inside vLLM (paged KV cache); False in a training job."""
+        return self.vllm_attn is not None
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q [T, heads*D], k/v [T, kv_heads*D] (this rank's heads, tokens packed) -> [T, heads*D].
+
+        ``cu_seqlens`` (training) marks where each packed sequence starts; None
+        means one sequence. Serving ignores it: vLLM's metadata knows the batch.
+        """
+        t = q.shape[0]
+        q = rotary(q.view(t, self.num_heads, self.head_dim), positions, self.head_dim, self.rope_theta)
+        k = rotary(k.view(t, self.num_kv_heads, self.head_dim), positions, self.head_dim, self.rope_theta)
+        if self.vllm_attn is not None:
+            return self.vllm_attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous())
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, t], dtype=torch.int32)
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return varlen_causal_attention(q, k, v, cu_seqlens, max_len, self.scale).reshape(t, -1)

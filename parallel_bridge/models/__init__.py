@@ -1,0 +1,1 @@
+"""Models defined once for training and serving."""

@@ -1,0 +1,423 @@
+"""HybridLlama: a Llama-style decoder of megatron-core layers that trains under torchrun and serves in vLLM.
+
+Vocab-parallel embedding and output layer, column/row-parallel QKV/output and
+SwiGLU MLP (megatron-core ``tensor_parallel`` layers on the context's TP group),
+:class:`~parallel_bridge.attention.TrainableAttention`, RMSNorm and RoPE. Its
+parameter names are megatron-core GPTModel's (``decoder.layers.0.self_attention.
+linear_qkv.weight``...), so a Megatron checkpoint and this model's own saves load
+the same way: :meth:`HybridLlama.load_weights` takes full (unsharded) tensors
+under those names and keeps this rank's shard, through each parameter's
+``weight_loader`` as vLLM's reload paths expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallel_bridge.adapters import megatron as pm
+from parallel_bridge.attention import TrainableAttention, heads_per_rank
+from parallel_bridge.checkpoint import megatron_layout as ml
+from parallel_bridge.context import ParallelContext
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE = "ParallelBridgeHybridLlama"
+"""The name this model is registered under in vLLM (``architectures`` in config.json)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridLlamaConfig:
+    """Model sizes; the field names of Hugging Face's LlamaConfig where one exists."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> HybridLlamaConfig:
+        """From a transformers config object or dict (e.g. vLLM's ``model_config.hf_config``)."""
+        get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
+        values = {f.name: get(f.name) for f in dataclasses.fields(cls) if get(f.name) is not None}
+        values.setdefault("num_key_value_heads", values.get("num_attention_heads"))
+        rope = get("rope_parameters") or get("rope_scaling") or {}
+        if "rope_theta" not in values and isinstance(rope, dict) and "rope_theta" in rope:
+            values["rope_theta"] = rope["rope_theta"]
+        return cls(**values)
+
+    def to_hf_dict(self, architecture: str = ARCHITECTURE) -> dict[str, Any]:
+        """A Llama-style config.json body naming ``architecture``."""
+        return {
+            "architectures": [architecture],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": "float32",
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            **dataclasses.asdict(self),
+        }
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a ``weight`` (replicated across TP ranks)."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SelfAttention(nn.Module):
+    """Grouped QKV projection (column-parallel), trainable attention, output projection (row-parallel)."""
+
+    def __init__(
+        self,
+        cfg: HybridLlamaConfig,
+        ctx: ParallelContext,
+        mcfg: Any,
+        index: int,
+        vllm_config: Any,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        heads, kv = heads_per_rank(cfg.num_attention_heads, cfg.num_key_value_heads, ctx.tp)
+        init = functools.partial(nn.init.normal_, std=0.02)
+        d = cfg.head_dim
+        self.linear_qkv = ColumnParallelLinear(
+            cfg.hidden_size,
+            ctx.tp * (heads + 2 * kv) * d,
+            config=mcfg,
+            init_method=init,
+            bias=False,
+            gather_output=False,
+            tp_group=ctx.tp_group,
+        )
+        self.core_attention = TrainableAttention(
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            d,
+            layer_index=index,
+            ctx=ctx,
+            rope_theta=cfg.rope_theta,
+            vllm_config=vllm_config,
+            prefix=f"{prefix}.core_attention",
+        )
+        self.linear_proj = RowParallelLinear(
+            cfg.num_attention_heads * d,
+            cfg.hidden_size,
+            config=mcfg,
+            init_method=init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=ctx.tp_group,
+        )
+        self.groups, self.per_group, self.head_dim = kv, heads // kv, d
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
+    ) -> torch.Tensor:
+        qkv, _ = self.linear_qkv(x)
+        t = qkv.shape[0]
+        grouped = qkv.view(t, self.groups, self.per_group + 2, self.head_dim)
+        q = grouped[:, :, : self.per_group].reshape(t, -1)
+        k = grouped[:, :, self.per_group].reshape(t, -1)
+        v = grouped[:, :, self.per_group + 1].reshape(t, -1)
+        out = self.core_attention(q, k, v, positions, cu_seqlens)
+        return self.linear_proj(out.unsqueeze(1))[0].squeeze(1)
+
+
+class MLP(nn.Module):
+    """SwiGLU: fc1 holds [gate ; up] per rank (column-parallel), fc2 row-parallel."""
+
+    def __init__(self, cfg: HybridLlamaConfig, ctx: ParallelContext, mcfg: Any) -> None:
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        init = functools.partial(nn.init.normal_, std=0.02)
+        self.linear_fc1 = ColumnParallelLinear(
+            cfg.hidden_size,
+            2 * cfg.intermediate_size,
+            config=mcfg,
+            init_method=init,
+            bias=False,
+            gather_output=False,
+            tp_group=ctx.tp_group,
+        )
+        self.linear_fc2 = RowParallelLinear(
+            cfg.intermediate_size,
+            cfg.hidden_size,
+            config=mcfg,
+            init_method=init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=ctx.tp_group,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear_fc1(x.unsqueeze(1))[0].chunk(2, dim=-1)
+        return self.linear_fc2(F.silu(gate) * up)[0].squeeze(1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        cfg: HybridLlamaConfig,
+        ctx: ParallelContext,
+        mcfg: Any,
+        index: int,
+        vllm_config: Any,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        dtype = mcfg.params_dtype
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attention = SelfAttention(cfg, ctx, mcfg, index, vllm_config, f"{prefix}.self_attention")
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, ctx, mcfg)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), positions, cu_seqlens)
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg, ctx, mcfg, vllm_config, prefix: str) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, ctx, mcfg, i, vllm_config, f"{prefix}.layers.{i}")
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, mcfg.params_dtype)
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg, ctx, mcfg, padded_vocab: int) -> None:
+        super().__init__()
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        self.word_embeddings = VocabParallelEmbedding(
+            padded_vocab,
+            cfg.hidden_size,
+            init_method=functools.partial(nn.init.normal_, std=0.02),
+            config=mcfg,
+            tp_group=ctx.tp_group,
+        )
+
+
+class HybridLlama(nn.Module):
+    """The hybrid decoder. Training: ``forward(input_ids, positions, cu_seqlens)``;
+    serving: vLLM's contract (``embed_input_ids``, ``forward``, ``compute_logits``, ``load_weights``)."""
+
+    def __init__(
+        self,
+        cfg: HybridLlamaConfig,
+        ctx: ParallelContext | None = None,
+        *,
+        vllm_config: Any = None,
+        params_dtype: torch.dtype = torch.float32,
+        prefix: str = "model",
+    ) -> None:
+        super().__init__()
+        ctx = ctx or ParallelContext()
+        if ctx.pp != 1:
+            raise ValueError(f"HybridLlama runs without pipeline parallelism; the context has pp={ctx.pp}")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads={cfg.num_attention_heads} does not divide hidden_size={cfg.hidden_size}"
+            )
+        heads_per_rank(cfg.num_attention_heads, cfg.num_key_value_heads, ctx.tp)
+        pm.check_divisibility(ctx, intermediate_size=cfg.intermediate_size)
+        if vllm_config is None and cfg.num_key_value_heads % ctx.tp:
+            raise ValueError(
+                f"training needs tensor-parallel size {ctx.tp} to divide num_key_value_heads="
+                f"{cfg.num_key_value_heads} (vLLM serving alone may replicate kv heads)"
+            )
+        self.cfg, self.ctx = cfg, ctx
+        self.padded_vocab = -(-cfg.vocab_size // ctx.tp) * ctx.tp
+        mcfg = pm.model_parallel_config(
+            ctx, params_dtype=params_dtype, perform_initialization=vllm_config is None
+        )
+        self.embedding = Embedding(cfg, ctx, mcfg, self.padded_vocab)
+        self.decoder = Decoder(cfg, ctx, mcfg, vllm_config, f"{prefix}.decoder")
+        if not cfg.tie_word_embeddings:
+            from megatron.core.tensor_parallel import ColumnParallelLinear
+
+            self.output_layer = ColumnParallelLinear(
+                cfg.hidden_size,
+                self.padded_vocab,
+                config=mcfg,
+                bias=False,
+                gather_output=False,
+                init_method=functools.partial(nn.init.normal_, std=0.02),
+                tp_group=ctx.tp_group,
+            )
+        for name, param in self.named_parameters():
+            param.weight_loader = functools.partial(self._load_full, name)
+
+    # ------------------------------------------------------------ forward
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding.word_embeddings(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        """Packed tokens [T] and their positions [T] -> final hidden states [T, hidden]."""
+        h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        for layer in self.decoder.layers:
+            h = layer(h, positions, cu_seqlens)
+        return self.decoder.final_layernorm(h)
+
+    def _output_weight(self) -> torch.Tensor:
+        if self.cfg.tie_word_embeddings:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary shard of the logits [T, padded_vocab / tp] (differentiable)."""
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        if self.ctx.tp > 1:
+            hidden = copy_to_tensor_model_parallel_region(hidden, group=self.ctx.tp_group)
+        return F.linear(hidden, self._output_weight())
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [T, vocab_size] on every rank (padding rows dropped)."""
+        local = self.local_logits(hidden_states)
+        if self.ctx.tp > 1:
+            parts = [torch.empty_like(local) for _ in range(self.ctx.tp)]
+            dist.all_gather(parts, local.contiguous(), group=self.ctx.tp_group)
+            local = torch.cat(parts, dim=-1)
+        return local[:, : self.cfg.vocab_size]
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        labels: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross entropy over packed tokens, computed on vocabulary shards."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        full = self.local_logits(self(input_ids, positions, cu_seqlens=cu_seqlens))
+        if self.ctx.tp > 1:
+            full = gather_from_tensor_model_parallel_region(full, group=self.ctx.tp_group)
+        return F.cross_entropy(full[:, : self.cfg.vocab_size].float(), labels)
+
+    # ------------------------------------------------------------ weights
+    def _shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        cfg, ctx = self.cfg, self.ctx
+        if "word_embeddings" in name or name.startswith("output_layer"):
+            if full.shape[0] > self.padded_vocab or full.shape[0] < cfg.vocab_size:
+                raise ValueError(
+                    f"tensor {name} has {full.shape[0]} vocabulary rows; the model has vocab_size="
+                    f"{cfg.vocab_size} (padded to {self.padded_vocab} for tp={ctx.tp})"
+                )
+            full = F.pad(full, (0, 0, 0, self.padded_vocab - full.shape[0]))
+        if "linear_qkv" in name:
+            return ml.qkv_shard(
+                name,
+                full,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                ctx.tp,
+                ctx.tp_rank,
+            )
+        return ml.shard(name, full, ctx.tp, ctx.tp_rank)
+
+    def _load_full(self, name: str, param: nn.Parameter, full: torch.Tensor) -> None:
+        shard = self._shard(name, full)
+        if shard.shape != param.shape:
+            raise ValueError(
+                f"tensor {name}: this rank's shard has shape {tuple(shard.shape)} but the parameter has "
+                f"{tuple(param.shape)}; does the checkpoint match the model config?"
+            )
+        param.data.copy_(shard)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load full tensors named as megatron-core's GPTModel names them; returns the names loaded."""
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, full in weights:
+            if name.endswith("_extra_state") or name.endswith("rotary_pos_emb.inv_freq"):
+                continue
+            if name not in params:
+                raise KeyError(f"checkpoint tensor {name} matches no parameter of {type(self).__name__}")
+            params[name].weight_loader(params[name], full)
+            loaded.add(name)
+        return loaded
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter as a full tensor (gathered over TP), padding rows dropped; collective."""
+        out = {}
+        for name, param in self.named_parameters():
+            shards = [param.detach()]
+            if self.ctx.tp > 1 and ml.split_kind(name) != "replicated":
+                shards = [torch.empty_like(param) for _ in range(self.ctx.tp)]
+                dist.all_gather(shards, param.detach().contiguous(), group=self.ctx.tp_group)
+            full = ml.merge(name, shards)
+            if "word_embeddings" in name or name.startswith("output_layer"):
+                full = full[: self.cfg.vocab_size]
+            out[name] = full.clone()
+        return out
+
+    def save_pretrained(self, folder: str | Path, architecture: str = ARCHITECTURE) -> None:
+        """Write config.json and model.safetensors (full tensors) that vLLM serves; rank 0 writes, collective."""
+        from safetensors.torch import save_file
+
+        state = self.full_state_dict()
+        if self.ctx.rank == 0:
+            folder = Path(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.json").write_text(json.dumps(self.cfg.to_hf_dict(architecture), indent=2))
+            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+
+
+def build_for_vllm(vllm_config: Any, parallel_context: ParallelContext) -> HybridLlama:
+    """The factory registered for :data:`ARCHITECTURE`: sizes from the served folder's config.json."""
+    cfg = HybridLlamaConfig.from_hf(vllm_config.model_config.hf_config)
+    return HybridLlama(
+        cfg, parallel_context, vllm_config=vllm_config, params_dtype=vllm_config.model_config.dtype
+    )

@@ -1,0 +1,37 @@
+"""vLLM plugin (``vllm.general_plugins`` entry point): registrations in every vLLM process.
+
+vLLM runs :func:`register` in the API server, the engine core, each TP worker
+and each Ray worker. It registers the package's own models, then imports the
+modules named in ``PARALLEL_BRIDGE_MODELS`` (comma-separated; ``register_model``
+adds its caller's module there) and the ``parallel_bridge.models`` entry points of
+installed packages, whose import-time ``register_model`` calls then run here too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from importlib.metadata import entry_points
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "parallel_bridge.models"
+
+
+def register() -> None:
+    """Register parallel_bridge's models and the user's in this process (idempotent)."""
+    from parallel_bridge.models.hybrid_llama import ARCHITECTURE, build_for_vllm
+    from parallel_bridge.registry import MODULES_ENV, register_model
+
+    register_model(ARCHITECTURE, build_for_vllm)
+    for module in filter(None, (m.strip() for m in os.environ.get(MODULES_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ImportError(
+                f"{MODULES_ENV} names module {module!r}, which this vLLM process cannot import ({e}); "
+                "make it importable here (PYTHONPATH) or remove it"
+            ) from e
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()

@@ -1,0 +1,251 @@
+"""Register a model *factory* with vLLM: ``register_model(name, target)``.
+
+vLLM 0.32 registers classes (or "module:Class" strings) constructed as
+``cls(vllm_config=..., prefix=...)``. This shim accepts a factory
+``factory(vllm_config, parallel_context) -> nn.Module`` (any callable, lambdas
+too), a model class, or a "module:attr" string naming either, and generates the
+class vLLM instantiates: it builds the ParallelContext from vLLM's parallel
+state, calls the target, checks what it returned, and delegates vLLM's model
+contract to it.
+
+vLLM builds the model in other processes (the engine core, TP workers, Ray
+workers). Each of them runs the ``vllm.general_plugins`` entry point of this
+package (:func:`parallel_bridge.plugin.register`), which re-imports the modules
+that registered models: ``register_model`` records its caller's module in the
+``PARALLEL_BRIDGE_MODELS`` environment variable, which child processes inherit.
+Modules listed there by hand, and ``parallel_bridge.models`` entry points of
+installed packages, are imported too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from parallel_bridge.context import ParallelContext
+
+logger = logging.getLogger(__name__)
+
+MODULES_ENV = "PARALLEL_BRIDGE_MODELS"
+"""Comma-separated modules every vLLM process imports to re-run their registrations."""
+
+# method -> the signature vLLM calls it with (shown when a model lacks it)
+REQUIRED_METHODS: dict[str, str] = {
+    "forward": "forward(input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs) -> Tensor[num_tokens, hidden]",
+    "compute_logits": "compute_logits(hidden_states: Tensor[num_tokens, hidden]) -> Tensor[num_tokens, vocab]",
+}
+OPTIONAL_METHODS: dict[str, str] = {
+    "embed_input_ids": "embed_input_ids(input_ids: Tensor[num_tokens]) -> Tensor[num_tokens, hidden]",
+    "load_weights": "load_weights(weights: Iterable[tuple[str, Tensor]]) -> set[str]",
+}
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One registered model: its name, what was given, and the vLLM class made for it."""
+
+    name: str
+    target: Any
+    vllm_class: type[nn.Module]
+
+
+_REGISTRY: dict[str, Registration] = {}
+
+
+def _describe(target: Any) -> str:
+    if isinstance(target, str):
+        return repr(target)
+    qual = getattr(target, "__qualname__", type(target).__name__)
+    return f"{getattr(target, '__module__', '?')}.{qual}"
+
+
+def _resolve(target: Any) -> Any:
+    """The object a "module:attr" string names (or the target itself)."""
+    if not isinstance(target, str):
+        return target
+    module, sep, attr = target.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"model target {target!r} must look like 'package.module:attribute'")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(
+                f"model target {target!r}: module {module!r} has no attribute {attr!r}"
+            ) from None
+    return obj
+
+
+def _is_vllm_native(cls: type) -> bool:
+    params = inspect.signature(cls.__init__).parameters
+    return "vllm_config" in params and "prefix" in params
+
+
+def missing_methods(obj: Any) -> list[str]:
+    """The vLLM contract methods that ``obj`` (a module or a class) lacks, with their signatures."""
+    missing = []
+    for method, signature in REQUIRED_METHODS.items():
+        if method == "forward":
+            fwd = getattr(obj, "forward", None)
+            if fwd is None or getattr(fwd, "__func__", fwd) is getattr(
+                nn.Module.forward, "__func__", nn.Module.forward
+            ):
+                missing.append(signature)
+        elif not callable(getattr(obj, method, None)):
+            missing.append(signature)
+    return missing
+
+
+def _check_contract(name: str, obj: Any, what: str) -> None:
+    missing = missing_methods(obj)
+    if missing:
+        raise TypeError(f"model {name!r}: {what} lacks what vLLM calls: " + "; ".join(missing))
+
+
+def _make_vllm_class(name: str, target: Any) -> type[nn.Module]:
+    """The class vLLM constructs for ``name``; it builds the user's module inside vLLM's worker."""
+
+    class BridgeModel(nn.Module):
+        bridge_name = name
+
+        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+            super().__init__()
+            ctx = ParallelContext.from_vllm()
+            self.parallel_context = ctx
+            build = _resolve(target)
+            what = f"the target {_describe(target)}"
+            try:
+                if isinstance(build, type) and _is_vllm_native(build):
+                    module = build(vllm_config=vllm_config, prefix=prefix)
+                else:
+                    module = build(vllm_config, ctx)
+            except Exception as e:
+                raise RuntimeError(
+                    f"model {name!r}: {what} raised {type(e).__name__} while building the model "
+                    f"(tp rank {ctx.tp_rank} of {ctx.tp}): {e}"
+                ) from e
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"model {name!r}: {what} returned {type(module).__name__}, not a torch.nn.Module"
+                )
+            _check_contract(name, module, f"the module {type(module).__name__} built by {what}")
+            self.model = module
+
+        def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+            if not hasattr(self.model, "embed_input_ids"):
+                raise NotImplementedError(
+                    f"model {name!r} has no {OPTIONAL_METHODS['embed_input_ids']}; vLLM needs it for inputs_embeds"
+                )
+            return self.model.embed_input_ids(input_ids)
+
+        def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+            return self.model(
+                input_ids,
+                positions,
+                intermediate_tensors=intermediate_tensors,
+                inputs_embeds=inputs_embeds,
+                **kwargs,
+            )
+
+        def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return self.model.compute_logits(hidden_states)
+
+        def load_weights(self, weights) -> set[str]:
+            """Delegate to the module's ``load_weights``, else load by name through each
+            parameter's ``weight_loader`` (vLLM's default loader when none is set)."""
+            if hasattr(self.model, "load_weights"):
+                loaded = self.model.load_weights(weights)
+            else:
+                loaded = _load_by_name(self.model, weights)
+            return {f"model.{n}" for n in loaded}
+
+    BridgeModel.__name__ = BridgeModel.__qualname__ = f"Bridge_{name}"
+    return BridgeModel
+
+
+def _load_by_name(module: nn.Module, weights) -> set[str]:
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    params = dict(module.named_parameters())
+    loaded = set()
+    for name, tensor in weights:
+        if name not in params:
+            raise KeyError(f"checkpoint tensor {name} matches no parameter of {type(module).__name__}")
+        param = params[name]
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+        loaded.add(name)
+    return loaded
+
+
+def _record_caller_module(depth: int = 2) -> None:
+    """Remember the module that called register_model, so child processes import it too."""
+    frame = sys._getframe(depth)
+    module = frame.f_globals.get("__name__")
+    if not module or module in ("__main__", "__mp_main__") or module.startswith("parallel_bridge"):
+        return
+    current = [m for m in os.environ.get(MODULES_ENV, "").split(",") if m]
+    if module not in current:
+        os.environ[MODULES_ENV] = ",".join([*current, module])
+
+
+def register_model(name: str, target: Any) -> type[nn.Module]:
+    """Register ``target`` with vLLM under the architecture ``name``; returns the class vLLM builds.
+
+    ``target``: a factory ``f(vllm_config, parallel_context) -> nn.Module`` (a
+    lambda too), an nn.Module class (built as ``cls(vllm_config, parallel_context)``,
+    or as vLLM builds its own when ``__init__`` takes ``vllm_config`` and ``prefix``),
+    or a "module:attr" string naming one. Registering the same name again with the
+    same target does nothing; with another target it is an error.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"model name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY:
+        if _REGISTRY[name].target is target or _REGISTRY[name].target == target:
+            return _REGISTRY[name].vllm_class
+        raise ValueError(
+            f"model {name!r} is already registered with {_describe(_REGISTRY[name].target)}; "
+            f"refusing to replace it with {_describe(target)} (use another name)"
+        )
+    resolved = _resolve(target)
+    if isinstance(resolved, type):
+        if not issubclass(resolved, nn.Module):
+            raise TypeError(f"model {name!r}: class {_describe(resolved)} is not a torch.nn.Module")
+        _check_contract(name, resolved, f"class {_describe(resolved)}")
+    elif not callable(resolved):
+        raise TypeError(f"model {name!r}: target {_describe(target)} is neither callable nor a class")
+    else:
+        returns = inspect.signature(resolved).return_annotation if not isinstance(resolved, type) else None
+        if isinstance(returns, type) and issubclass(returns, nn.Module):
+            _check_contract(name, returns, f"{_describe(returns)}, the return type of {_describe(target)}")
+    cls = _make_vllm_class(name, target)
+    _REGISTRY[name] = Registration(name, target, cls)
+    _record_caller_module()
+    try:
+        from vllm import ModelRegistry
+    except ImportError:
+        logger.debug("vLLM not installed: %s registered with parallel_bridge only", name)
+    else:
+        ModelRegistry.register_model(name, cls)
+    return cls
+
+
+def registered(name: str) -> Registration:
+    """The registration of ``name``."""
+    if name not in _REGISTRY:
+        raise KeyError(f"no model {name!r} is registered; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def unregister(name: str) -> None:
+    """Forget ``name`` (parallel_bridge's table only; vLLM keeps its entry until replaced)."""
+    _REGISTRY.pop(name, None)
