@@ -24,7 +24,6 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 

@@ -9,7 +9,6 @@ measured values are printed with -s).
 import gc
 import json
 import os
-import shutil
 
 import pytest
 import torch
