@@ -43,13 +43,24 @@ def heads_per_rank(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int
     return num_heads // tp, 1
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE (Hugging Face Llama / vLLM neox style) on ``x`` of shape [tokens, heads, head_dim]."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim)
-    )
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+def rotary_table(length: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """cos and sin of every position below ``length``: [length, 2, head_dim / 2] (fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    return torch.stack([freqs.cos(), freqs.sin()], dim=1)
+
+
+def rotary(
+    x: torch.Tensor, positions: torch.Tensor, head_dim: int, theta: float, table: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotate-half RoPE (Hugging Face Llama / vLLM neox style) on ``x`` of shape [tokens, heads, head_dim].
+
+    ``table`` (from :func:`rotary_table`) is used when it covers the positions.
+    """
+    if table is None or table.device != x.device or int(positions.max()) >= table.shape[0]:
+        table = rotary_table(int(positions.max()) + 1, head_dim, theta, x.device)
+    cs = table[positions]
+    cos, sin = cs[:, 0, None, :], cs[:, 1, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -89,13 +100,19 @@ def varlen_causal_attention(
                 enable_gqa=q.shape[1] != k.shape[1],
             )
     bounds = cu_seqlens.tolist()
+    lengths = {e - s for s, e in zip(bounds[:-1], bounds[1:])}
+    gqa = q.shape[1] != k.shape[1]
+    if len(lengths) == 1:  # equal lengths: one batched call on [B, H, S, D] views
+        n = lengths.pop()
+        qb, kb, vb = (t.view(-1, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
+        return o.transpose(1, 2).reshape(q.shape)
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, S, D]
-        o = F.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=qs.shape[0] != ks.shape[0]
-        )
-        outs.append(o.transpose(0, 1))
+        # [1, H, S, D] views: SDPA's fused CPU kernel takes 4-D inputs (3-D ones fall back to the math path)
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        outs.append(o.squeeze(0).transpose(0, 1))
     return torch.cat(outs, dim=0)
 
 
@@ -135,6 +152,7 @@ class TrainableAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.rope_theta = rope_theta
         self.layer_index = layer_index
+        self._rope: torch.Tensor | None = None
         self.vllm_attn = None
         if vllm_config is not None:
             self.vllm_attn = self._make_vllm_attention(vllm_config, prefix or f"layers.{layer_index}.attn")
@@ -183,8 +201,16 @@ class TrainableAttention(nn.Module):
         means one sequence. Serving ignores it: vLLM's metadata knows the batch.
         """
         t = q.shape[0]
-        q = rotary(q.view(t, self.num_heads, self.head_dim), positions, self.head_dim, self.rope_theta)
-        k = rotary(k.view(t, self.num_kv_heads, self.head_dim), positions, self.head_dim, self.rope_theta)
+        if self._rope is None or self._rope.device != q.device or int(positions.max()) >= self._rope.shape[0]:
+            self._rope = rotary_table(
+                max(4096, int(positions.max()) + 1), self.head_dim, self.rope_theta, q.device
+            )
+        q = rotary(
+            q.view(t, self.num_heads, self.head_dim), positions, self.head_dim, self.rope_theta, self._rope
+        )
+        k = rotary(
+            k.view(t, self.num_kv_heads, self.head_dim), positions, self.head_dim, self.rope_theta, self._rope
+        )
         if self.vllm_attn is not None:
             return self.vllm_attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous())
         v = v.view(t, self.num_kv_heads, self.head_dim)

@@ -82,6 +82,20 @@ class HybridLlamaConfig:
         }
 
 
+def _linear(layer: nn.Module, x: torch.Tensor, reduce: bool) -> torch.Tensor:
+    """A Megatron column/row-parallel layer on [tokens, in]: Megatron's forward, or, when
+    serving on CPU, vLLM's GEMM kernel plus (row-parallel) vLLM's all-reduce."""
+    fast = getattr(layer, "serving_linear", None)
+    if fast is None:
+        return layer(x.unsqueeze(1))[0].squeeze(1)
+    y = fast(x)
+    if reduce and layer.serving_tp > 1:
+        from parallel_bridge.adapters.vllm import serving_all_reduce
+
+        y = serving_all_reduce(y)
+    return y
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with a ``weight`` (replicated across TP ranks)."""
 
@@ -147,14 +161,14 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
     ) -> torch.Tensor:
-        qkv, _ = self.linear_qkv(x)
+        qkv = _linear(self.linear_qkv, x, reduce=False)
         t = qkv.shape[0]
         grouped = qkv.view(t, self.groups, self.per_group + 2, self.head_dim)
         q = grouped[:, :, : self.per_group].reshape(t, -1)
         k = grouped[:, :, self.per_group].reshape(t, -1)
         v = grouped[:, :, self.per_group + 1].reshape(t, -1)
         out = self.core_attention(q, k, v, positions, cu_seqlens)
-        return self.linear_proj(out.unsqueeze(1))[0].squeeze(1)
+        return _linear(self.linear_proj, out, reduce=True)
 
 
 class MLP(nn.Module):
@@ -186,8 +200,8 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.linear_fc1(x.unsqueeze(1))[0].chunk(2, dim=-1)
-        return self.linear_fc2(F.silu(gate) * up)[0].squeeze(1)
+        gate, up = _linear(self.linear_fc1, x, reduce=False).chunk(2, dim=-1)
+        return _linear(self.linear_fc2, F.silu(gate) * up, reduce=True)
 
 
 class DecoderLayer(nn.Module):
@@ -285,6 +299,7 @@ class HybridLlama(nn.Module):
                 init_method=functools.partial(nn.init.normal_, std=0.02),
                 tp_group=ctx.tp_group,
             )
+        self.serve_with_vllm_kernels = vllm_config is not None and not torch.cuda.is_available()
         for name, param in self.named_parameters():
             param.weight_loader = functools.partial(self._load_full, name)
 
@@ -316,6 +331,9 @@ class HybridLlama(nn.Module):
         """This rank's vocabulary shard of the logits [T, padded_vocab / tp] (differentiable)."""
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
+        fast = getattr(getattr(self, "output_layer", None), "serving_linear", None)
+        if fast is not None:
+            return fast(hidden)
         if self.ctx.tp > 1:
             hidden = copy_to_tensor_model_parallel_region(hidden, group=self.ctx.tp_group)
         return F.linear(hidden, self._output_weight())
@@ -374,6 +392,16 @@ class HybridLlama(nn.Module):
                 f"{tuple(param.shape)}; does the checkpoint match the model config?"
             )
         param.data.copy_(shard)
+        if (
+            self.serve_with_vllm_kernels
+            and name.endswith(".weight")
+            and ("linear_" in name or name == "output_layer.weight")
+        ):
+            from parallel_bridge.adapters.vllm import use_vllm_cpu_gemm
+
+            layer = self.get_submodule(name.rsplit(".", 1)[0])
+            use_vllm_cpu_gemm(layer)  # again after every load: the kernel packs the weight
+            layer.serving_tp = self.ctx.tp
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load full tensors named as megatron-core's GPTModel names them; returns the names loaded."""
