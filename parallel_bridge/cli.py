@@ -1,4 +1,4 @@
-"""The `parallel-bridge` command: demo, env (and the checkpoint commands as they land).
+"""The `parallel-bridge` command: demo, inspect, convert, serve, env.
 
 Errors print one line and exit non-zero; ``--debug`` shows the traceback.
 """
@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import json
 import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from parallel_bridge.testing import free_port
 
@@ -85,6 +87,125 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _open_checkpoint(args: argparse.Namespace):
+    from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
+
+    overrides = json.loads(args.config_overrides) if getattr(args, "config_overrides", None) else None
+    return MegatronCheckpoint.open(args.checkpoint, iteration=args.iteration, overrides=overrides)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print a checkpoint's format, iteration, source layout, dtype, tensors and size."""
+    info = _open_checkpoint(args).describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"path        {info['path']}")
+    print(f"format      {info['format']}")
+    print(f"iteration   {info['iteration']}")
+    print(f"source      tp={info['source_tp']} pp={info['source_pp']}")
+    print(f"dtype       {info['dtype']}")
+    print(f"size        {info['total_bytes'] / 1e6:.1f} MB in {len(info['tensors'])} tensors")
+    cfg = info["config"]
+    print(
+        f"model       {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, heads {cfg['num_attention_heads']} "
+        f"(kv {cfg['num_query_groups']}), ffn {cfg['ffn_hidden_size']}, vocab {cfg['vocab_size']} "
+        f"(padded {cfg['padded_vocab_size']}), tied embeddings: {cfg['tie_embeddings']}"
+    )
+    for name, shape in info["tensors"].items():
+        print(f"  {name:<60} {tuple(shape)}")
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Export a Megatron checkpoint to a Hugging Face folder."""
+    from parallel_bridge.checkpoint.hf_export import export_hf
+
+    if args.to != "hf":
+        raise CliError(f"unknown target format {args.to!r}; supported: hf")
+    out = export_hf(
+        _open_checkpoint(args),
+        args.out,
+        tokenizer=args.tokenizer,
+        overwrite=args.force,
+        progress=not args.quiet,
+    )
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def find_tokenizer(checkpoint: str) -> str | None:
+    """A tokenizer folder stored beside the checkpoint (``tokenizer/`` in it or its parent)."""
+    for folder in (Path(checkpoint) / "tokenizer", Path(checkpoint).parent / "tokenizer"):
+        if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
+            return str(folder)
+    return None
+
+
+def serve_command(args: argparse.Namespace) -> list[str]:
+    """The ``vllm serve`` command line for a Megatron checkpoint (checked before anything starts)."""
+    from parallel_bridge.checkpoint.vllm_format import check_serving_tp
+
+    ckpt = _open_checkpoint(args)
+    check_serving_tp(ckpt.config, args.tensor_parallel_size)
+    tokenizer = args.tokenizer or find_tokenizer(args.checkpoint)
+    if tokenizer is None:
+        raise CliError(f"no tokenizer: pass --tokenizer, or put one in {Path(args.checkpoint) / 'tokenizer'}")
+    return [
+        "vllm",
+        "serve",
+        str(args.checkpoint),
+        "--load-format",
+        "megatron",
+        "--config-format",
+        "megatron",
+        "--tokenizer",
+        tokenizer,
+        "--tensor-parallel-size",
+        str(args.tensor_parallel_size),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        *args.vllm_args,
+    ]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start vLLM's OpenAI-compatible server on a Megatron checkpoint (or print the command)."""
+    import shlex
+
+    cmd = serve_command(args)
+    if args.print_only:
+        print(shlex.join(cmd))
+        return EXIT_OK
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        cores = os.cpu_count() or 1
+        per = max(1, cores // args.tensor_parallel_size)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            f"{r * per}-{r * per + per - 1}" if per > 1 else str(r % cores)
+            for r in range(args.tensor_parallel_size)
+        )
+    logger.info("starting: %s", shlex.join(cmd))
+    return subprocess.call([sys.executable, "-m", "vllm.entrypoints.cli.main", *cmd[1:]], env=env)
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "checkpoint",
+        help="Megatron checkpoint folder (root with latest_checkpointed_iteration.txt, or one iteration)",
+    )
+    p.add_argument("--iteration", type=int, default=None, help="iteration to read (default: the latest)")
+    p.add_argument(
+        "--config-overrides",
+        default=None,
+        metavar="JSON",
+        help="model config values that override the checkpoint's, e.g. '{\"vocab_size\": 32000}'",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parallel-bridge",
@@ -106,17 +227,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="a small, fast run (for tests)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "inspect", help="format, iteration, source TP/PP, dtype, tensors and size of a Megatron checkpoint"
+    )
+    _checkpoint_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="export a Megatron checkpoint to a Hugging Face folder")
+    _checkpoint_args(p)
+    p.add_argument("out", help="output folder (must not exist unless --force)")
+    p.add_argument("--to", default="hf", help="target format (hf)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder whose files to copy into the output")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a Megatron checkpoint with vLLM's OpenAI-compatible server",
+        epilog="Arguments after -- go to vllm serve unchanged.",
+    )
+    _checkpoint_args(p)
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder (default: tokenizer/ beside the checkpoint)"
+    )
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--print", dest="print_only", action="store_true", help="print the vllm serve command only"
+    )
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    args.vllm_args = extra
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return args.func(args)
-    except (CliError, ValueError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as e:
+    except (CliError, ValueError, KeyError, OSError, ImportError, RuntimeError) as e:
         if args.debug:
             raise
         print(f"parallel-bridge {args.command}: error: {e}".splitlines()[0], file=sys.stderr)

@@ -1,7 +1,8 @@
 """vLLM plugin (``vllm.general_plugins`` entry point): registrations in every vLLM process.
 
 vLLM runs :func:`register` in the API server, the engine core, each TP worker
-and each Ray worker. It registers the package's own models, then imports the
+and each Ray worker. It registers the package's own models and the ``megatron``
+load and config formats, then imports the
 modules named in ``PARALLEL_BRIDGE_MODELS`` (comma-separated; ``register_model``
 adds its caller's module there) and the ``parallel_bridge.models`` entry points of
 installed packages, whose import-time ``register_model`` calls then run here too.
@@ -21,10 +22,12 @@ ENTRY_POINT_GROUP = "parallel_bridge.models"
 
 def register() -> None:
     """Register parallel_bridge's models and the user's in this process (idempotent)."""
+    from parallel_bridge.checkpoint.vllm_format import register_vllm_formats
     from parallel_bridge.models.hybrid_llama import ARCHITECTURE, build_for_vllm
     from parallel_bridge.registry import MODULES_ENV, register_model
 
     register_model(ARCHITECTURE, build_for_vllm)
+    register_vllm_formats()
     for module in filter(None, (m.strip() for m in os.environ.get(MODULES_ENV, "").split(","))):
         try:
             importlib.import_module(module)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -77,6 +78,7 @@ def _worker(
     timeout_s: float,
     threads: int,
 ) -> None:
+    os.setpgrp()  # this rank and whatever it starts (checkpoint writers, managers) die together
     os.environ.update(torchrun_env(rank, world_size, port))
     os.environ.update(env)
     try:
@@ -126,7 +128,7 @@ def run_distributed(
         ctx.Process(
             target=_worker,
             args=(fn, rank, world_size, port, results, args, dict(env or {}), init, timeout_s, threads),
-            daemon=True,
+            daemon=False,  # ranks may start processes of their own (dist_checkpointing writers)
         )
         for rank in range(world_size)
     ]
@@ -174,7 +176,16 @@ def run_distributed(
         return [outcome[r][1] for r in range(world_size)]
     finally:
         for p in procs:
-            if p.is_alive():
-                p.kill()
+            _kill_group(p)
         for p in procs:
             p.join(timeout=5)
+
+
+def _kill_group(proc: Any) -> None:
+    """Kill a rank and every process it started (its process group)."""
+    if proc.pid is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

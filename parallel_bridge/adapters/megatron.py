@@ -376,6 +376,10 @@ def _cpu_device() -> str:
     return "cpu"
 
 
+def _no_sync(device: Any = None) -> None:
+    """``torch.cuda.synchronize`` without CUDA: nothing to wait for (dist_checkpointing's writer calls it)."""
+
+
 @functools.lru_cache(maxsize=32)
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
@@ -388,7 +392,8 @@ def cpu_compat() -> Iterator[None]:
     Creates Megatron's activation buffer if missing. Without a GPU, inside this
     block: ``torch.cuda.current_device()`` (used by the
     gather / reduce-scatter mappings and the sequence-parallel buffer) answers
-    ``"cpu"``, the default causal mask of the unfused softmax is made on the CPU,
+    ``"cpu"``, ``torch.cuda.synchronize()`` (dist_checkpointing's file writer) does
+    nothing, the default causal mask of the unfused softmax is made on the CPU,
     and Megatron's CUDA RNG tracker is a :class:`CpuRNGStatesTracker`
     (seed it with :func:`model_parallel_manual_seed`). With a GPU it does nothing:
     Megatron's own behaviour applies.
@@ -402,11 +407,13 @@ def cpu_compat() -> Iterator[None]:
     from megatron.core.tensor_parallel import random as mrandom
 
     saved = (
+        torch.cuda.synchronize,
         torch.cuda.current_device,
         mrandom._CUDA_RNG_STATE_TRACKER,
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED,
         fused_softmax.get_default_causal_mask,
     )
+    torch.cuda.synchronize = _no_sync
     torch.cuda.current_device = _cpu_device
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
     if not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
@@ -416,9 +423,9 @@ def cpu_compat() -> Iterator[None]:
         with memory_buffer():
             yield
     finally:
-        torch.cuda.current_device = saved[0]
-        mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved[1], saved[2]
-        fused_softmax.get_default_causal_mask = saved[3]
+        torch.cuda.synchronize, torch.cuda.current_device = saved[0], saved[1]
+        mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved[2], saved[3]
+        fused_softmax.get_default_causal_mask = saved[4]
 
 
 def model_parallel_manual_seed(ctx: ParallelContext, seed: int) -> None:

@@ -1,0 +1,560 @@
+"""Read Megatron GPT checkpoints of either format, any source TP/PP, one tensor (or slice) at a time.
+
+- ``torch_dist`` (megatron.core.dist_checkpointing over torch.distributed.checkpoint):
+  tensors are global, per-layer weights stacked on a leading layer axis, and a
+  read asks torch.distributed.checkpoint for exactly the slice wanted (a planner
+  built from DCP's own ``create_read_items_for_chunk_list``), so a serving rank
+  reads only what it keeps.
+- legacy ``torch`` (Megatron-LM's ``iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt``):
+  each source file is memory-mapped (``torch.load(mmap=True)``), and a tensor is
+  assembled from the source TP shards that hold it.
+
+Names are presented the local-spec way, per layer, with global layer indices
+(``decoder.layers.3.input_layernorm.weight``): Transformer Engine's fused norm
+names (``linear_qkv.layer_norm_weight``) are renamed on the way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel_bridge.checkpoint import megatron_layout as ml
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "megatron_gpt_config.json"
+"""Model configuration beside a checkpoint that carries none (megatron-core-only saves)."""
+
+_TE_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names the file or tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """The model facts serving needs, from Megatron-LM's ``args`` or the side file."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    vocab_size: int
+    padded_vocab_size: int
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    normalization: str = "RMSNorm"
+    swiglu: bool = True
+    position_embedding_type: str = "rope"
+    kv_channels: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_args(cls, args: Any, overrides: dict[str, Any] | None = None) -> GPTConfig:
+        """From a Megatron-LM ``args`` namespace or dict, then ``overrides``."""
+        get = (
+            (lambda k, d=None: args.get(k, d))
+            if isinstance(args, dict)
+            else (lambda k, d=None: getattr(args, k, d))
+        )
+        heads = get("num_attention_heads")
+        groups = (
+            get("num_query_groups")
+            if get("group_query_attention", get("num_query_groups") is not None)
+            else None
+        )
+        values = {
+            "num_layers": get("num_layers"),
+            "hidden_size": get("hidden_size"),
+            "num_attention_heads": heads,
+            "num_query_groups": groups or heads,
+            "ffn_hidden_size": get("ffn_hidden_size")
+            or (4 * get("hidden_size") if get("hidden_size") else None),
+            "padded_vocab_size": get("padded_vocab_size") or get("vocab_size"),
+            "vocab_size": get("true_vocab_size") or get("vocab_size") or get("padded_vocab_size"),
+            "max_position_embeddings": get("max_position_embeddings") or get("seq_length") or 4096,
+            "rotary_base": get("rotary_base", 10000.0) or 10000.0,
+            "norm_epsilon": get("norm_epsilon", get("layernorm_epsilon", 1e-5)) or 1e-5,
+            "tie_embeddings": not get(
+                "untie_embeddings_and_output_weights", not get("tie_embeddings", False)
+            ),
+            "add_bias_linear": bool(get("add_bias_linear", False)),
+            "add_qkv_bias": bool(get("add_qkv_bias", get("add_bias_linear", False))),
+            "normalization": get("normalization", "RMSNorm") or "RMSNorm",
+            "swiglu": bool(get("swiglu", get("gated_linear_unit", True))),
+            "position_embedding_type": get("position_embedding_type", "rope") or "rope",
+            "kv_channels": get("kv_channels"),
+        }
+        values.update(overrides or {})
+        missing = [
+            k
+            for k in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
+            if not values.get(k)
+        ]
+        if missing:
+            raise CheckpointError(
+                f"the model configuration lacks {missing}; give them as overrides or in {CONFIG_FILE}"
+            )
+        values["padded_vocab_size"] = values["padded_vocab_size"] or values["vocab_size"]
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CheckpointError(f"unknown configuration keys {unknown}; known: {sorted(known)}")
+        cfg = cls(**values)
+        cfg.check_supported()
+        return cfg
+
+    def check_supported(self) -> None:
+        """Raise for architectures the Llama mapping does not cover (it names what is unsupported)."""
+        problems = []
+        if self.normalization != "RMSNorm":
+            problems.append(f"normalization={self.normalization} (needs RMSNorm)")
+        if not self.swiglu:
+            problems.append("a non-gated MLP (needs SwiGLU)")
+        if self.position_embedding_type != "rope":
+            problems.append(f"position_embedding_type={self.position_embedding_type} (needs rope)")
+        if self.add_bias_linear:
+            problems.append("biases on linear layers")
+        if problems:
+            raise CheckpointError(
+                "this checkpoint's architecture is not a Llama-family GPT the mapping knows: "
+                + "; ".join(problems)
+            )
+
+    def to_hf_llama(self, architecture: str = "LlamaForCausalLM") -> dict[str, Any]:
+        """A Hugging Face LlamaConfig body for this model."""
+        return {
+            "architectures": [architecture],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_query_groups,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": float(self.rotary_base),
+            "rms_norm_eps": float(self.norm_epsilon),
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": self.add_qkv_bias,
+            "mlp_bias": False,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def canonical(name: str) -> str:
+    """Local-spec name for a (possibly Transformer Engine) Megatron tensor name."""
+    for te, local in _TE_NORMS.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
+
+
+class MegatronCheckpoint:
+    """One iteration of a Megatron GPT checkpoint, read tensor by tensor."""
+
+    format: str
+    path: Path
+    iteration: int | str | None
+    source_tp: int
+    source_pp: int
+    config: GPTConfig
+    tensors: dict[str, TensorInfo]
+
+    @classmethod
+    def open(
+        cls, path: str | Path, iteration: int | None = None, overrides: dict[str, Any] | None = None
+    ) -> MegatronCheckpoint:
+        """Open a checkpoint root (with ``latest_checkpointed_iteration.txt``) or an iteration folder."""
+        root = Path(path)
+        if not root.exists():
+            raise CheckpointError(f"checkpoint folder {root} does not exist")
+        folder = _iteration_folder(root, iteration)
+        if (folder / "metadata.json").exists() or (folder / ".metadata").exists():
+            ckpt: MegatronCheckpoint = _TorchDist(folder, root)
+        elif any(_RANK_DIR.match(p.name) for p in folder.iterdir() if p.is_dir()):
+            ckpt = _Legacy(folder, root)
+        else:
+            raise CheckpointError(
+                f"{folder} is neither a torch_dist checkpoint (metadata.json) nor a legacy one "
+                f"(mp_rank_XX folders)"
+            )
+        ckpt.iteration = _iteration_of(folder)
+        ckpt._load_config(root, overrides or {})
+        ckpt._check_shapes()
+        return ckpt
+
+    # ----------------------------------------------------------------- config
+    def _args(self) -> Any:
+        return None
+
+    def _load_config(self, root: Path, overrides: dict[str, Any]) -> None:
+        args = self._args()
+        side = next((p for p in (self.path / CONFIG_FILE, root / CONFIG_FILE) if p.exists()), None)
+        if args is None and side is not None:
+            args = json.loads(side.read_text())
+        if args is None:
+            args = {}
+        if not args and not overrides:
+            raise CheckpointError(
+                f"{self.path} carries no model configuration (no Megatron-LM args) and has no {CONFIG_FILE} "
+                f"beside it; write one (num_layers, hidden_size, num_attention_heads, num_query_groups, "
+                f"ffn_hidden_size, vocab_size, padded_vocab_size, ...) or pass overrides"
+            )
+        self.config = GPTConfig.from_args(args, overrides)
+
+    def _check_shapes(self) -> None:
+        cfg = self.config
+        d, heads, groups = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
+        expected = {
+            "embedding.word_embeddings.weight": (cfg.padded_vocab_size, cfg.hidden_size),
+            "decoder.final_layernorm.weight": (cfg.hidden_size,),
+        }
+        if not cfg.tie_embeddings:
+            expected["output_layer.weight"] = (cfg.padded_vocab_size, cfg.hidden_size)
+        for i in range(cfg.num_layers):
+            p = f"decoder.layers.{i}."
+            expected.update(
+                {
+                    p + "input_layernorm.weight": (cfg.hidden_size,),
+                    p + "self_attention.linear_qkv.weight": ((heads + 2 * groups) * d, cfg.hidden_size),
+                    p + "self_attention.linear_proj.weight": (cfg.hidden_size, heads * d),
+                    p + "pre_mlp_layernorm.weight": (cfg.hidden_size,),
+                    p + "mlp.linear_fc1.weight": (2 * cfg.ffn_hidden_size, cfg.hidden_size),
+                    p + "mlp.linear_fc2.weight": (cfg.hidden_size, cfg.ffn_hidden_size),
+                }
+            )
+        for name, shape in expected.items():
+            if name not in self.tensors:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} is missing (the config has {cfg.num_layers} layers)"
+                )
+            if self.tensors[name].shape != shape:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} has shape {self.tensors[name].shape} but the config implies {shape}"
+                )
+        extra = sorted(
+            n
+            for n in self.tensors
+            if n not in expected and not n.endswith("_extra_state") and not n.endswith("bias")
+        )
+        if extra:
+            raise CheckpointError(
+                f"{self.path}: tensors {extra[:4]} have no place in a Llama-family GPT (MoE, MLA or another "
+                f"architecture?); the mapping does not know them"
+            )
+
+    # ------------------------------------------------------------------ reads
+    def read(
+        self, name: str, dim: int | None = None, start: int = 0, length: int | None = None
+    ) -> torch.Tensor:
+        """The full tensor ``name``, or ``length`` entries from ``start`` along ``dim``."""
+        raise NotImplementedError
+
+    def read_rows(self, name: str, index: list[tuple[int, int]]) -> torch.Tensor:
+        """Concatenated row ranges ``[(start, length), ...]`` of ``name`` (dim 0)."""
+        return torch.cat([self.read(name, 0, s, n) for s, n in index], dim=0)
+
+    def iter_full(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, full, one at a time (memory: the largest tensor)."""
+        for name in self.tensors:
+            yield name, self.read(name)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(math.prod(t.shape) * t.dtype.itemsize for t in self.tensors.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.tensors.values())).dtype
+
+    def describe(self) -> dict[str, Any]:
+        """What ``parallel-bridge inspect`` prints."""
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "iteration": self.iteration,
+            "source_tp": self.source_tp,
+            "source_pp": self.source_pp,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "total_bytes": self.total_bytes,
+            "config": dataclasses.asdict(self.config),
+            "tensors": {n: list(t.shape) for n, t in self.tensors.items()},
+        }
+
+
+def _iteration_folder(root: Path, iteration: int | None) -> Path:
+    tracker = root / "latest_checkpointed_iteration.txt"
+    if iteration is not None:
+        folder = root / f"iter_{iteration:07d}"
+        if not folder.is_dir():
+            have = sorted(p.name for p in root.glob("iter_*"))
+            raise CheckpointError(
+                f"iteration {iteration} not found: {folder} does not exist (present: {have})"
+            )
+        return folder
+    if tracker.exists():
+        text = tracker.read_text().strip()
+        folder = root / ("release" if text == "release" else f"iter_{int(text):07d}")
+        if not folder.is_dir():
+            raise CheckpointError(f"{tracker} names iteration {text}, but {folder} does not exist")
+        return folder
+    return root
+
+
+def _iteration_of(folder: Path) -> int | str | None:
+    if folder.name == "release":
+        return "release"
+    m = re.match(r"^iter_(\d+)$", folder.name)
+    return int(m[1]) if m else None
+
+
+# ---------------------------------------------------------------- torch_dist
+def _dcp_read(
+    reader: Any, metadata: Any, requests: dict[str, tuple[list[int], list[int]]]
+) -> dict[str, torch.Tensor]:
+    """Read ``{key: (offsets, sizes)}`` slices from a DCP checkpoint with torch's own reader."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, load
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    out = {}
+    for key, (offsets, sizes) in requests.items():
+        md = metadata.state_dict_metadata[key]
+        out[key] = torch.empty(sizes, dtype=md.properties.dtype)
+
+    class SlicePlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for key, (offsets, sizes) in requests.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+                items += create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk])
+            return LoadPlan(items)
+
+        def resolve_tensor(self, read_item):
+            dest = out[read_item.dest_index.fqn]
+            for dim, (off, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                dest = dest.narrow(dim, off, n)
+            return dest
+
+        def commit_tensor(self, read_item, tensor) -> None:
+            pass
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load(dict(out), storage_reader=reader, planner=SlicePlanner(), no_dist=True)
+    return out
+
+
+class _TorchDist(MegatronCheckpoint):
+    format = "torch_dist"
+
+    def __init__(self, folder: Path, root: Path) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = folder
+        meta_json = folder / "metadata.json"
+        if meta_json.exists():
+            backend = json.loads(meta_json.read_text()).get("sharded_backend")
+            if backend != "torch_dist":
+                raise CheckpointError(
+                    f"{meta_json}: sharded_backend {backend!r} is not supported (torch_dist is)"
+                )
+        self.reader = FileSystemReader(str(folder))
+        try:
+            self.metadata = self.reader.read_metadata()
+        except Exception as e:
+            raise CheckpointError(f"{folder / '.metadata'} cannot be read ({type(e).__name__}: {e})") from e
+        self._missing_files()
+        self._stored: dict[str, tuple[str, int | None]] = {}  # per-layer name -> (stored key, layer index)
+        self.tensors = {}
+        num_layers = None
+        for key, md in self.metadata.state_dict_metadata.items():
+            if not isinstance(md, TensorStorageMetadata):
+                continue
+            shape = tuple(md.size)
+            if key.startswith("decoder.layers."):
+                num_layers = shape[0]
+                rest = key[len("decoder.layers.") :]
+                for i in range(shape[0]):
+                    name = canonical(f"decoder.layers.{i}.{rest}")
+                    self._stored[name] = (key, i)
+                    self.tensors[name] = TensorInfo(shape[1:], md.properties.dtype)
+            else:
+                self._stored[key] = (key, None)
+                self.tensors[key] = TensorInfo(shape, md.properties.dtype)
+        self.source_tp, self.source_pp = self._source_layout(num_layers)
+        common = folder / "common.pt"
+        self._common = torch.load(common, map_location="cpu", weights_only=False) if common.exists() else {}
+
+    def _missing_files(self) -> None:
+        files = {v.relative_path for v in self.metadata.storage_data.values()}
+        for f in sorted(files):
+            path = self.path / f
+            if not path.exists():
+                raise CheckpointError(f"shard file {path} is missing")
+        sizes: dict[str, int] = {}
+        for v in self.metadata.storage_data.values():
+            sizes[v.relative_path] = max(sizes.get(v.relative_path, 0), v.offset + v.length)
+        for f, need in sorted(sizes.items()):
+            have = (self.path / f).stat().st_size
+            if have < need:
+                raise CheckpointError(
+                    f"shard file {self.path / f} is truncated: {have} bytes, metadata needs {need}"
+                )
+
+    def _source_layout(self, num_layers: int | None) -> tuple[int, int]:
+        """Source TP from the chunking of the embedding; PP is not recorded (global tensors): 1 unless known."""
+        md = self.metadata.state_dict_metadata.get("embedding.word_embeddings.weight")
+        tp = len(md.chunks) if md is not None and hasattr(md, "chunks") else 1
+        files = {v.relative_path for v in self.metadata.storage_data.values()}
+        ranks = len({f.split("_")[2] for f in files if f.startswith("__")}) or 1
+        return tp, max(1, ranks // max(tp, 1))
+
+    def _args(self) -> Any:
+        return self._common.get("args") if isinstance(self._common, dict) else None
+
+    def read(
+        self, name: str, dim: int | None = None, start: int = 0, length: int | None = None
+    ) -> torch.Tensor:
+        if name not in self._stored:
+            raise CheckpointError(f"{self.path}: no tensor {name}")
+        key, layer = self._stored[name]
+        shape = list(self.tensors[name].shape)
+        offsets = [0] * len(shape)
+        if dim is not None:
+            offsets[dim] = start
+            shape[dim] = length if length is not None else shape[dim] - start
+        if layer is not None:
+            offsets, shape = [layer, *offsets], [1, *shape]
+        out = _dcp_read(self.reader, self.metadata, {key: (offsets, shape)})[key]
+        return out[0] if layer is not None else out
+
+
+# -------------------------------------------------------------------- legacy
+class _Legacy(MegatronCheckpoint):
+    format = "torch"
+
+    def __init__(self, folder: Path, root: Path) -> None:
+        self.path = folder
+        dirs = {}
+        for p in folder.iterdir():
+            m = _RANK_DIR.match(p.name)
+            if p.is_dir() and m:
+                if m[3] is not None:
+                    raise CheckpointError(f"{p}: expert-parallel checkpoints (MoE) are not supported")
+                dirs[(int(m[1]), int(m[2]) if m[2] else 0)] = p
+        self.source_tp = 1 + max(t for t, _ in dirs)
+        self.source_pp = 1 + max(p for _, p in dirs)
+        for t in range(self.source_tp):
+            for p in range(self.source_pp):
+                if (t, p) not in dirs:
+                    want = f"mp_rank_{t:02d}" + (f"_{p:03d}" if self.source_pp > 1 else "")
+                    raise CheckpointError(
+                        f"rank folder {folder / want} is missing (source tp={self.source_tp}, pp={self.source_pp})"
+                    )
+        self._files = {k: v / "model_optim_rng.pt" for k, v in dirs.items()}
+        for f in self._files.values():
+            if not f.exists():
+                raise CheckpointError(f"shard file {f} is missing")
+        self._loaded: dict[tuple[int, int], dict[str, Any]] = {}
+        first = self._load(0, 0)
+        self._first_args = first.get("args")
+        self.checkpoint_version = first.get("checkpoint_version")
+        # layers per stage: count on each stage
+        self._layer_offsets = {}
+        offset = 0
+        self.tensors = {}
+        self._where: dict[str, tuple[int, str]] = {}  # global name -> (pp stage, local name)
+        for p in range(self.source_pp):
+            state = self._model_state(0, p)
+            local_layers = {int(n.split(".")[2]) for n in state if n.startswith("decoder.layers.")}
+            for local in state:
+                if local.endswith("_extra_state"):
+                    continue
+                name = canonical(ml.to_global_name(local, offset))
+                self._where[name] = (p, local)
+            offset += len(local_layers)
+        for name, (p, local) in self._where.items():
+            shards = [self._model_state(t, p)[local] for t in range(self.source_tp)]
+            self.tensors[name] = TensorInfo(
+                tuple(self._merge(name, [s.shape for s in shards])), shards[0].dtype
+            )
+
+    def _load(self, t: int, p: int) -> dict[str, Any]:
+        if (t, p) not in self._loaded:
+            f = self._files[(t, p)]
+            try:
+                self._loaded[(t, p)] = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+            except Exception as e:
+                raise CheckpointError(
+                    f"shard file {f} cannot be read ({type(e).__name__}: {e}); truncated?"
+                ) from e
+        return self._loaded[(t, p)]
+
+    def _model_state(self, t: int, p: int) -> dict[str, torch.Tensor]:
+        ckpt = self._load(t, p)
+        state = ckpt.get("model", ckpt.get("model0"))
+        if state is None:
+            raise CheckpointError(f"{self._files[(t, p)]} has no 'model' entry (keys: {sorted(ckpt)[:6]})")
+        return state
+
+    def _merge(self, name: str, shapes: list[torch.Size]) -> list[int]:
+        kind = ml.split_kind(name)
+        shape = list(shapes[0])
+        if kind in ("column", "glu"):
+            shape[0] = sum(s[0] for s in shapes)
+        elif kind == "row":
+            shape[1] = sum(s[1] for s in shapes)
+        return shape
+
+    def _args(self) -> Any:
+        return self._first_args
+
+    def read(
+        self, name: str, dim: int | None = None, start: int = 0, length: int | None = None
+    ) -> torch.Tensor:
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: no tensor {name}")
+        p, local = self._where[name]
+        shards = [self._model_state(t, p)[local] for t in range(self.source_tp)]
+        full = ml.merge(name, shards)
+        if dim is not None:
+            n = length if length is not None else full.shape[dim] - start
+            full = full.narrow(dim, start, n)
+        return full.clone()

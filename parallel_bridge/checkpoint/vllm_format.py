@@ -1,0 +1,220 @@
+"""vLLM ``--load-format megatron`` and ``--config-format megatron``: serve a Megatron checkpoint directly.
+
+Registered in every vLLM process by the package's plugin, so these work:
+
+    vllm serve CKPT --load-format megatron --config-format megatron --tokenizer TOK --tensor-parallel-size N
+    LLM(model=CKPT, load_format="megatron", config_format="megatron", tokenizer=TOK)
+
+The config parser turns the checkpoint's Megatron-LM ``args`` (or
+``megatron_gpt_config.json``) into a Llama config. The loader fills the model:
+
+- vLLM's own ``LlamaForCausalLM`` (the default architecture, the fast path):
+  each rank reads only the rows/columns of each tensor it keeps (its query and
+  kv heads in vLLM's ``qkv_proj`` order, kv heads replicated when fewer than TP,
+  its ``[gate | up]`` rows, its input columns of row-parallel weights, its
+  vocabulary rows) and copies them into its parameters.
+- any other model (for example a bridge-registered hybrid, chosen with
+  ``hf_overrides={"architectures": [...]}``): ``model.load_weights`` receives
+  full tensors under megatron-core's names (``decoder.layers.0.self_attention.
+  linear_qkv.weight``...), one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from parallel_bridge.checkpoint.megatron_reader import CheckpointError, MegatronCheckpoint
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "megatron"
+ARCHITECTURE_ENV = "PARALLEL_BRIDGE_MEGATRON_ARCH"
+"""Architecture the config parser names (default LlamaForCausalLM)."""
+
+
+def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, n in ranges:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((start, n))
+    return out
+
+
+def qkv_rows_for_rank(heads: int, groups: int, d: int, tp: int, rank: int) -> list[tuple[int, int]]:
+    """Row ranges of Megatron's grouped ``linear_qkv`` that form vLLM's per-rank ``qkv_proj``
+    (``[q heads of this rank ; k ; v]``), kv heads replicated when fewer than tp."""
+    per = heads // groups
+    q_local = heads // tp
+    if groups >= tp:
+        kv_heads = list(range(rank * groups // tp, (rank + 1) * groups // tp))
+    else:
+        kv_heads = [rank * groups // tp]
+    q_rows = []
+    for j in range(rank * q_local, (rank + 1) * q_local):
+        g, i = divmod(j, per)
+        q_rows.append(((g * (per + 2) + i) * d, d))
+    k_rows = [((g * (per + 2) + per) * d, d) for g in kv_heads]
+    v_rows = [((g * (per + 2) + per + 1) * d, d) for g in kv_heads]
+    return _merge_ranges(q_rows) + _merge_ranges(k_rows) + _merge_ranges(v_rows)
+
+
+def _copy(param: torch.Tensor, value: torch.Tensor, name: str, target: str) -> None:
+    if param.shape != value.shape:
+        raise CheckpointError(
+            f"tensor {name}: this rank's part has shape {tuple(value.shape)} but vLLM's {target} "
+            f"has {tuple(param.shape)}"
+        )
+    param.data.copy_(value)
+
+
+def _vocab_rows(ckpt: MegatronCheckpoint, name: str, layer: Any, param: torch.Tensor, target: str) -> None:
+    idx = layer.shard_indices
+    start, end = idx.org_vocab_start_index, idx.org_vocab_end_index
+    rows = ckpt.read(name, 0, start, end - start) if end > start else param.new_zeros(0, param.shape[1])
+    param.data.zero_()
+    if rows.shape[1] != param.shape[1]:
+        raise CheckpointError(
+            f"tensor {name}: hidden size {rows.shape[1]} but vLLM's {target} has {param.shape[1]}"
+        )
+    param.data[: rows.shape[0]].copy_(rows)
+
+
+def check_serving_tp(cfg: Any, tp: int) -> None:
+    """Raise naming the numbers when ``tp`` cannot split the model (heads, kv heads, FFN)."""
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+    if tp < 1:
+        raise CheckpointError(f"tensor-parallel size must be >= 1, got {tp}")
+    if heads % tp:
+        raise CheckpointError(f"tensor-parallel size {tp} does not divide num_attention_heads={heads}")
+    if (groups >= tp and groups % tp) or (groups < tp and tp % groups):
+        raise CheckpointError(
+            f"tensor-parallel size {tp} and num_query_groups={groups}: kv heads can be neither split nor "
+            f"replicated evenly"
+        )
+    if cfg.ffn_hidden_size % tp:
+        raise CheckpointError(
+            f"tensor-parallel size {tp} does not divide ffn_hidden_size={cfg.ffn_hidden_size}"
+        )
+
+
+def load_into_vllm_llama(model: Any, ckpt: MegatronCheckpoint) -> None:
+    """Fill vLLM's LlamaForCausalLM on this TP rank, reading only this rank's parts."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    cfg = ckpt.config
+    tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+    heads, groups, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
+    check_serving_tp(cfg, tp)
+    inner = model.model
+    _vocab_rows(
+        ckpt,
+        "embedding.word_embeddings.weight",
+        inner.embed_tokens,
+        inner.embed_tokens.weight,
+        "model.embed_tokens.weight",
+    )
+    if not cfg.tie_embeddings:
+        _vocab_rows(ckpt, "output_layer.weight", model.lm_head, model.lm_head.weight, "lm_head.weight")
+    _copy(
+        inner.norm.weight,
+        ckpt.read("decoder.final_layernorm.weight"),
+        "decoder.final_layernorm.weight",
+        "model.norm.weight",
+    )
+    f_local = cfg.ffn_hidden_size // tp
+    q_cols = heads // tp * d
+    for i, layer in enumerate(inner.layers):
+        p = f"decoder.layers.{i}."
+        _copy(
+            layer.input_layernorm.weight,
+            ckpt.read(p + "input_layernorm.weight"),
+            p + "input_layernorm.weight",
+            f"model.layers.{i}.input_layernorm.weight",
+        )
+        _copy(
+            layer.post_attention_layernorm.weight,
+            ckpt.read(p + "pre_mlp_layernorm.weight"),
+            p + "pre_mlp_layernorm.weight",
+            f"model.layers.{i}.post_attention_layernorm.weight",
+        )
+        qkv = p + "self_attention.linear_qkv.weight"
+        _copy(
+            layer.self_attn.qkv_proj.weight,
+            ckpt.read_rows(qkv, qkv_rows_for_rank(heads, groups, d, tp, rank)),
+            qkv,
+            f"model.layers.{i}.self_attn.qkv_proj.weight",
+        )
+        proj = p + "self_attention.linear_proj.weight"
+        _copy(
+            layer.self_attn.o_proj.weight,
+            ckpt.read(proj, 1, rank * q_cols, q_cols),
+            proj,
+            f"model.layers.{i}.self_attn.o_proj.weight",
+        )
+        fc1 = p + "mlp.linear_fc1.weight"
+        rows = [(rank * f_local, f_local), (cfg.ffn_hidden_size + rank * f_local, f_local)]
+        _copy(
+            layer.mlp.gate_up_proj.weight,
+            ckpt.read_rows(fc1, rows),
+            fc1,
+            f"model.layers.{i}.mlp.gate_up_proj.weight",
+        )
+        fc2 = p + "mlp.linear_fc2.weight"
+        _copy(
+            layer.mlp.down_proj.weight,
+            ckpt.read(fc2, 1, rank * f_local, f_local),
+            fc2,
+            f"model.layers.{i}.mlp.down_proj.weight",
+        )
+
+
+def register_vllm_formats() -> None:
+    """Register the ``megatron`` load format and config format with vLLM (idempotent)."""
+    from transformers import LlamaConfig
+    from vllm.model_executor.model_loader import register_model_loader
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.transformers_utils.config import register_config_parser
+    from vllm.transformers_utils.config_parser_base import ConfigParserBase
+
+    @register_config_parser(FORMAT)
+    class MegatronConfigParser(ConfigParserBase):
+        """config.json from the Megatron checkpoint's own args (or megatron_gpt_config.json)."""
+
+        def parse(self, model, trust_remote_code, revision=None, code_revision=None, **kwargs):
+            ckpt = MegatronCheckpoint.open(model)
+            arch = os.environ.get(ARCHITECTURE_ENV, "LlamaForCausalLM")
+            config_dict = ckpt.config.to_hf_llama(arch)
+            return config_dict, LlamaConfig(**config_dict)
+
+    @register_model_loader(FORMAT)
+    class MegatronModelLoader(BaseModelLoader):
+        """Reads a Megatron checkpoint (torch_dist or legacy, any source TP/PP) into the model."""
+
+        def download_model(self, model_config) -> None:
+            MegatronCheckpoint.open(model_config.model)
+
+        def load_weights(self, model, model_config) -> None:
+            from vllm.model_executor.models.llama import LlamaForCausalLM
+
+            ckpt = MegatronCheckpoint.open(model_config.model)
+            if isinstance(model, LlamaForCausalLM):
+                load_into_vllm_llama(model, ckpt)
+            else:
+                loaded = model.load_weights(ckpt.iter_full())
+                expected = {n for n, _ in model.named_parameters()}
+                missing = expected - set(loaded or ())
+                if missing:
+                    raise CheckpointError(f"{ckpt.path}: no checkpoint tensor filled {sorted(missing)[:4]}")
+            logger.info(
+                "loaded %s checkpoint %s (source tp=%d pp=%d)",
+                ckpt.format,
+                ckpt.path,
+                ckpt.source_tp,
+                ckpt.source_pp,
+            )
