@@ -352,10 +352,10 @@ def _dcp_read(
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    out = {}
-    for key, (offsets, sizes) in requests.items():
-        md = metadata.state_dict_metadata[key]
-        out[key] = torch.empty(sizes, dtype=md.properties.dtype)
+    out = {
+        key: torch.empty(sizes, dtype=metadata.state_dict_metadata[key].properties.dtype)
+        for key, (_, sizes) in requests.items()
+    }
 
     class SlicePlanner(DefaultLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
