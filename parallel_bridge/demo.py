@@ -74,18 +74,11 @@ def encode_batch(tokenizer, rng: random.Random, batch: int, seq: int, limit: int
     return torch.tensor(rows)
 
 
-def gather_logits(ctx: ParallelContext, local: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits from each TP rank's vocabulary shard (last dim)."""
-    if ctx.tp == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(ctx.tp)]
-    dist.all_gather(parts, local.contiguous(), group=ctx.tp_group)
-    return torch.cat(parts, dim=-1)
-
-
 @torch.no_grad()
 def greedy_complete(ctx, model, tokenizer, prompts: list[str], max_new: int, vocab: int):
     """Greedy continuations with the training-mode forward (no KV cache), and each step's logprob."""
+    from parallel_bridge.adapters import megatron as pm
+
     outs, logprobs = [], []
     for prompt in prompts:
         ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt)]
@@ -93,7 +86,7 @@ def greedy_complete(ctx, model, tokenizer, prompts: list[str], max_new: int, voc
         for _ in range(max_new):
             x = torch.tensor([ids])
             pos = torch.arange(x.shape[1]).unsqueeze(0)
-            logits = gather_logits(ctx, model(x, pos, attention_mask=None))[0, -1, :vocab]
+            logits = pm.gather_vocab_logits(ctx, model(x, pos, attention_mask=None))[0, -1, :vocab]
             lp = torch.log_softmax(logits.float(), dim=-1)
             nxt = int(lp.argmax())
             if nxt == tokenizer.eos_token_id:

@@ -490,3 +490,14 @@ def build_gpt_model(
         rotary_base=rotary_base,
         pg_collection=process_groups(ctx),
     )
+
+
+def gather_vocab_logits(ctx: ParallelContext, local: Any) -> Any:
+    """Full-vocabulary logits from each TP rank's vocabulary shard (last dim); no autograd."""
+    import torch.distributed as dist
+
+    if ctx.tp == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(ctx.tp)]
+    dist.all_gather(parts, local.contiguous(), group=ctx.tp_group)
+    return torch.cat(parts, dim=-1)

@@ -479,8 +479,19 @@ class _Legacy(MegatronCheckpoint):
                 if m[3] is not None:
                     raise CheckpointError(f"{p}: expert-parallel checkpoints (MoE) are not supported")
                 dirs[(int(m[1]), int(m[2]) if m[2] else 0)] = p
-        self.source_tp = 1 + max(t for t, _ in dirs)
-        self.source_pp = 1 + max(p for _, p in dirs)
+        self._files = {k: v / "model_optim_rng.pt" for k, v in dirs.items()}
+        self._loaded: dict[tuple[int, int], dict[str, Any]] = {}
+        some = min(dirs)
+        if not self._files[some].exists():
+            raise CheckpointError(f"shard file {self._files[some]} is missing")
+        saved_args = self._load(*some).get("args")
+        # the saving job's layout, as Megatron-LM records it; else what the folders show
+        self.source_tp = getattr(saved_args, "tensor_model_parallel_size", None) or 1 + max(
+            t for t, _ in dirs
+        )
+        self.source_pp = getattr(saved_args, "pipeline_model_parallel_size", None) or 1 + max(
+            p for _, p in dirs
+        )
         for t in range(self.source_tp):
             for p in range(self.source_pp):
                 if (t, p) not in dirs:
@@ -488,11 +499,9 @@ class _Legacy(MegatronCheckpoint):
                     raise CheckpointError(
                         f"rank folder {folder / want} is missing (source tp={self.source_tp}, pp={self.source_pp})"
                     )
-        self._files = {k: v / "model_optim_rng.pt" for k, v in dirs.items()}
         for f in self._files.values():
             if not f.exists():
                 raise CheckpointError(f"shard file {f} is missing")
-        self._loaded: dict[tuple[int, int], dict[str, Any]] = {}
         first = self._load(0, 0)
         self._first_args = first.get("args")
         self.checkpoint_version = first.get("checkpoint_version")

@@ -1,0 +1,127 @@
+"""Megatron checkpoints written by Megatron's own code, and Megatron's own forward of them.
+
+Run on torchrun-like ranks through parallel_bridge.testing.run_distributed.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from parallel_bridge import ParallelContext
+from parallel_bridge.adapters import megatron as pm
+from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
+
+SIZES = {"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "ffn_hidden_size": 256}
+PROMPTS = [[5, 17, 42], [3, 9, 27, 81, 11, 2], [64]]
+STEPS = 4
+SEQ = 64
+
+
+def build(ctx, variant):
+    extra = {"pipeline_dtype": torch.float32} if ctx.pp > 1 else {}
+    config = pm.transformer_config(
+        ctx,
+        **SIZES,
+        num_query_groups=variant["groups"],
+        vocab_size=variant["padded"],
+        init_method_std=0.2,
+        **extra,
+    )
+    model = pm.build_gpt_model(
+        ctx,
+        config,
+        vocab_size=variant["padded"],
+        max_sequence_length=SEQ,
+        share_embeddings_and_output_weights=variant["tied"],
+    )
+    return config, model
+
+
+@torch.no_grad()
+def megatron_decode(ctx, model, vocab):
+    """Megatron's forward (TP only): first-step log-softmax over the true vocabulary, and greedy tokens."""
+    model.eval()
+    out = []
+    for prompt in PROMPTS:
+        ids, first = list(prompt), None
+        for step in range(STEPS):
+            x = torch.tensor([ids])
+            logits = pm.gather_vocab_logits(ctx, model(x, torch.arange(len(ids))[None], attention_mask=None))
+            lp = torch.log_softmax(logits[0, -1, :vocab].double(), -1)
+            first = lp if step == 0 else first
+            ids.append(int(lp.argmax()))
+        out.append((ids[len(prompt) :], first.tolist()))
+    return out
+
+
+def save_dist(root, tp, pp, variant):
+    ctx = ParallelContext.from_torchrun(tp=tp, pp=pp, timeout_s=120)
+    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
+        pm.model_parallel_manual_seed(ctx, variant["seed"])
+        config, model = build(ctx, variant)
+        gpt = gpt_config_of(config, variant["vocab"], variant["padded"], SEQ, variant["tied"])
+        save_torch_dist(ctx, model, root, 10, gpt)
+
+
+def reference_from_dist(root, variant):
+    """Megatron loads the checkpoint itself (resharding to TP=1) and runs its forward."""
+    from megatron.core import dist_checkpointing
+
+    ctx = ParallelContext.from_torchrun(timeout_s=120)
+    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
+        pm.model_parallel_manual_seed(ctx, 999)
+        _, model = build(ctx, variant)
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(root) / "iter_0000010"))
+        model.load_state_dict(state)
+        return megatron_decode(ctx, model, variant["vocab"])
+
+
+def megatron_lm_args(config, variant):
+    """The fields of Megatron-LM's argparse namespace that describe the model."""
+    return argparse.Namespace(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        group_query_attention=True,
+        num_query_groups=config.num_query_groups,
+        kv_channels=config.kv_channels,
+        padded_vocab_size=variant["padded"],
+        vocab_size=variant["vocab"],
+        max_position_embeddings=SEQ,
+        seq_length=SEQ,
+        position_embedding_type="rope",
+        rotary_base=10000,
+        normalization="RMSNorm",
+        norm_epsilon=config.layernorm_epsilon,
+        swiglu=True,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        untie_embeddings_and_output_weights=not variant["tied"],
+        tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        make_vocab_size_divisible_by=128,
+        ckpt_format="torch",
+    )
+
+
+def save_legacy(root, tp, variant):
+    """Per-rank torch.save files as Megatron-LM's legacy 'torch' format writes them; returns Megatron's decode."""
+    ctx = ParallelContext.from_torchrun(tp=tp, timeout_s=120)
+    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
+        pm.model_parallel_manual_seed(ctx, variant["seed"])
+        config, model = build(ctx, variant)
+        folder = Path(root) / "iter_0000010" / f"mp_rank_{ctx.tp_rank:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "args": megatron_lm_args(config, variant),
+            "checkpoint_version": 3.0,
+            "iteration": 10,
+            "model": model.state_dict_for_save_checkpoint(),
+            "rng_state": [{"random_rng_state": None}],
+        }
+        torch.save(state, folder / "model_optim_rng.pt")
+        if ctx.rank == 0:
+            (Path(root) / "latest_checkpointed_iteration.txt").write_text("10")
+        return megatron_decode(ctx, model, variant["vocab"])
