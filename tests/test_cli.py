@@ -1,27 +1,110 @@
-"""The `parallel-bridge` command: the demo end to end (quick mode) and bad-input exits."""
+"""The `parallel-bridge` command: the demo end to end (quick), the OpenAI server, bad-input exits."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
+from parallel_bridge.testing import free_port
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "parallel_bridge", *args], capture_output=True, text=True, timeout=timeout
     )
 
 
-@pytest.mark.slow
-def test_demo_quick_trains_and_answers(tmp_path):
-    out = tmp_path / "demo"
-    proc = run_cli("demo", "--quick", "--out", str(out), "--steps", "200")
+def one_error_line(proc: subprocess.CompletedProcess, command: str) -> str:
+    lines = [
+        line for line in proc.stderr.splitlines() if line.startswith(f"parallel-bridge {command}: error:")
+    ]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = run_cli("demo", "--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@pytest.mark.slow
+def test_demo_quick_trains_saves_serves_and_agrees(demo_out):
+    out, stdout = demo_out
     report = json.loads((out / "report.json").read_text())
     assert report["last_loss"] < report["first_loss"] - 0.5  # the loss visibly fell
-    assert (out / "tokenizer" / "tokenizer.json").exists()
+    assert report["train_tp"] == 2 and report["serve_tp"] == 1
+    assert report["greedy_equal"] == len(report["cases"])  # served = trained, token for token
+    assert report["max_abs_logprob_diff"] <= 1e-4
     assert report["correct"] >= len(report["cases"]) // 2
+    assert (out / "checkpoint" / "latest_checkpointed_iteration.txt").exists()
+    assert (out / "tokenizer" / "tokenizer.json").exists()
+    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
+        assert step in stdout
+
+
+@pytest.mark.slow
+def test_serve_answers_an_openai_completion_and_stops(demo_out):
+    out, _ = demo_out
+    port = free_port()
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "parallel_bridge",
+            "serve",
+            str(out / "checkpoint"),
+            "--port",
+            str(port),
+            "--",
+            "--max-model-len",
+            "16",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up within 240 s"
+                time.sleep(2)
+        body = json.dumps(
+            {"model": str(out / "checkpoint"), "prompt": "<s>2+9=", "max_tokens": 3, "temperature": 0}
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert answer["choices"][0]["text"].startswith("11")
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert code in (0, -signal.SIGINT, 130), code
 
 
 def test_env_lists_integrations():
@@ -37,7 +120,19 @@ def test_unknown_command_exits_with_usage():
 
 
 def test_demo_bad_tp_is_one_line_error():
-    proc = run_cli("demo", "--nproc", "0")
-    assert proc.returncode == 1
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("parallel-bridge")]
-    assert lines == ["parallel-bridge demo: error: --nproc must be >= 1, got 0"]
+    line = one_error_line(run_cli("demo", "--train-tp", "0"), "demo")
+    assert line == "parallel-bridge demo: error: --train-tp and --serve-tp must be >= 1, got 0 and 1"
+
+
+@pytest.mark.slow
+def test_serve_impossible_tp_and_missing_tokenizer(demo_out, tmp_path):
+    out, _ = demo_out
+    line = one_error_line(run_cli("serve", str(out / "checkpoint"), "-tp", "3", "--print"), "serve")
+    assert line.endswith("tensor-parallel size 3 does not divide num_attention_heads=4")
+    printed = run_cli("serve", str(out / "checkpoint"), "--print")
+    assert (
+        printed.returncode == 0
+        and "--load-format megatron --config-format megatron --tokenizer" in printed.stdout
+    )
+    line = one_error_line(run_cli("serve", str(tmp_path)), "serve")
+    assert "is neither a torch_dist checkpoint" in line
