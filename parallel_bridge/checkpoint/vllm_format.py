@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -64,27 +65,6 @@ def qkv_rows_for_rank(heads: int, groups: int, d: int, tp: int, rank: int) -> li
     return _merge_ranges(q_rows) + _merge_ranges(k_rows) + _merge_ranges(v_rows)
 
 
-def _copy(param: torch.Tensor, value: torch.Tensor, name: str, target: str) -> None:
-    if param.shape != value.shape:
-        raise CheckpointError(
-            f"tensor {name}: this rank's part has shape {tuple(value.shape)} but vLLM's {target} "
-            f"has {tuple(param.shape)}"
-        )
-    param.data.copy_(value)
-
-
-def _vocab_rows(ckpt: MegatronCheckpoint, name: str, layer: Any, param: torch.Tensor, target: str) -> None:
-    idx = layer.shard_indices
-    start, end = idx.org_vocab_start_index, idx.org_vocab_end_index
-    rows = ckpt.read(name, 0, start, end - start) if end > start else param.new_zeros(0, param.shape[1])
-    param.data.zero_()
-    if rows.shape[1] != param.shape[1]:
-        raise CheckpointError(
-            f"tensor {name}: hidden size {rows.shape[1]} but vLLM's {target} has {param.shape[1]}"
-        )
-    param.data[: rows.shape[0]].copy_(rows)
-
-
 def check_serving_tp(cfg: Any, tp: int) -> None:
     """Raise naming the numbers when ``tp`` cannot split the model (heads, kv heads, FFN)."""
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups
@@ -103,75 +83,78 @@ def check_serving_tp(cfg: Any, tp: int) -> None:
         )
 
 
+def rank_parts(
+    ckpt: MegatronCheckpoint, tp: int, rank: int, vocab_range: tuple[int, int] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors vLLM's LlamaForCausalLM keeps on TP rank ``rank``, under vLLM's names, read
+    slice by slice: only what the rank keeps is read. ``vocab_range`` is the rank's
+    [start, end) of real vocabulary rows (vLLM pads the vocabulary its own way)."""
+    cfg = ckpt.config
+    check_serving_tp(cfg, tp)
+    heads, groups, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
+    if vocab_range is None:
+        per = -(-cfg.vocab_size // tp)
+        vocab_range = (min(rank * per, cfg.vocab_size), min((rank + 1) * per, cfg.vocab_size))
+    start, end = vocab_range
+    vocab = [("embedding.word_embeddings.weight", "model.embed_tokens.weight")]
+    if not cfg.tie_embeddings:
+        vocab.append(("output_layer.weight", "lm_head.weight"))
+    for src, dst in vocab:
+        yield dst, ckpt.read(src, 0, start, end - start)
+    yield "model.norm.weight", ckpt.read("decoder.final_layernorm.weight")
+    f_local, q_cols = cfg.ffn_hidden_size // tp, heads // tp * d
+    for i in range(cfg.num_layers):
+        p, q = f"decoder.layers.{i}.", f"model.layers.{i}."
+        yield q + "input_layernorm.weight", ckpt.read(p + "input_layernorm.weight")
+        yield q + "post_attention_layernorm.weight", ckpt.read(p + "pre_mlp_layernorm.weight")
+        yield (
+            q + "self_attn.qkv_proj.weight",
+            ckpt.read_rows(
+                p + "self_attention.linear_qkv.weight", qkv_rows_for_rank(heads, groups, d, tp, rank)
+            ),
+        )
+        yield (
+            q + "self_attn.o_proj.weight",
+            ckpt.read(p + "self_attention.linear_proj.weight", 1, rank * q_cols, q_cols),
+        )
+        yield (
+            q + "mlp.gate_up_proj.weight",
+            ckpt.read_rows(
+                p + "mlp.linear_fc1.weight",
+                [(rank * f_local, f_local), (cfg.ffn_hidden_size + rank * f_local, f_local)],
+            ),
+        )
+        yield q + "mlp.down_proj.weight", ckpt.read(p + "mlp.linear_fc2.weight", 1, rank * f_local, f_local)
+
+
 def load_into_vllm_llama(model: Any, ckpt: MegatronCheckpoint) -> None:
     """Fill vLLM's LlamaForCausalLM on this TP rank, reading only this rank's parts."""
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-    cfg = ckpt.config
-    tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-    heads, groups, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
-    check_serving_tp(cfg, tp)
-    inner = model.model
-    _vocab_rows(
+    idx = model.model.embed_tokens.shard_indices
+    params = dict(model.named_parameters())
+    parts = rank_parts(
         ckpt,
-        "embedding.word_embeddings.weight",
-        inner.embed_tokens,
-        inner.embed_tokens.weight,
-        "model.embed_tokens.weight",
+        get_tensor_model_parallel_world_size(),
+        get_tensor_model_parallel_rank(),
+        (idx.org_vocab_start_index, idx.org_vocab_end_index),
     )
-    if not cfg.tie_embeddings:
-        _vocab_rows(ckpt, "output_layer.weight", model.lm_head, model.lm_head.weight, "lm_head.weight")
-    _copy(
-        inner.norm.weight,
-        ckpt.read("decoder.final_layernorm.weight"),
-        "decoder.final_layernorm.weight",
-        "model.norm.weight",
-    )
-    f_local = cfg.ffn_hidden_size // tp
-    q_cols = heads // tp * d
-    for i, layer in enumerate(inner.layers):
-        p = f"decoder.layers.{i}."
-        _copy(
-            layer.input_layernorm.weight,
-            ckpt.read(p + "input_layernorm.weight"),
-            p + "input_layernorm.weight",
-            f"model.layers.{i}.input_layernorm.weight",
-        )
-        _copy(
-            layer.post_attention_layernorm.weight,
-            ckpt.read(p + "pre_mlp_layernorm.weight"),
-            p + "pre_mlp_layernorm.weight",
-            f"model.layers.{i}.post_attention_layernorm.weight",
-        )
-        qkv = p + "self_attention.linear_qkv.weight"
-        _copy(
-            layer.self_attn.qkv_proj.weight,
-            ckpt.read_rows(qkv, qkv_rows_for_rank(heads, groups, d, tp, rank)),
-            qkv,
-            f"model.layers.{i}.self_attn.qkv_proj.weight",
-        )
-        proj = p + "self_attention.linear_proj.weight"
-        _copy(
-            layer.self_attn.o_proj.weight,
-            ckpt.read(proj, 1, rank * q_cols, q_cols),
-            proj,
-            f"model.layers.{i}.self_attn.o_proj.weight",
-        )
-        fc1 = p + "mlp.linear_fc1.weight"
-        rows = [(rank * f_local, f_local), (cfg.ffn_hidden_size + rank * f_local, f_local)]
-        _copy(
-            layer.mlp.gate_up_proj.weight,
-            ckpt.read_rows(fc1, rows),
-            fc1,
-            f"model.layers.{i}.mlp.gate_up_proj.weight",
-        )
-        fc2 = p + "mlp.linear_fc2.weight"
-        _copy(
-            layer.mlp.down_proj.weight,
-            ckpt.read(fc2, 1, rank * f_local, f_local),
-            fc2,
-            f"model.layers.{i}.mlp.down_proj.weight",
-        )
+    for name, value in parts:
+        param = params[name]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):  # real rows first, vLLM's padding zero
+            if value.shape[1] != param.shape[1] or value.shape[0] > param.shape[0]:
+                raise CheckpointError(
+                    f"tensor {name}: rows {tuple(value.shape)} do not fit vLLM's {tuple(param.shape)}"
+                )
+            param.data.zero_()
+            param.data[: value.shape[0]].copy_(value)
+        elif param.shape != value.shape:
+            raise CheckpointError(
+                f"tensor {name}: this rank's part has shape {tuple(value.shape)} but vLLM's parameter has "
+                f"{tuple(param.shape)}"
+            )
+        else:
+            param.data.copy_(value)
 
 
 def register_vllm_formats() -> None:

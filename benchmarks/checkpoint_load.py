@@ -1,0 +1,174 @@
+"""Reading a Megatron checkpoint for serving, and exporting it, against the machine's raw read rate.
+
+Generates a torch_dist checkpoint of a few hundred MB with megatron-core's own
+save code (TP=2, two ranks), then, each in a fresh process:
+- raw read: every checkpoint file read start to end (the same bytes, page cache warm
+  like the others);
+- load one target rank: the parts vLLM's LlamaForCausalLM keeps on rank 0 of TP=2,
+  read slice by slice (``rank_parts``);
+- export: the whole checkpoint to a Hugging Face folder.
+Rates are checkpoint bytes / seconds (for the rank load: the bytes it keeps).
+Peak RSS is the process's high-water mark minus its RSS after imports.
+Targets: load and export >= 50% of the raw rate; peak RSS <= rank shard + largest tensor + 300 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+MB = 1024**2
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _save(root: str, sizes: dict) -> None:
+    import torch
+
+    from parallel_bridge import ParallelContext
+    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
+
+    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=600)
+    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
+        pm.model_parallel_manual_seed(ctx, 0)
+        layers = {k: v for k, v in sizes.items() if k != "vocab_size"}
+        config = pm.transformer_config(
+            ctx, **layers, vocab_size=sizes["vocab_size"], perform_initialization=False
+        )
+        model = pm.build_gpt_model(ctx, config, vocab_size=sizes["vocab_size"], max_sequence_length=4096)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        save_torch_dist(
+            ctx, model, root, 1, gpt_config_of(config, sizes["vocab_size"], sizes["vocab_size"], 4096, False)
+        )
+
+
+def _measure(kind: str, root: str, out: str, queue) -> None:
+    from parallel_bridge.checkpoint.hf_export import export_hf
+    from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
+    from parallel_bridge.checkpoint.vllm_format import rank_parts
+
+    base = _rss_mb()
+    start = time.perf_counter()
+    kept = 0
+    if kind == "raw":
+        for f in sorted(Path(root).rglob("*")):
+            if f.is_file():
+                with open(f, "rb", buffering=0) as fh:
+                    while chunk := fh.read(64 * MB):
+                        kept += len(chunk)
+    elif kind == "load_rank0_of_tp2":
+        ckpt = MegatronCheckpoint.open(root)
+        for _, tensor in rank_parts(ckpt, 2, 0):
+            kept += tensor.numel() * tensor.element_size()
+            del tensor
+    else:
+        ckpt = MegatronCheckpoint.open(root)
+        export_hf(ckpt, out, shard_bytes=256 * MB)
+        kept = ckpt.total_bytes
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(
+        {
+            "kind": kind,
+            "seconds": seconds,
+            "bytes": kept,
+            "peak_rss_over_base_mb": peak - base,
+            "base_rss_mb": base,
+        }
+    )
+
+
+def run(kind: str, root: str, out: str) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(kind, root, out, queue))
+    proc.start()
+    result = queue.get(timeout=1200)
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=6)
+    args = parser.parse_args()
+    from _common import report
+
+    from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
+    from parallel_bridge.testing import run_distributed
+
+    h = args.hidden
+    sizes = {
+        "num_layers": args.layers,
+        "hidden_size": h,
+        "num_attention_heads": h // 64,
+        "num_query_groups": h // 256,
+        "ffn_hidden_size": 2816 * h // 1024,
+        "vocab_size": 16384,
+    }
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        root = str(Path(tmp, "ckpt"))
+        start = time.perf_counter()
+        run_distributed(_save, 2, root, sizes, timeout_s=1200)
+        save_s = time.perf_counter() - start
+        ckpt = MegatronCheckpoint.open(root)
+        total = ckpt.total_bytes
+        largest_mb = max(math.prod(t.shape) * t.dtype.itemsize for t in ckpt.tensors.values()) / MB
+        results = [
+            run(kind, root, str(Path(tmp, "hf"))) for kind in ("raw", "load_rank0_of_tp2", "export_hf")
+        ]
+    raw = results[0]["bytes"] / results[0]["seconds"]
+    rows = []
+    for r in results:
+        rate = r["bytes"] / r["seconds"]
+        rows.append(
+            {
+                "step": r["kind"],
+                "seconds": r["seconds"],
+                "MB": r["bytes"] / MB,
+                "GB_per_s": rate / 1e9,
+                "vs_raw": rate / raw,
+                "peak_rss_mb": r["peak_rss_over_base_mb"],
+            }
+        )
+    shard_mb = results[1]["bytes"] / MB
+    budget = shard_mb + largest_mb + 300
+    print(
+        f"checkpoint {total / MB:.0f} MB (saved in {save_s:.1f} s), rank-0 shard {shard_mb:.0f} MB, "
+        f"largest tensor {largest_mb:.0f} MB -> RSS budget {budget:.0f} MB"
+    )
+    report(
+        "checkpoint_load",
+        rows,
+        {
+            "checkpoint_mb": total / MB,
+            "rank_shard_mb": shard_mb,
+            "largest_tensor_mb": largest_mb,
+            "rss_budget_mb": budget,
+            "targets": {"vs_raw": 0.5, "peak_rss_mb": "<= shard + largest + 300"},
+            "sizes": sizes,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
