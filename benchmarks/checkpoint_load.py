@@ -3,11 +3,12 @@
 Generates a torch_dist checkpoint of a few hundred MB with megatron-core's own
 save code (TP=2, two ranks), then, each in a fresh process:
 - raw read: every checkpoint file read start to end (the same bytes, page cache warm
-  like the others);
+  like the others); raw write: as many bytes written to a new file;
 - load one target rank: the parts vLLM's LlamaForCausalLM keeps on rank 0 of TP=2,
   read slice by slice (``rank_parts``);
 - export: the whole checkpoint to a Hugging Face folder.
-Rates are checkpoint bytes / seconds (for the rank load: the bytes it keeps).
+Rates are checkpoint bytes / seconds (for the rank load: the bytes it keeps);
+opening the checkpoint is timed, importing modules is not.
 Peak RSS is the process's high-water mark minus its RSS after imports.
 Targets: load and export >= 50% of the raw rate; peak RSS <= rank shard + largest tensor + 300 MB.
 """
@@ -61,6 +62,9 @@ def _save(root: str, sizes: dict) -> None:
 
 
 def _measure(kind: str, root: str, out: str, queue) -> None:
+    import safetensors.torch  # noqa: F401 - imports are not part of what is timed
+    import torch.distributed.checkpoint  # noqa: F401
+
     from parallel_bridge.checkpoint.hf_export import export_hf
     from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
     from parallel_bridge.checkpoint.vllm_format import rank_parts
@@ -74,6 +78,13 @@ def _measure(kind: str, root: str, out: str, queue) -> None:
                 with open(f, "rb", buffering=0) as fh:
                     while chunk := fh.read(64 * MB):
                         kept += len(chunk)
+    elif kind == "raw_write":
+        total = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
+        block = bytes(64 * MB)
+        with open(out + ".raw", "wb", buffering=0) as fh:
+            while kept < total:
+                kept += fh.write(block[: min(len(block), total - kept)])
+        os.unlink(out + ".raw")
     elif kind == "load_rank0_of_tp2":
         ckpt = MegatronCheckpoint.open(root)
         for _, tensor in rank_parts(ckpt, 2, 0):
@@ -133,9 +144,8 @@ def main() -> None:
         ckpt = MegatronCheckpoint.open(root)
         total = ckpt.total_bytes
         largest_mb = max(math.prod(t.shape) * t.dtype.itemsize for t in ckpt.tensors.values()) / MB
-        results = [
-            run(kind, root, str(Path(tmp, "hf"))) for kind in ("raw", "load_rank0_of_tp2", "export_hf")
-        ]
+        kinds = ("raw", "raw_write", "load_rank0_of_tp2", "export_hf")
+        results = [run(kind, root, str(Path(tmp, "hf"))) for kind in kinds]
     raw = results[0]["bytes"] / results[0]["seconds"]
     rows = []
     for r in results:
@@ -150,7 +160,10 @@ def main() -> None:
                 "peak_rss_mb": r["peak_rss_over_base_mb"],
             }
         )
-    shard_mb = results[1]["bytes"] / MB
+    write = results[1]["bytes"] / results[1]["seconds"]
+    ceiling = 1 / (1 / raw + 1 / write)  # export reads and writes every byte once
+    rows[3]["vs_read_then_write"] = (results[3]["bytes"] / results[3]["seconds"]) / ceiling
+    shard_mb = results[2]["bytes"] / MB
     budget = shard_mb + largest_mb + 300
     print(
         f"checkpoint {total / MB:.0f} MB (saved in {save_s:.1f} s), rank-0 shard {shard_mb:.0f} MB, "

@@ -77,7 +77,7 @@ def export_hf(
                 nbytes = tensor.numel() * tensor.element_size()
                 if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
                     flush()
-                shards[-1][hf_name] = tensor.contiguous().clone()
+                shards[-1][hf_name] = tensor.contiguous()
                 sizes[-1] += nbytes
                 weight_map[hf_name] = len(shards) - 1
             if bar is not None:

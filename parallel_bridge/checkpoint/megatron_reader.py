@@ -344,29 +344,43 @@ def _iteration_of(folder: Path) -> int | str | None:
 
 # ---------------------------------------------------------------- torch_dist
 def _dcp_read(
-    reader: Any, metadata: Any, requests: dict[str, tuple[list[int], list[int]]]
-) -> dict[str, torch.Tensor]:
-    """Read ``{key: (offsets, sizes)}`` slices from a DCP checkpoint with torch's own reader."""
+    reader: Any, metadata: Any, requests: list[tuple[str, list[int], list[int]]]
+) -> list[torch.Tensor]:
+    """Read slices ``(key, offsets, sizes)`` of a DCP checkpoint in one pass of torch's own reader."""
     from torch.distributed.checkpoint import DefaultLoadPlanner, load
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    out = {
-        key: torch.empty(sizes, dtype=metadata.state_dict_metadata[key].properties.dtype)
-        for key, (_, sizes) in requests.items()
-    }
+    out = [
+        torch.empty(sizes, dtype=metadata.state_dict_metadata[key].properties.dtype)
+        for key, _, sizes in requests
+    ]
 
     class SlicePlanner(DefaultLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
             items = []
-            for key, (offsets, sizes) in requests.items():
+            for n, (key, offsets, sizes) in enumerate(requests):
                 chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-                items += create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk])
+                for item in create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk]):
+                    # the destination names the request, so one key can be read in several slices
+                    dest = MetadataIndex(
+                        fqn=str(n), offset=item.dest_index.offset, index=item.dest_index.index
+                    )
+                    items.append(
+                        ReadItem(
+                            type=item.type,
+                            dest_index=dest,
+                            dest_offsets=item.dest_offsets,
+                            storage_index=item.storage_index,
+                            storage_offsets=item.storage_offsets,
+                            lengths=item.lengths,
+                        )
+                    )
             return LoadPlan(items)
 
         def resolve_tensor(self, read_item):
-            dest = out[read_item.dest_index.fqn]
+            dest = out[int(read_item.dest_index.fqn)]
             for dim, (off, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
                 dest = dest.narrow(dim, off, n)
             return dest
@@ -376,15 +390,34 @@ def _dcp_read(
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load(dict(out), storage_reader=reader, planner=SlicePlanner(), no_dist=True)
+        load(
+            {str(n): t for n, t in enumerate(out)},
+            storage_reader=reader,
+            planner=SlicePlanner(),
+            no_dist=True,
+        )
     return out
+
+
+def _cached_metadata_reader(folder: Path) -> Any:
+    """A FileSystemReader that parses ``.metadata`` once, not on every read."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
+        _metadata = None
+
+        def read_metadata(self, *args, **kwargs):
+            if self._metadata is None:
+                self._metadata = super().read_metadata(*args, **kwargs)
+            return self._metadata
+
+    return Reader(str(folder))
 
 
 class _TorchDist(MegatronCheckpoint):
     format = "torch_dist"
 
     def __init__(self, folder: Path, root: Path) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = folder
@@ -395,7 +428,7 @@ class _TorchDist(MegatronCheckpoint):
                 raise CheckpointError(
                     f"{meta_json}: sharded_backend {backend!r} is not supported (torch_dist is)"
                 )
-        self.reader = FileSystemReader(str(folder))
+        self.reader = _cached_metadata_reader(folder)
         try:
             self.metadata = self.reader.read_metadata()
         except Exception as e:
@@ -452,6 +485,16 @@ class _TorchDist(MegatronCheckpoint):
     def read(
         self, name: str, dim: int | None = None, start: int = 0, length: int | None = None
     ) -> torch.Tensor:
+        (out,) = _dcp_read(self.reader, self.metadata, [self._request(name, dim, start, length)])
+        return self._unstack(name, out)
+
+    def read_rows(self, name: str, index: list[tuple[int, int]]) -> torch.Tensor:
+        parts = _dcp_read(self.reader, self.metadata, [self._request(name, 0, s, n) for s, n in index])
+        return torch.cat([self._unstack(name, p) for p in parts], dim=0)
+
+    def _request(
+        self, name: str, dim: int | None, start: int, length: int | None
+    ) -> tuple[str, list[int], list[int]]:
         if name not in self._stored:
             raise CheckpointError(f"{self.path}: no tensor {name}")
         key, layer = self._stored[name]
@@ -462,8 +505,10 @@ class _TorchDist(MegatronCheckpoint):
             shape[dim] = length if length is not None else shape[dim] - start
         if layer is not None:
             offsets, shape = [layer, *offsets], [1, *shape]
-        out = _dcp_read(self.reader, self.metadata, {key: (offsets, shape)})[key]
-        return out[0] if layer is not None else out
+        return key, offsets, shape
+
+    def _unstack(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[0] if self._stored[name][1] is not None else tensor
 
 
 # -------------------------------------------------------------------- legacy
