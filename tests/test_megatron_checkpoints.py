@@ -112,6 +112,17 @@ def test_vllm_serves_megatron_checkpoint(checkpoints, variant, tp, monkeypatch):
 
 
 @pytest.mark.slow
+def test_megatron_checkpoint_into_bridge_registered_hybrid(checkpoints, monkeypatch):
+    """The hybrid Megatron-layer model as the target: its load_weights gets Megatron-named tensors."""
+    from parallel_bridge.models.hybrid_llama import ARCHITECTURE
+
+    monkeypatch.setenv("PARALLEL_BRIDGE_MEGATRON_ARCH", ARCHITECTURE)
+    folder, reference = checkpoints["dist_tp2pp2"]
+    served = serve(folder, 1, 100, load_format="megatron", config_format="megatron")
+    compare(served, reference, f"dist_tp2pp2 into {ARCHITECTURE} at TP=1")
+
+
+@pytest.mark.slow
 def test_hf_export_loads_in_transformers_and_vllm(checkpoints, tmp_path):
     from transformers import LlamaForCausalLM
 

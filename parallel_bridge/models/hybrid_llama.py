@@ -96,6 +96,34 @@ def _linear(layer: nn.Module, x: torch.Tensor, reduce: bool) -> torch.Tensor:
     return y
 
 
+_INIT = functools.partial(nn.init.normal_, std=0.02)
+
+
+def _column(ctx: ParallelContext, mcfg: Any, n_in: int, n_out: int) -> nn.Module:
+    """A megatron-core column-parallel linear (no bias, output left sharded) on the context's TP group."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    return ColumnParallelLinear(
+        n_in, n_out, config=mcfg, init_method=_INIT, bias=False, gather_output=False, tp_group=ctx.tp_group
+    )
+
+
+def _row(ctx: ParallelContext, mcfg: Any, n_in: int, n_out: int) -> nn.Module:
+    """A megatron-core row-parallel linear (no bias, input already sharded) on the context's TP group."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    return RowParallelLinear(
+        n_in,
+        n_out,
+        config=mcfg,
+        init_method=_INIT,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        tp_group=ctx.tp_group,
+    )
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with a ``weight`` (replicated across TP ranks)."""
 
@@ -122,20 +150,9 @@ class SelfAttention(nn.Module):
         prefix: str,
     ) -> None:
         super().__init__()
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
         heads, kv = heads_per_rank(cfg.num_attention_heads, cfg.num_key_value_heads, ctx.tp)
-        init = functools.partial(nn.init.normal_, std=0.02)
         d = cfg.head_dim
-        self.linear_qkv = ColumnParallelLinear(
-            cfg.hidden_size,
-            ctx.tp * (heads + 2 * kv) * d,
-            config=mcfg,
-            init_method=init,
-            bias=False,
-            gather_output=False,
-            tp_group=ctx.tp_group,
-        )
+        self.linear_qkv = _column(ctx, mcfg, cfg.hidden_size, ctx.tp * (heads + 2 * kv) * d)
         self.core_attention = TrainableAttention(
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -146,16 +163,7 @@ class SelfAttention(nn.Module):
             vllm_config=vllm_config,
             prefix=f"{prefix}.core_attention",
         )
-        self.linear_proj = RowParallelLinear(
-            cfg.num_attention_heads * d,
-            cfg.hidden_size,
-            config=mcfg,
-            init_method=init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=ctx.tp_group,
-        )
+        self.linear_proj = _row(ctx, mcfg, cfg.num_attention_heads * d, cfg.hidden_size)
         self.groups, self.per_group, self.head_dim = kv, heads // kv, d
 
     def forward(
@@ -176,28 +184,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: HybridLlamaConfig, ctx: ParallelContext, mcfg: Any) -> None:
         super().__init__()
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-        init = functools.partial(nn.init.normal_, std=0.02)
-        self.linear_fc1 = ColumnParallelLinear(
-            cfg.hidden_size,
-            2 * cfg.intermediate_size,
-            config=mcfg,
-            init_method=init,
-            bias=False,
-            gather_output=False,
-            tp_group=ctx.tp_group,
-        )
-        self.linear_fc2 = RowParallelLinear(
-            cfg.intermediate_size,
-            cfg.hidden_size,
-            config=mcfg,
-            init_method=init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=ctx.tp_group,
-        )
+        self.linear_fc1 = _column(ctx, mcfg, cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.linear_fc2 = _row(ctx, mcfg, cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = _linear(self.linear_fc1, x, reduce=False).chunk(2, dim=-1)
@@ -246,7 +234,7 @@ class Embedding(nn.Module):
         self.word_embeddings = VocabParallelEmbedding(
             padded_vocab,
             cfg.hidden_size,
-            init_method=functools.partial(nn.init.normal_, std=0.02),
+            init_method=_INIT,
             config=mcfg,
             tp_group=ctx.tp_group,
         )
@@ -288,17 +276,7 @@ class HybridLlama(nn.Module):
         self.embedding = Embedding(cfg, ctx, mcfg, self.padded_vocab)
         self.decoder = Decoder(cfg, ctx, mcfg, vllm_config, f"{prefix}.decoder")
         if not cfg.tie_word_embeddings:
-            from megatron.core.tensor_parallel import ColumnParallelLinear
-
-            self.output_layer = ColumnParallelLinear(
-                cfg.hidden_size,
-                self.padded_vocab,
-                config=mcfg,
-                bias=False,
-                gather_output=False,
-                init_method=functools.partial(nn.init.normal_, std=0.02),
-                tp_group=ctx.tp_group,
-            )
+            self.output_layer = _column(ctx, mcfg, cfg.hidden_size, self.padded_vocab)
         self.serve_with_vllm_kernels = vllm_config is not None and not torch.cuda.is_available()
         for name, param in self.named_parameters():
             param.weight_loader = functools.partial(self._load_full, name)
@@ -366,12 +344,12 @@ class HybridLlama(nn.Module):
     def _shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
         cfg, ctx = self.cfg, self.ctx
         if "word_embeddings" in name or name.startswith("output_layer"):
-            if full.shape[0] > self.padded_vocab or full.shape[0] < cfg.vocab_size:
+            if full.shape[0] < cfg.vocab_size:
                 raise ValueError(
-                    f"tensor {name} has {full.shape[0]} vocabulary rows; the model has vocab_size="
-                    f"{cfg.vocab_size} (padded to {self.padded_vocab} for tp={ctx.tp})"
+                    f"tensor {name} has {full.shape[0]} vocabulary rows; the model has vocab_size={cfg.vocab_size}"
                 )
-            full = F.pad(full, (0, 0, 0, self.padded_vocab - full.shape[0]))
+            # rows past the vocabulary are the saver's padding; pad again for this TP size
+            full = F.pad(full[: cfg.vocab_size], (0, 0, 0, self.padded_vocab - cfg.vocab_size))
         if "linear_qkv" in name:
             return ml.qkv_shard(
                 name,
