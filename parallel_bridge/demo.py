@@ -181,7 +181,7 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
     import os
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the report readable
     if serve_tp > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r) for r in range(serve_tp)))
     from transformers import AutoTokenizer
