@@ -113,11 +113,3 @@ def coordinates(rank: int, sizes: Mapping[str, int], order: str) -> dict[str, in
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside the world of {world} ranks")
     return dict(zip(tokens, _unravel(rank, dims)))
-
-
-def group_of(rank: int, groups: Sequence[Sequence[int]]) -> list[int]:
-    """The group among ``groups`` that holds ``rank``."""
-    for ranks in groups:
-        if rank in ranks:
-            return list(ranks)
-    raise ValueError(f"rank {rank} is in none of the groups {groups}")

@@ -184,7 +184,11 @@ def _vllm_groups(configs):
     from vllm.config import set_current_vllm_config
     from vllm.distributed import parallel_state as vps
 
-    from parallel_bridge.adapters.vllm import init_vllm_parallel_state, vllm_config_for
+    from parallel_bridge.adapters.vllm import (
+        destroy_vllm_parallel_state,
+        init_vllm_parallel_state,
+        vllm_config_for,
+    )
 
     mismatches = []
     for cfg in configs:
@@ -209,7 +213,7 @@ def _vllm_groups(configs):
         dist.all_reduce(t, group=adopted.tp_group)
         if t.item() != ctx.tp:
             mismatches.append(("tp all-reduce over adopted group", t.item()))
-        vps.destroy_model_parallel()
+        destroy_vllm_parallel_state()
         assert vllm_config_for(ctx).parallel_config.tensor_parallel_size == ctx.tp
     return mismatches
 

@@ -84,17 +84,6 @@ def to_global_name(name: str, offset: int) -> str:
     return name if m is None else f"{m['prefix']}{int(m['index']) + offset}{m['rest']}"
 
 
-def to_local_name(name: str, offset: int, layers_per_stage: int) -> str | None:
-    """The stage-local name of a global ``name``, or None when the layer is on another stage."""
-    m = _LAYER.match(name)
-    if m is None:
-        return name
-    local = int(m["index"]) - offset
-    if not 0 <= local < layers_per_stage:
-        return None
-    return f"{m['prefix']}{local}{m['rest']}"
-
-
 def qkv_shard(
     name: str, full: torch.Tensor, num_heads: int, num_groups: int, head_dim: int, tp: int, rank: int
 ) -> torch.Tensor:
