@@ -10,7 +10,6 @@ the other, generating the same greedy batch. Prints tokens/s and the ratio
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -55,24 +54,23 @@ def convert_to_hf(src: Path, dst: Path) -> None:
 
 
 def throughput(folder: Path, prompts: list[list[int]], new_tokens: int, repeats: int) -> tuple[float, list]:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(
-        model=str(folder), skip_tokenizer_init=True, dtype="float32", max_model_len=256, enforce_eager=True
-    )
+    from parallel_bridge.adapters.vllm import llm_engine
+
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
     batch = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-    outs = llm.generate(batch, params, use_tqdm=False)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outs = llm.generate(batch, params, use_tqdm=False)
-        best = min(best, time.perf_counter() - start)
+    with llm_engine(
+        model=str(folder), skip_tokenizer_init=True, dtype="float32", max_model_len=256, enforce_eager=True
+    ) as llm:
+        outs = llm.generate(batch, params, use_tqdm=False)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            outs = llm.generate(batch, params, use_tqdm=False)
+            best = min(best, time.perf_counter() - start)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
     return len(prompts) * new_tokens / best, tokens
 
 

@@ -185,8 +185,10 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
     if serve_tp > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r) for r in range(serve_tp)))
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from parallel_bridge.adapters.vllm import llm_engine
 
     report = json.loads((out / "report.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
@@ -195,7 +197,7 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
         f"trained at TP={report['train_tp']})"
     )
     start = time.perf_counter()
-    llm = LLM(
+    with llm_engine(
         model=str(out / "checkpoint"),
         load_format="megatron",
         config_format="megatron",
@@ -204,8 +206,7 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
         dtype="float32",
         max_model_len=report["model"]["max_sequence_length"],
         enforce_eager=True,
-    )
-    try:
+    ) as llm:
         prompts = [
             TokensPrompt(prompt_token_ids=[tokenizer.bos_token_id, *tokenizer.encode(c["prompt"])])
             for c in report["cases"]
@@ -214,9 +215,6 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
             max_tokens=MAX_NEW, temperature=0, logprobs=0, stop_token_ids=[tokenizer.eos_token_id]
         )
         outputs = llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
     serve_s = time.perf_counter() - start
     worst, same = 0.0, 0
     for case, o in zip(report["cases"], outputs):

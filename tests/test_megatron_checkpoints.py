@@ -6,7 +6,6 @@ kernels and Megatron's unfused ops sum in different orders, measured ~1e-6,
 printed with -s), and 4 greedy tokens are equal.
 """
 
-import gc
 import shutil
 
 import pytest
@@ -55,10 +54,12 @@ def checkpoints(tmp_path_factory):
 
 def serve(model, tp, vocab, monkeypatch=None, **kwargs):
     """First-step full log-softmax and greedy tokens from vLLM for mc.PROMPTS."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(
+    from parallel_bridge.adapters.vllm import llm_engine
+
+    with llm_engine(
         model=str(model),
         skip_tokenizer_init=True,
         dtype="float32",
@@ -67,8 +68,7 @@ def serve(model, tp, vocab, monkeypatch=None, **kwargs):
         tensor_parallel_size=tp,
         max_logprobs=vocab,
         **kwargs,
-    )
-    try:
+    ) as llm:
         prompts = [TokensPrompt(prompt_token_ids=p) for p in mc.PROMPTS]
         first = llm.generate(
             prompts,
@@ -83,10 +83,6 @@ def serve(model, tp, vocab, monkeypatch=None, **kwargs):
             lp = o.outputs[0].logprobs[0]
             dists.append([lp[t].logprob for t in range(vocab)])
         return [(list(g.outputs[0].token_ids), d) for g, d in zip(greedy, dists)]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
 
 
 def compare(served, reference, label):

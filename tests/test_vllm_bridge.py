@@ -6,7 +6,6 @@ most 1e-4 (fp32: vLLM's paged attention and our SDPA sum in different orders;
 measured values are printed with -s).
 """
 
-import gc
 import json
 import os
 
@@ -32,6 +31,20 @@ PERM = torch.randperm(CFG.vocab_size, generator=torch.Generator().manual_seed(5)
 PROMPTS = [[3, PERM[3]], [10, 11, 12, 13, PERM[13]], [50], [7, 7, 7, 7, 7, 7, 7]]
 MAX_NEW = 8
 LOGPROB_TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _keep_registered_modules_local():
+    """Importing _bridge_models records it in PARALLEL_BRIDGE_MODELS for vLLM's child processes;
+    undo that after this module so later subprocesses (the CLI tests) do not inherit it."""
+    from parallel_bridge.registry import MODULES_ENV
+
+    before = os.environ.get(MODULES_ENV)
+    yield
+    if before is None:
+        os.environ.pop(MODULES_ENV, None)
+    else:
+        os.environ[MODULES_ENV] = before
 
 
 def _pattern_batch(g, n, length):
@@ -107,10 +120,12 @@ def _folder_for(trained_folder, tmp_path, arch):
 
 def serve_greedy(folder, tp, prompts=PROMPTS, max_tokens=MAX_NEW, **kwargs):
     """Greedy tokens and their logprobs from a vLLM engine (default multiprocessing) on ``folder``."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(
+    from parallel_bridge.adapters.vllm import llm_engine
+
+    with llm_engine(
         model=str(folder),
         skip_tokenizer_init=True,
         dtype="float32",
@@ -118,8 +133,7 @@ def serve_greedy(folder, tp, prompts=PROMPTS, max_tokens=MAX_NEW, **kwargs):
         enforce_eager=True,
         tensor_parallel_size=tp,
         **kwargs,
-    )
-    try:
+    ) as llm:
         params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, detokenize=False)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [
@@ -129,10 +143,6 @@ def serve_greedy(folder, tp, prompts=PROMPTS, max_tokens=MAX_NEW, **kwargs):
             )
             for o in outs
         ]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
 
 
 def _compare(served, reference, label):

@@ -9,7 +9,9 @@ layers can run forward-only outside the engine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -146,3 +148,20 @@ def serving_all_reduce(x):
     from vllm.distributed import tensor_model_parallel_all_reduce
 
     return tensor_model_parallel_all_reduce(x)
+
+
+@contextlib.contextmanager
+def llm_engine(**kwargs: Any) -> Iterator[Any]:
+    """A ``vllm.LLM`` for a ``with`` block; its engine core (and TP workers) are shut down on exit,
+    so the next engine in the same process starts clean."""
+    import gc
+
+    from vllm import LLM
+
+    llm = LLM(**kwargs)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel_bridge.adapters import megatron as pm
+from parallel_bridge.adapters.vllm import serving_all_reduce, use_vllm_cpu_gemm
 from parallel_bridge.attention import TrainableAttention, heads_per_rank
 from parallel_bridge.checkpoint import megatron_layout as ml
 from parallel_bridge.context import ParallelContext
@@ -90,8 +91,6 @@ def _linear(layer: nn.Module, x: torch.Tensor, reduce: bool) -> torch.Tensor:
         return layer(x.unsqueeze(1))[0].squeeze(1)
     y = fast(x)
     if reduce and layer.serving_tp > 1:
-        from parallel_bridge.adapters.vllm import serving_all_reduce
-
         y = serving_all_reduce(y)
     return y
 
@@ -375,8 +374,6 @@ class HybridLlama(nn.Module):
             and name.endswith(".weight")
             and ("linear_" in name or name == "output_layer.weight")
         ):
-            from parallel_bridge.adapters.vllm import use_vllm_cpu_gemm
-
             layer = self.get_submodule(name.rsplit(".", 1)[0])
             use_vllm_cpu_gemm(layer)  # again after every load: the kernel packs the weight
             layer.serving_tp = self.ctx.tp
