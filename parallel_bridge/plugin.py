@@ -2,7 +2,7 @@
 
 vLLM runs :func:`register` in the API server, the engine core, each TP worker
 and each Ray worker. It registers the package's own models and the ``megatron``
-load and config formats, then imports the
+load and config formats and the ``parallel_bridge_shm`` weight-transfer backend, then imports the
 modules named in ``PARALLEL_BRIDGE_MODELS`` (comma-separated; ``register_model``
 adds its caller's module there) and the ``parallel_bridge.models`` entry points of
 installed packages, whose import-time ``register_model`` calls then run here too.
@@ -25,9 +25,11 @@ def register() -> None:
     from parallel_bridge.checkpoint.vllm_format import register_vllm_formats
     from parallel_bridge.models.hybrid_llama import ARCHITECTURE, build_for_vllm
     from parallel_bridge.registry import MODULES_ENV, register_model
+    from parallel_bridge.sync.engine import register_weight_transfer
 
     register_model(ARCHITECTURE, build_for_vllm)
     register_vllm_formats()
+    register_weight_transfer()
     for module in filter(None, (m.strip() for m in os.environ.get(MODULES_ENV, "").split(","))):
         try:
             importlib.import_module(module)

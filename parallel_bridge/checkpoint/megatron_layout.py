@@ -110,3 +110,31 @@ def qkv_shard(
     q = grouped[group, j * q_local : (j + 1) * q_local]
     kv = grouped[group, per:]
     return torch.cat([q, kv], dim=0).reshape(-1, *full.shape[1:])
+
+
+def split_dim(kind: SplitKind) -> int | None:
+    """The dimension TP splits a tensor of this kind along (None: replicated)."""
+    return {"column": 0, "glu": 0, "row": 1}.get(kind)
+
+
+def shard_pieces(kind: SplitKind, local_len: int, tp: int, start: int, length: int) -> list[tuple[int, int, int]]:
+    """The TP shards' pieces that make up entries ``[start, start + length)`` of the full tensor
+    along its split dimension, in order: ``(shard, local_start, length)``.
+
+    Column and row splits are contiguous per rank; a gated ``[gate ; up]`` tensor
+    has each rank's gate rows in the first half and its up rows in the second.
+    """
+    if kind == "glu":
+        if local_len % 2:
+            raise ValueError(f"a gated shard of {local_len} rows cannot hold equal gate and up halves")
+        half = local_len // 2
+        segments = [(t * half, half, t, 0) for t in range(tp)]
+        segments += [(tp * half + t * half, half, t, half) for t in range(tp)]
+    else:
+        segments = [(t * local_len, local_len, t, 0) for t in range(tp)]
+    out = []
+    for full_start, n, shard, local_start in segments:
+        a, b = max(start, full_start), min(start + length, full_start + n)
+        if a < b:
+            out.append((shard, local_start + a - full_start, b - a))
+    return out

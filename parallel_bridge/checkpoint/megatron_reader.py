@@ -169,6 +169,30 @@ class GPTConfig:
         }
 
 
+def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Llama-family megatron-core GPT and its full shape (local-spec names)."""
+    d, heads, groups, h = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.hidden_size
+    expected = {
+        "embedding.word_embeddings.weight": (cfg.padded_vocab_size, h),
+        "decoder.final_layernorm.weight": (h,),
+    }
+    if not cfg.tie_embeddings:
+        expected["output_layer.weight"] = (cfg.padded_vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        expected.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attention.linear_qkv.weight": ((heads + 2 * groups) * d, h),
+                p + "self_attention.linear_proj.weight": (h, heads * d),
+                p + "pre_mlp_layernorm.weight": (h,),
+                p + "mlp.linear_fc1.weight": (2 * cfg.ffn_hidden_size, h),
+                p + "mlp.linear_fc2.weight": (h, cfg.ffn_hidden_size),
+            }
+        )
+    return expected
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
@@ -238,25 +262,7 @@ class MegatronCheckpoint:
 
     def _check_shapes(self) -> None:
         cfg = self.config
-        d, heads, groups = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
-        expected = {
-            "embedding.word_embeddings.weight": (cfg.padded_vocab_size, cfg.hidden_size),
-            "decoder.final_layernorm.weight": (cfg.hidden_size,),
-        }
-        if not cfg.tie_embeddings:
-            expected["output_layer.weight"] = (cfg.padded_vocab_size, cfg.hidden_size)
-        for i in range(cfg.num_layers):
-            p = f"decoder.layers.{i}."
-            expected.update(
-                {
-                    p + "input_layernorm.weight": (cfg.hidden_size,),
-                    p + "self_attention.linear_qkv.weight": ((heads + 2 * groups) * d, cfg.hidden_size),
-                    p + "self_attention.linear_proj.weight": (cfg.hidden_size, heads * d),
-                    p + "pre_mlp_layernorm.weight": (cfg.hidden_size,),
-                    p + "mlp.linear_fc1.weight": (2 * cfg.ffn_hidden_size, cfg.hidden_size),
-                    p + "mlp.linear_fc2.weight": (cfg.hidden_size, cfg.ffn_hidden_size),
-                }
-            )
+        expected = expected_shapes(cfg)
         for name, shape in expected.items():
             if name not in self.tensors:
                 raise CheckpointError(

@@ -1,0 +1,270 @@
+"""The ``parallel_bridge_shm`` weight-transfer backend for vLLM's weight-transfer framework.
+
+Serving side (:class:`SharedMemoryWeightTransferEngine`, one per vLLM worker):
+``init_transfer_engine`` checks the served model against the trainer's config
+(every parameter this rank will receive, by name and shape) before anything is
+sent. A round is two ``update_weights`` calls: ``stage`` reads this rank's rows
+and columns of the published shards (:func:`~parallel_bridge.checkpoint.vllm_format.rank_parts`
+over a :class:`~parallel_bridge.sync.shards.RoundReader`), verifying each piece's
+hash, into staging tensors, and writes a report; ``commit`` agrees over the
+workers' group that every rank staged cleanly, then swaps the staged tensors in
+and re-runs each layer's ``process_weights_after_loading`` (vLLM's CPU GEMM packs
+the weight). If any rank failed, every rank drops its staging and raises: the
+engine keeps serving the previous weights. The engine core runs these RPCs
+between scheduler steps, so no forward pass sees a mix.
+
+Trainer side: :class:`SharedMemoryTrainerEngine`, built through
+``WeightTransferTrainerFactory.trainer_init`` on every trainer rank.
+Both are registered (lazily, by module path) by the package's vLLM plugin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+
+from parallel_bridge.checkpoint.megatron_reader import GPTConfig, expected_shapes
+from parallel_bridge.checkpoint.vllm_format import rank_parts
+from parallel_bridge.sync.shards import RoundReader
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "parallel_bridge_shm"
+"""The name to select this backend: ``WeightTransferConfig(backend=BACKEND)``."""
+
+_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+@dataclasses.dataclass
+class ShmInitInfo(WeightTransferInitInfo):
+    root: str
+    config: dict[str, Any]
+    source_tp: int
+    source_pp: int
+
+
+@dataclasses.dataclass
+class ShmUpdateInfo(WeightTransferUpdateInfo):
+    op: str
+    version: int
+
+
+class _MetaShards:
+    """A checkpoint of meta tensors: what ``rank_parts`` would read, shapes only."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        self.config, self._shapes = cfg, expected_shapes(cfg)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, length: int | None = None):
+        shape = list(self._shapes[name])
+        if dim is not None:
+            shape[dim] = shape[dim] - start if length is None else length
+        return torch.empty(shape, device="meta")
+
+    def read_rows(self, name: str, index: list[tuple[int, int]]):
+        return torch.cat([self.read(name, 0, s, n) for s, n in index])
+
+
+def report_path(root: str | Path, version: int, rank: int) -> Path:
+    return Path(root) / f"report_v{version}_rank{rank}.json"
+
+
+def engine_path(root: str | Path, rank: int) -> Path:
+    return Path(root) / f"engine_rank{rank}.json"
+
+
+class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
+    """Receives a trainer's Megatron shards from shared memory into vLLM's LlamaForCausalLM."""
+
+    init_info_cls = ShmInitInfo
+    update_info_cls = ShmUpdateInfo
+    supports_draft_weight_update = False
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.info: ShmInitInfo | None = None
+        self.version = 0
+        self._staged: list[tuple[str, torch.Tensor]] | None = None
+        self._error: str | None = None
+
+    # ---------------------------------------------------------------- set-up
+    def _rank(self) -> tuple[int, int, int]:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        from vllm.distributed.parallel_state import get_world_group
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(), get_world_group().rank
+
+    def _parts(self, shards: Any) -> list[tuple[str, torch.Tensor]]:
+        tp_rank, tp, _ = self._rank()
+        idx = self.model.model.embed_tokens.shard_indices
+        return list(rank_parts(shards, tp, tp_rank, (idx.org_vocab_start_index, idx.org_vocab_end_index)))
+
+    def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
+        from vllm.model_executor.models.llama import LlamaForCausalLM
+
+        if not isinstance(self.model, LlamaForCausalLM):
+            raise ValueError(
+                f"the {BACKEND} backend fills vLLM's LlamaForCausalLM; this engine serves "
+                f"{type(self.model).__name__}"
+            )
+        cfg = GPTConfig(**init_info.config)
+        self.expected = {name: tuple(t.shape) for name, t in self._parts(_MetaShards(cfg))}
+        for name, shape in self.expected.items():
+            held = self._param_shape(name)
+            if held is None:
+                raise ValueError(f"the served model has no parameter {name} (the trainer sends one)")
+            if name in _VOCAB:
+                ok = held[1:] == shape[1:] and held[0] >= shape[0]
+            else:
+                ok = held == shape
+            if not ok:
+                raise ValueError(
+                    f"tensor {name}: the trainer's model gives this serving rank {shape} but the served "
+                    f"model holds {held}; the two models have different sizes"
+                )
+        hf = self.model_config.hf_config
+        for field, want in (("rope_theta", cfg.rotary_base), ("rms_norm_eps", cfg.norm_epsilon)):
+            have = getattr(hf, field, None)
+            if have is None and field == "rope_theta":
+                have = (getattr(hf, "rope_parameters", None) or {}).get("rope_theta")
+            if have is not None and abs(float(have) - float(want)) > 1e-12 * max(1.0, abs(float(want))):
+                raise ValueError(f"config {field}: the trainer's model has {want}, the served model {have}")
+        self.info = init_info
+        _, tp, world_rank = self._rank()
+        engine_path(init_info.root, world_rank).write_text(json.dumps({"rank": world_rank, "tp": tp}))
+        logger.info("weight transfer %s ready: %d tensors per round on this rank", BACKEND, len(self.expected))
+
+    def _param_shape(self, name: str) -> tuple[int, ...] | None:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = self.model.get_submodule(module_name)
+        except AttributeError:
+            return None
+        param = getattr(module, attr, None)
+        if param is None:
+            return None
+        if param.numel() == 0 and hasattr(module, "output_size_per_partition"):  # packed away on CPU
+            return (module.output_size_per_partition, module.input_size_per_partition)
+        return tuple(param.shape)
+
+    # ---------------------------------------------------------------- rounds
+    def start_weight_update(self) -> None:
+        if self.info is None:
+            raise RuntimeError(f"{BACKEND}: init_weight_transfer_engine was not called")
+        self._staged, self._error = None, None
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.receive_weights(self.parse_update_info(update_info))  # CPU: nothing asynchronous to wait for
+
+    def receive_weights(self, update_info: ShmUpdateInfo) -> None:
+        if update_info.op == "stage":
+            self._stage(update_info.version)
+        elif update_info.op == "commit":
+            self._commit(update_info.version)
+        else:
+            raise ValueError(f"{BACKEND}: unknown update op {update_info.op!r} (stage, commit)")
+
+    def _stage(self, version: int) -> None:
+        """Read and verify this rank's parts; errors are recorded (and reported), not raised."""
+        assert self.info is not None
+        start = time.perf_counter()
+        _, _, world_rank = self._rank()
+        reader = None
+        try:
+            reader = RoundReader(self.info.root, version, self.info.source_tp, self.info.source_pp)
+            staged = self._parts(reader)
+            for name, value in staged:
+                if tuple(value.shape) != self.expected[name]:
+                    raise ValueError(f"tensor {name}: received {tuple(value.shape)}, expected {self.expected[name]}")
+            self._staged, self._staged_version = staged, version
+        except Exception as e:  # noqa: BLE001 - reported to the trainer, then raised by commit
+            self._error = f"{type(e).__name__}: {e}"
+        report = {
+            "rank": world_rank,
+            "version": version,
+            "ok": self._error is None,
+            "error": self._error,
+            "bytes": reader.received_bytes if reader else 0,
+            "pieces_verified": reader.verified if reader else 0,
+            "seconds": time.perf_counter() - start,
+        }
+        report_path(self.info.root, version, world_rank).write_text(json.dumps(report))
+
+    def _commit(self, version: int) -> None:
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_world_group
+
+        _, _, world_rank = self._rank()
+        ok = self._error is None and self._staged is not None and self._staged_version == version
+        group = get_world_group()
+        if group.world_size > 1:
+            flag = torch.tensor([1 if ok else 0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group.cpu_group)
+            all_ok = bool(flag.item())
+        else:
+            all_ok = ok
+        staged, self._staged = self._staged, None
+        if not all_ok:
+            why = self._error or "another serving rank failed to stage it"
+            raise RuntimeError(
+                f"weight round {version} aborted on serving rank {world_rank} ({why}); the engine keeps "
+                f"serving version {self.version}"
+            )
+        self._apply(staged)
+        self.version = version
+        logger.info("weights version %d committed (%d tensors)", version, len(staged))
+
+    @torch.no_grad()
+    def _apply(self, staged: list[tuple[str, torch.Tensor]]) -> None:
+        touched: set[int] = set()
+        for name, value in staged:
+            module_name, _, attr = name.rpartition(".")
+            param = getattr(self.model.get_submodule(module_name), attr)
+            if name in _VOCAB:  # real rows first, vLLM's padding zero
+                param.data.zero_()
+                param.data[: value.shape[0]].copy_(value)
+            elif param.shape == value.shape:
+                param.data.copy_(value)
+            else:  # the CPU GEMM dispatch removed the weight after packing it: hand it the new one
+                param.data = value
+            touched.add(id(param))
+        for module in self.model.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None and any(id(p) in touched for p in module.parameters(recurse=False)):
+                method.process_weights_after_loading(module)
+
+    def finish_weight_update(self) -> None:
+        """The staged weights went in at ``commit``; nothing is left to apply."""
+
+    def shutdown(self) -> None:
+        self._staged, self.info = None, None
+
+
+def register_weight_transfer() -> None:
+    """Register the backend with vLLM's engine and trainer factories (idempotent, lazy)."""
+    from vllm.distributed.weight_transfer.factory import (
+        WeightTransferEngineFactory,
+        WeightTransferTrainerFactory,
+    )
+
+    for factory, module, cls in (
+        (WeightTransferEngineFactory, __name__, "SharedMemoryWeightTransferEngine"),
+        (WeightTransferTrainerFactory, "parallel_bridge.sync.trainer", "SharedMemoryTrainerEngine"),
+    ):
+        try:
+            factory.register_engine(BACKEND, module, cls)
+        except ValueError as e:
+            if "already registered" not in str(e):
+                raise
+

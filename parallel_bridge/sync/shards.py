@@ -1,0 +1,275 @@
+"""A weight round in shared memory: each trainer rank's Megatron shards, read back slice by slice.
+
+Each publishing trainer rank (TP rank t, PP stage p; data-parallel replicas do
+not publish) writes one file ``shard_tp{t}_pp{p}.bin`` under the session folder
+(``/dev/shm`` by default) holding its local tensors under global megatron-core
+names, followed by a hash per row (or per column, for row-parallel tensors), and
+an index ``shard_tp{t}_pp{p}.json`` naming the round's version. The file is
+mapped once and rewritten in place every round.
+
+:class:`RoundReader` presents those shards as one checkpoint (``config``,
+``read``, ``read_rows``), so the per-rank slicing written for checkpoint serving
+(:func:`parallel_bridge.checkpoint.vllm_format.rank_parts`) picks each serving
+rank's rows and columns. Every piece copied out is hashed again and compared with
+the sender's hash of the same rows or columns: what a serving rank keeps equals
+what was sent, or the read raises naming the tensor and trainer rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel_bridge.checkpoint import megatron_layout as ml
+from parallel_bridge.checkpoint.megatron_reader import GPTConfig
+
+_ALIGN = 64
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class RoundError(RuntimeError):
+    """A weight round that cannot be read as sent; the message names the tensor and trainer rank."""
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.replace("torch.", ""))
+
+
+def shard_hash(t: torch.Tensor, along: int) -> torch.Tensor:
+    """Exact integer hash per row (``along=0``) or per column (``along=1``) of a tensor's bit pattern.
+
+    Sums of the raw bits in int64 (wrapping, so summation order does not matter):
+    a changed byte changes its row's (column's) hash, a swapped row (column) moves one.
+    """
+    bits = t.view(_INT_OF_SIZE[t.element_size()])
+    if bits.dim() == 1:
+        return bits.to(torch.int64)
+    return bits.sum(dim=1 - along, dtype=torch.int64)
+
+
+def hash_axis(kind: ml.SplitKind) -> int:
+    """Row hashes for everything read by rows; column hashes for row-parallel weights."""
+    return 1 if kind == "row" else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTensor:
+    """One tensor a trainer rank publishes: global megatron-core name, shape and dtype of its shard."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _stem(tp_rank: int, pp_rank: int) -> str:
+    return f"shard_tp{tp_rank}_pp{pp_rank}"
+
+
+class ShardWriter:
+    """One trainer rank's shard file, mapped once and rewritten in place each round."""
+
+    def __init__(self, root: str | Path, tp_rank: int, pp_rank: int, layout: list[LocalTensor]) -> None:
+        self.root, self.tp_rank, self.pp_rank = Path(root), tp_rank, pp_rank
+        self.layout = {t.name: t for t in layout}
+        self.entries: dict[str, dict[str, Any]] = {}
+        offset = 0
+        for t in layout:
+            kind = ml.split_kind(t.name)
+            axis = hash_axis(kind)
+            hashes = t.shape[axis] if len(t.shape) > axis else 1
+            self.entries[t.name] = {
+                "dtype": str(t.dtype).replace("torch.", ""),
+                "shape": list(t.shape),
+                "offset": offset,
+                "hash_offset": offset + _aligned(t.nbytes),
+                "hashes": hashes,
+            }
+            offset += _aligned(t.nbytes) + _aligned(8 * hashes)
+        self.size = max(offset, _ALIGN)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.data_path = self.root / f"{_stem(tp_rank, pp_rank)}.bin"
+        with open(self.data_path, "wb") as f:
+            f.truncate(self.size)
+        self._buf = torch.from_file(str(self.data_path), shared=True, size=self.size, dtype=torch.uint8)
+
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        """Copy one local tensor and its hashes into the file; returns the bytes written."""
+        spec, e = self.layout[name], self.entries[name]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RoundError(
+                f"tensor {name}: the trainer holds {tuple(tensor.shape)} {tensor.dtype} but the round "
+                f"was laid out for {spec.shape} {spec.dtype}"
+            )
+        dst = self._view(e["offset"], spec.shape, spec.dtype)
+        dst.copy_(tensor.detach())
+        h = shard_hash(dst, hash_axis(ml.split_kind(name)))
+        self._view(e["hash_offset"], (e["hashes"],), torch.int64).copy_(h.reshape(-1))
+        return spec.nbytes
+
+    def commit(self, version: int, meta: dict[str, Any]) -> None:
+        """Publish the index of this round (atomically: written beside, then renamed)."""
+        index = {"version": version, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "size": self.size}
+        index.update(meta, tensors=self.entries)
+        path = self.root / f"{_stem(self.tp_rank, self.pp_rank)}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, path)
+
+    def _view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * dtype.itemsize
+        return self._buf[offset : offset + n].view(dtype).view(shape)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class RoundReader:
+    """The shards of one round as one checkpoint: ``config``, ``read``, ``read_rows``.
+
+    ``received_bytes`` counts what was copied out (and verified), so a caller can
+    prove it read only its slices.
+    """
+
+    def __init__(self, root: str | Path, version: int, source_tp: int, source_pp: int) -> None:
+        self.root, self.version = Path(root), version
+        self.source_tp, self.source_pp = source_tp, source_pp
+        self.received_bytes = 0
+        self.verified = 0
+        self._index: dict[tuple[int, int], dict[str, Any]] = {}
+        self._bufs: dict[tuple[int, int], torch.Tensor] = {}
+        self._where: dict[str, int] = {}  # global name -> pp stage
+        for p in range(source_pp):
+            for t in range(source_tp):
+                index = self._open(t, p)
+                for name in index["tensors"]:
+                    self._where.setdefault(name, p)
+        first = self._index[(0, 0)]
+        self.config = GPTConfig(**first["config"])
+
+    def _open(self, t: int, p: int) -> dict[str, Any]:
+        path = self.root / f"{_stem(t, p)}.json"
+        try:
+            index = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise RoundError(f"trainer rank (tp={t}, pp={p}) published no readable index {path} ({e})") from e
+        if index.get("version") != self.version:
+            raise RoundError(
+                f"trainer rank (tp={t}, pp={p}) published version {index.get('version')}, not {self.version}"
+            )
+        if (index.get("source_tp"), index.get("source_pp")) != (self.source_tp, self.source_pp):
+            raise RoundError(
+                f"trainer rank (tp={t}, pp={p}) published a tp={index.get('source_tp')} pp="
+                f"{index.get('source_pp')} layout, but the engine was initialized for tp={self.source_tp} "
+                f"pp={self.source_pp}"
+            )
+        data = self.root / f"{_stem(t, p)}.bin"
+        if not data.exists() or data.stat().st_size < index["size"]:
+            raise RoundError(f"trainer rank (tp={t}, pp={p}): shard file {data} is missing or short")
+        self._index[(t, p)] = index
+        self._bufs[(t, p)] = torch.from_file(str(data), shared=True, size=index["size"], dtype=torch.uint8)
+        return index
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _shard(self, name: str, t: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        p = self._where[name]
+        e = self._index[(t, p)]["tensors"].get(name)
+        if e is None:
+            raise RoundError(f"tensor {name} is missing from trainer rank (tp={t}, pp={p})'s shard")
+        buf, dtype, shape = self._bufs[(t, p)], _dtype(e["dtype"]), tuple(e["shape"])
+        n = math.prod(shape) * dtype.itemsize
+        data = buf[e["offset"] : e["offset"] + n].view(dtype).view(shape)
+        hashes = buf[e["hash_offset"] : e["hash_offset"] + 8 * e["hashes"]].view(torch.int64)
+        return data, hashes, e
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._where:
+            raise RoundError(f"tensor {name} was published by no trainer rank")
+        kind = ml.split_kind(name)
+        shape = list(self._shard(name, 0)[0].shape)
+        sd = ml.split_dim(kind)
+        if sd is not None:
+            shape[sd] *= self.source_tp
+        return tuple(shape)
+
+    def read(
+        self, name: str, dim: int | None = None, start: int = 0, length: int | None = None
+    ) -> torch.Tensor:
+        """The full tensor ``name``, or ``length`` entries from ``start`` along ``dim``; verified."""
+        full = self.full_shape(name)
+        kind = ml.split_kind(name)
+        sd = ml.split_dim(kind) if self.source_tp > 1 else None
+        if dim is None:
+            dim, start, length = (sd or 0), 0, full[sd or 0]
+        length = full[dim] - start if length is None else length
+        if start < 0 or length < 0 or start + length > full[dim]:
+            raise RoundError(f"tensor {name}: [{start}, {start + length}) is outside dim {dim} of {full}")
+        out_shape = list(full)
+        out_shape[dim] = length
+        first = self._shard(name, 0)[0]
+        out = torch.empty(out_shape, dtype=first.dtype)
+        if sd is None:  # replicated, or one source shard
+            self._take(name, 0, {dim: (start, length)}, out)
+        elif dim == sd:
+            at = 0
+            for t, local, n in ml.shard_pieces(kind, first.shape[sd], self.source_tp, start, length):
+                self._take(name, t, {dim: (local, n)}, out.narrow(dim, at, n))
+                at += n
+        else:  # a range of the other dimension: every shard contributes its part of the split one
+            at = 0
+            for t, local, n in ml.shard_pieces(kind, first.shape[sd], self.source_tp, 0, full[sd]):
+                self._take(name, t, {dim: (start, length), sd: (local, n)}, out.narrow(sd, at, n))
+                at += n
+        return out
+
+    def read_rows(self, name: str, index: list[tuple[int, int]]) -> torch.Tensor:
+        """Concatenated row ranges ``[(start, length), ...]`` of ``name``."""
+        return torch.cat([self.read(name, 0, s, n) for s, n in index], dim=0)
+
+    def _take(self, name: str, t: int, ranges: dict[int, tuple[int, int]], out: torch.Tensor) -> None:
+        """Copy ``ranges`` ({dim: (start, length)}) of trainer rank t's shard into ``out``, verified.
+
+        The sender hashed whole rows (columns, for row-parallel weights): a piece made of
+        whole ones is hashed as copied; any other piece is checked through the whole
+        rows (columns) it lies in, which reads more.
+        """
+        data, hashes, _ = self._shard(name, t)
+        axis = hash_axis(ml.split_kind(name)) if data.dim() > 1 else 0
+        a_start, a_n = ranges.get(axis, (0, data.shape[axis]))
+        block = data.narrow(axis, a_start, a_n)
+        rest = [(d, s, n) for d, (s, n) in ranges.items() if d != axis and (s, n) != (0, data.shape[d])]
+        if not rest:
+            out.copy_(block)
+            self._verify(name, t, out, axis, hashes[a_start : a_start + a_n], a_start)
+            return
+        whole = block.clone()
+        self._verify(name, t, whole, axis, hashes[a_start : a_start + a_n], a_start)
+        for d, s, n in rest:
+            whole = whole.narrow(d, s, n)
+        out.copy_(whole)
+
+    def _verify(self, name: str, t: int, received: torch.Tensor, axis: int, want: torch.Tensor, start: int) -> None:
+        got = shard_hash(received, axis)
+        if not torch.equal(got, want):
+            bad = int((got != want).nonzero()[0, 0]) + start
+            what = "column" if axis == 1 else "row"
+            raise RoundError(
+                f"tensor {name}: checksum mismatch in {what} {bad} of trainer rank tp={t} "
+                f"pp={self._where[name]}'s shard: the bytes received differ from the bytes sent"
+            )
+        self.received_bytes += received.numel() * received.element_size()
+        self.verified += 1
+
