@@ -77,7 +77,7 @@ def trainer_logprobs(model):
 
 def _train(model, steps, seed):
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
     for _ in range(steps):
         ids = torch.randint(0, CFG.vocab_size, (24,), generator=g)
         loss = model.loss(ids, torch.arange(24), torch.roll(ids, -1))
@@ -99,7 +99,8 @@ def _push_and_compare(root, serve_tp, tie):
     from parallel_bridge.sync import WeightSync
 
     ctx = ParallelContext.from_torchrun(tp=2, timeout_s=120)
-    cfg = _folder(root, tie) if ctx.rank == 0 else None
+    if ctx.rank == 0:
+        _folder(root, tie)
     cfg = HybridLlamaConfig(**{**CFG.__dict__, "tie_word_embeddings": tie})
     torch.manual_seed(0)
     out = {}
@@ -146,3 +147,123 @@ def test_push_matches_trainer(tmp_path, monkeypatch, serve_tp, tie):
         assert len(rep.received_bytes) == serve_tp
     # trainer side: each rank sent its own shard once (replicated norms only from tp rank 0)
     assert res[0]["reports"][0].sent_bytes == res[1]["reports"][0].sent_bytes
+
+
+def _expect_sync_error(fn, *needles):
+    from parallel_bridge.sync import SyncError
+
+    try:
+        fn()
+    except SyncError as e:
+        msg = str(e)
+        missing = [n for n in needles if n not in msg]
+        return msg if not missing else f"MISSING {missing} IN: {msg}"
+    return "NO ERROR"
+
+
+def _failures(root):
+    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.sync import WeightSync
+    from parallel_bridge.sync.shards import ShardWriter
+
+    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=120)
+    if ctx.rank == 0:
+        _folder(root)
+    torch.manual_seed(0)
+    out, unchanged = {}, []
+    with pm.cpu_compat():
+        model = HybridLlama(CFG, ctx)
+        llm = _engine(root, 1) if ctx.rank == 0 else None
+        try:
+            sync = WeightSync(ctx, model, llm, timeout_s=8)
+            sync.push()
+            baseline = served_logprobs(llm) if llm else None
+            _train(model, 2, seed=7)  # the trainer moves on; failed pushes must not reach the engine
+
+            def still_baseline():
+                if llm:
+                    unchanged.append(bool(torch.equal(served_logprobs(llm), baseline)))
+
+            # 1. bytes flipped in shared memory after publishing (rank 1's shard)
+            commit = ShardWriter.commit
+
+            def corrupting_commit(self, version, meta):
+                commit(self, version, meta)
+                if self.tp_rank == 1:
+                    self._buf[100] ^= 0x10
+
+            ShardWriter.commit = corrupting_commit
+            out["checksum"] = _expect_sync_error(sync.push, "checksum mismatch", "keeps serving version 1")
+            ShardWriter.commit = commit
+            still_baseline()
+
+            # 2. a tensor the trainer did not write this round (stale bytes with valid old hashes)
+            write = ShardWriter.write
+
+            def skipping_write(self, name, tensor):
+                return 0 if name.endswith("layers.1.mlp.linear_fc2.weight") else write(self, name, tensor)
+
+            ShardWriter.write = skipping_write
+            out["stale"] = _expect_sync_error(sync.push, "layers.1.mlp.linear_fc2.weight", "was not written")
+            ShardWriter.write = write
+            still_baseline()
+
+            # 3. a push while one is running (re-entered from the engine client on rank 0)
+            if llm:
+                client = sync.engine.client
+                start = client.start_weight_update
+                client.start_weight_update = lambda: sync.push()
+            out["busy"] = _expect_sync_error(sync.push, "already in progress")
+            if llm:
+                client.start_weight_update = start
+            still_baseline()
+
+            # 4. unknown backend: refused on every rank before anything is set up
+            out["backend"] = _expect_sync_error(
+                lambda: WeightSync(ctx, model, llm, backend="nope"), "'nope'", "parallel_bridge_shm"
+            )
+
+            # 5. a model of other sizes: refused at init, naming the tensor and both shapes
+            other = HybridLlama(HybridLlamaConfig(**{**CFG.__dict__, "intermediate_size": 384}), ctx)
+            out["shape"] = _expect_sync_error(
+                lambda: WeightSync(ctx, other, llm), "mlp.gate_up_proj.weight", "(768, 128)", "(512, 128)"
+            )
+            still_baseline()
+
+            # 6. the good sync still works after all that
+            sync.push()
+            ref = trainer_logprobs(model)
+            recovered = served_logprobs(llm) if llm else None
+            if llm:
+                out["recovered"] = float((recovered - ref).abs().max())
+
+            # 7. a trainer rank that never joins the round (dead or hung): rank 0 times out
+            if ctx.rank == 0:
+                with torch.no_grad():  # a replicated weight rank 0 publishes: the push would change it
+                    model.decoder.final_layernorm.weight.mul_(1.5)
+                out["dead"] = _expect_sync_error(sync.push, "did not all publish")
+                out["after_dead"] = bool(torch.equal(served_logprobs(llm), recovered))
+        finally:
+            if llm:
+                llm.llm_engine.engine_core.shutdown()
+    # 8. an engine that is shut down (collective: both trainer ranks set up a new sync)
+    out["shutdown"] = _expect_sync_error(lambda: WeightSync(ctx, model, llm, timeout_s=30), "vLLM engine")
+    out["unchanged"] = unchanged
+    return out
+
+
+@pytest.mark.slow
+def test_failed_rounds_keep_the_old_weights(tmp_path):
+    res = run_distributed(_failures, 2, str(tmp_path / "m"), timeout_s=400)
+    r0, r1 = res
+    for case in ("checksum", "stale", "busy", "backend", "shape"):
+        print(f"\n[{case}] {r0[case]}")
+        assert not r0[case].startswith(("NO ERROR", "MISSING")), r0[case]
+        assert not r1[case].startswith(("NO ERROR", "MISSING")), r1[case]  # every trainer rank raises
+    assert r0["unchanged"] == [True] * 4
+    assert r0["recovered"] <= TOL
+    print(f"[dead] {r0['dead']}")
+    assert "did not all publish" in r0["dead"]
+    assert r0["after_dead"]  # still serving the last good push
+    print(f"[shutdown] {r0['shutdown']}")
+    assert not r0["shutdown"].startswith(("NO ERROR", "MISSING")), r0["shutdown"]

@@ -119,8 +119,8 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
                 f"{type(self.model).__name__}"
             )
         cfg = GPTConfig(**init_info.config)
-        self.expected = {name: tuple(t.shape) for name, t in self._parts(_MetaShards(cfg))}
-        for name, shape in self.expected.items():
+        expected = {name: tuple(t.shape) for name, t in self._parts(_MetaShards(cfg))}
+        for name, shape in expected.items():
             held = self._param_shape(name)
             if held is None:
                 raise ValueError(f"the served model has no parameter {name} (the trainer sends one)")
@@ -140,7 +140,7 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
                 have = (getattr(hf, "rope_parameters", None) or {}).get("rope_theta")
             if have is not None and abs(float(have) - float(want)) > 1e-12 * max(1.0, abs(float(want))):
                 raise ValueError(f"config {field}: the trainer's model has {want}, the served model {have}")
-        self.info = init_info
+        self.info, self.expected = init_info, expected
         _, tp, world_rank = self._rank()
         engine_path(init_info.root, world_rank).write_text(json.dumps({"rank": world_rank, "tp": tp}))
         logger.info("weight transfer %s ready: %d tensors per round on this rank", BACKEND, len(self.expected))

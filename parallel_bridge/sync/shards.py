@@ -101,6 +101,7 @@ class ShardWriter:
         with open(self.data_path, "wb") as f:
             f.truncate(self.size)
         self._buf = torch.from_file(str(self.data_path), shared=True, size=self.size, dtype=torch.uint8)
+        self._written: set[str] = set()
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Copy one local tensor and its hashes into the file; returns the bytes written."""
@@ -114,10 +115,14 @@ class ShardWriter:
         dst.copy_(tensor.detach())
         h = shard_hash(dst, hash_axis(ml.split_kind(name)))
         self._view(e["hash_offset"], (e["hashes"],), torch.int64).copy_(h.reshape(-1))
+        self._written.add(name)
         return spec.nbytes
 
     def commit(self, version: int, meta: dict[str, Any]) -> None:
         """Publish the index of this round (atomically: written beside, then renamed)."""
+        for name in self._written:  # a tensor not rewritten this round keeps its old stamp: readers refuse it
+            self.entries[name]["version"] = version
+        self._written.clear()
         index = {"version": version, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "size": self.size}
         index.update(meta, tensors=self.entries)
         path = self.root / f"{_stem(self.tp_rank, self.pp_rank)}.json"
@@ -189,6 +194,11 @@ class RoundReader:
         e = self._index[(t, p)]["tensors"].get(name)
         if e is None:
             raise RoundError(f"tensor {name} is missing from trainer rank (tp={t}, pp={p})'s shard")
+        if e.get("version") != self.version:
+            raise RoundError(
+                f"tensor {name} was not written in round {self.version} by trainer rank (tp={t}, pp={p}) "
+                f"(last written in round {e.get('version')})"
+            )
         buf, dtype, shape = self._bufs[(t, p)], _dtype(e["dtype"]), tuple(e["shape"])
         n = math.prod(shape) * dtype.itemsize
         data = buf[e["offset"] : e["offset"] + n].view(dtype).view(shape)

@@ -80,7 +80,8 @@ class SharedMemoryTrainerEngine(TrainerWeightTransferEngine[ShmTrainerInitInfo])
         if not isinstance(source, MegatronWeightSource):
             raise TypeError(f"the {BACKEND} backend sends a MegatronWeightSource, got {type(source).__name__}")
         engine = cls(client=client, source=source, is_sender=init_info.is_sender)
-        engine.ctx, engine.version = source.ctx, 0
+        engine.ctx, engine.version, engine.attempts = source.ctx, 0, 0
+        dist.barrier()  # ranks arrive far apart (rank 0 starts the engine); the default group's timeout covers it
         engine.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=init_info.timeout_s))
         session = engine._agree(uuid.uuid4().hex[:12] if engine.is_sender else None)
         engine.root = Path(init_info.root or _default_root()) / session
@@ -126,7 +127,9 @@ class SharedMemoryTrainerEngine(TrainerWeightTransferEngine[ShmTrainerInitInfo])
 
     # ------------------------------------------------------------ a round
     def send_weights(self) -> SyncReport:
-        version = self.version + 1
+        # every attempt gets a new number, so nothing left from a failed round can pass as this one's
+        self.attempts += 1
+        version = self.attempts
         start = time.perf_counter()
         try:
             sent = self.source.publish(self.writer)
