@@ -36,7 +36,7 @@ from vllm.distributed.weight_transfer.base import (
 
 from parallel_bridge.checkpoint.megatron_reader import GPTConfig, expected_shapes
 from parallel_bridge.checkpoint.vllm_format import rank_parts
-from parallel_bridge.sync.shards import RoundReader
+from parallel_bridge.sync.shards import BufferPool, RoundReader
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,11 @@ def engine_path(root: str | Path, rank: int) -> Path:
     return Path(root) / f"engine_rank{rank}.json"
 
 
+def serving_ranks(root: str | Path) -> list[int]:
+    """The vLLM workers that initialized the backend for this session."""
+    return sorted(json.loads(p.read_text())["rank"] for p in Path(root).glob("engine_rank*.json"))
+
+
 class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
     """Receives a trainer's Megatron shards from shared memory into vLLM's LlamaForCausalLM."""
 
@@ -97,6 +102,8 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
         self.version = 0
         self._staged: list[tuple[str, torch.Tensor]] | None = None
         self._error: str | None = None
+        self._maps: dict[str, torch.Tensor] = {}
+        self._pool = BufferPool()
 
     # ---------------------------------------------------------------- set-up
     def _rank(self) -> tuple[int, int, int]:
@@ -182,7 +189,10 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
         _, _, world_rank = self._rank()
         reader = None
         try:
-            reader = RoundReader(self.info.root, version, self.info.source_tp, self.info.source_pp)
+            self._pool.new_round()
+            reader = RoundReader(
+                self.info.root, version, self.info.source_tp, self.info.source_pp, self._maps, self._pool
+            )
             staged = self._parts(reader)
             for name, value in staged:
                 if tuple(value.shape) != self.expected[name]:
@@ -197,8 +207,9 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
             "error": self._error,
             "bytes": reader.received_bytes if reader else 0,
             "pieces_verified": reader.verified if reader else 0,
-            "seconds": time.perf_counter() - start,
+            "stage_seconds": time.perf_counter() - start,
         }
+        self._report = report
         report_path(self.info.root, version, world_rank).write_text(json.dumps(report))
 
     def _commit(self, version: int) -> None:
@@ -221,8 +232,11 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
                 f"weight round {version} aborted on serving rank {world_rank} ({why}); the engine keeps "
                 f"serving version {self.version}"
             )
+        start = time.perf_counter()
         self._apply(staged)
         self.version = version
+        self._report["apply_seconds"] = time.perf_counter() - start
+        report_path(self.info.root, version, world_rank).write_text(json.dumps(self._report))
         logger.info("weights version %d committed (%d tensors)", version, len(staged))
 
     @torch.no_grad()
@@ -232,7 +246,7 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
             module_name, _, attr = name.rpartition(".")
             param = getattr(self.model.get_submodule(module_name), attr)
             if name in _VOCAB:  # real rows first, vLLM's padding zero
-                param.data.zero_()
+                param.data[value.shape[0] :].zero_()
                 param.data[: value.shape[0]].copy_(value)
             elif param.shape == value.shape:
                 param.data.copy_(value)
@@ -243,12 +257,18 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
             method = getattr(module, "quant_method", None)
             if method is not None and any(id(p) in touched for p in module.parameters(recurse=False)):
                 method.process_weights_after_loading(module)
+        for name, value in staged:  # a receive buffer that became a live weight is not reused
+            module_name, _, attr = name.rpartition(".")
+            if getattr(self.model.get_submodule(module_name), attr).data_ptr() == value.data_ptr():
+                self._pool.release(value)
 
     def finish_weight_update(self) -> None:
         """The staged weights went in at ``commit``; nothing is left to apply."""
 
     def shutdown(self) -> None:
         self._staged, self.info = None, None
+        self._maps.clear()
+        self._pool = BufferPool()
 
 
 def register_weight_transfer() -> None:

@@ -44,13 +44,16 @@ def _dtype(name: str) -> torch.dtype:
 def shard_hash(t: torch.Tensor, along: int) -> torch.Tensor:
     """Exact integer hash per row (``along=0``) or per column (``along=1``) of a tensor's bit pattern.
 
-    Sums of the raw bits in int64 (wrapping, so summation order does not matter):
-    a changed byte changes its row's (column's) hash, a swapped row (column) moves one.
+    Wrapping integer sums of the raw bits (32-bit accumulators for elements of up to
+    4 bytes: vectorized, about a copy's cost), so summation order and thread count do
+    not matter: a changed word changes its row's (column's) hash, a swapped row
+    (column) moves one.
     """
     bits = t.view(_INT_OF_SIZE[t.element_size()])
+    acc = torch.int64 if t.element_size() == 8 else torch.int32
     if bits.dim() == 1:
         return bits.to(torch.int64)
-    return bits.sum(dim=1 - along, dtype=torch.int64)
+    return bits.sum(dim=1 - along, dtype=acc).to(torch.int64)
 
 
 def hash_axis(kind: ml.SplitKind) -> int:
@@ -135,6 +138,32 @@ class ShardWriter:
         return self._buf[offset : offset + n].view(dtype).view(shape)
 
 
+class BufferPool:
+    """Receive buffers reused round after round (the reads repeat in the same order), so a round
+    touches memory that is already mapped. ``release`` drops a buffer that now backs live weights."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._used: dict[tuple, int] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = (shape, dtype)
+        bufs, i = self._free.setdefault(key, []), self._used.get(key, 0)
+        if i == len(bufs):
+            bufs.append(torch.empty(shape, dtype=dtype))
+        self._used[key] = i + 1
+        return bufs[i]
+
+    def new_round(self) -> None:
+        self._used.clear()
+
+    def release(self, tensor: torch.Tensor) -> None:
+        bufs = self._free.get((tuple(tensor.shape), tensor.dtype), [])
+        for i, b in enumerate(bufs):
+            if b.data_ptr() == tensor.data_ptr():
+                bufs[i] = torch.empty_like(b)
+
+
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
@@ -146,9 +175,19 @@ class RoundReader:
     prove it read only its slices.
     """
 
-    def __init__(self, root: str | Path, version: int, source_tp: int, source_pp: int) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        version: int,
+        source_tp: int,
+        source_pp: int,
+        maps: dict[str, torch.Tensor] | None = None,
+        pool: BufferPool | None = None,
+    ) -> None:
         self.root, self.version = Path(root), version
         self.source_tp, self.source_pp = source_tp, source_pp
+        self._maps = {} if maps is None else maps  # shard files stay mapped across rounds: no page faults
+        self._pool = pool or BufferPool()
         self.received_bytes = 0
         self.verified = 0
         self._index: dict[tuple[int, int], dict[str, Any]] = {}
@@ -182,7 +221,11 @@ class RoundReader:
         if not data.exists() or data.stat().st_size < index["size"]:
             raise RoundError(f"trainer rank (tp={t}, pp={p}): shard file {data} is missing or short")
         self._index[(t, p)] = index
-        self._bufs[(t, p)] = torch.from_file(str(data), shared=True, size=index["size"], dtype=torch.uint8)
+        mapped = self._maps.get(str(data))
+        if mapped is None or mapped.numel() != index["size"]:
+            mapped = torch.from_file(str(data), shared=True, size=index["size"], dtype=torch.uint8)
+            self._maps[str(data)] = mapped
+        self._bufs[(t, p)] = mapped
         return index
 
     @property
@@ -216,7 +259,12 @@ class RoundReader:
         return tuple(shape)
 
     def read(
-        self, name: str, dim: int | None = None, start: int = 0, length: int | None = None
+        self,
+        name: str,
+        dim: int | None = None,
+        start: int = 0,
+        length: int | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The full tensor ``name``, or ``length`` entries from ``start`` along ``dim``; verified."""
         full = self.full_shape(name)
@@ -230,7 +278,7 @@ class RoundReader:
         out_shape = list(full)
         out_shape[dim] = length
         first = self._shard(name, 0)[0]
-        out = torch.empty(out_shape, dtype=first.dtype)
+        out = self._pool.take(tuple(out_shape), first.dtype) if out is None else out
         if sd is None:  # replicated, or one source shard
             self._take(name, 0, {dim: (start, length)}, out)
         elif dim == sd:
@@ -246,8 +294,14 @@ class RoundReader:
         return out
 
     def read_rows(self, name: str, index: list[tuple[int, int]]) -> torch.Tensor:
-        """Concatenated row ranges ``[(start, length), ...]`` of ``name``."""
-        return torch.cat([self.read(name, 0, s, n) for s, n in index], dim=0)
+        """Concatenated row ranges ``[(start, length), ...]`` of ``name``, read straight into one tensor."""
+        full = self.full_shape(name)
+        out = self._pool.take((sum(n for _, n in index), *full[1:]), self._shard(name, 0)[0].dtype)
+        at = 0
+        for s, n in index:
+            self.read(name, 0, s, n, out=out.narrow(0, at, n))
+            at += n
+        return out
 
     def _take(self, name: str, t: int, ranges: dict[int, tuple[int, int]], out: torch.Tensor) -> None:
         """Copy ``ranges`` ({dim: (start, length)}) of trainer rank t's shard into ``out``, verified.

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeightTransferEngine
 
 from parallel_bridge.context import ParallelContext
-from parallel_bridge.sync.engine import BACKEND, engine_path, register_weight_transfer, report_path
+from parallel_bridge.sync.engine import BACKEND, register_weight_transfer, report_path, serving_ranks
 from parallel_bridge.sync.shards import ShardWriter
 from parallel_bridge.sync.source import MegatronWeightSource
 
@@ -49,6 +49,8 @@ class SyncReport:
     seconds: float
     publish_seconds: float
     engine_seconds: float
+    stage_seconds: float
+    apply_seconds: float
     sent_bytes: dict[int, int]
     received_bytes: dict[int, int]
     pieces_verified: int
@@ -99,9 +101,7 @@ class SharedMemoryTrainerEngine(TrainerWeightTransferEngine[ShmTrainerInitInfo])
             }
             try:
                 client.init_weight_transfer_engine(info)
-                engine.serving_ranks = sorted(
-                    json.loads(p.read_text())["rank"] for p in engine.root.glob("engine_rank*.json")
-                )
+                engine.serving_ranks = serving_ranks(engine.root)
                 outcome = {"serving_ranks": engine.serving_ranks}
             except Exception as e:  # noqa: BLE001 - every trainer rank raises the same error
                 outcome = {"error": _engine_error("init_weight_transfer_engine", e)}
@@ -166,6 +166,8 @@ class SharedMemoryTrainerEngine(TrainerWeightTransferEngine[ShmTrainerInitInfo])
             seconds=time.perf_counter() - start,
             publish_seconds=publish_s,
             engine_seconds=outcome["engine_seconds"],
+            stage_seconds=outcome["stage"],
+            apply_seconds=outcome["apply"],
             sent_bytes=outcome["sent"],
             received_bytes=outcome["received"],
             pieces_verified=outcome["verified"],
@@ -213,6 +215,8 @@ class SharedMemoryTrainerEngine(TrainerWeightTransferEngine[ShmTrainerInitInfo])
             "engine_seconds": time.perf_counter() - start,
             "received": {rep["rank"]: rep["bytes"] for rep in reports},
             "verified": sum(rep["pieces_verified"] for rep in reports),
+            "stage": max(rep["stage_seconds"] for rep in reports),
+            "apply": max(rep.get("apply_seconds", 0.0) for rep in reports),
         }
 
     def _reports(self, version: int) -> list[dict[str, Any] | None]:
