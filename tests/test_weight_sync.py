@@ -267,3 +267,151 @@ def test_failed_rounds_keep_the_old_weights(tmp_path):
     assert r0["after_dead"]  # still serving the last good push
     print(f"[shutdown] {r0['shutdown']}")
     assert not r0["shutdown"].startswith(("NO ERROR", "MISSING")), r0["shutdown"]
+
+
+PP_VARIANT = {"groups": 2, "tied": False, "vocab": 100, "padded": 128, "seed": 4}
+
+
+def _pp_push(root):
+    """A megatron-core GPTModel at TP=2 x PP=2 (4 ranks) saved with dist_checkpointing and pushed to
+    an engine at TP=2; returns the engine's first-step log-softmax for the checkpoint tests' prompts."""
+    import _megatron_ckpt as mc
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
+    from parallel_bridge.sync import WeightSync
+
+    v = PP_VARIANT
+    ctx = ParallelContext.from_torchrun(tp=2, pp=2, timeout_s=120)
+    out = {}
+    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
+        pm.model_parallel_manual_seed(ctx, v["seed"])
+        config, model = mc.build(ctx, v)
+        gpt = gpt_config_of(config, v["vocab"], v["padded"], mc.SEQ, v["tied"])
+        save_torch_dist(ctx, model, os.path.join(root, "ckpt"), 10, gpt)
+        llm = None
+        if ctx.rank == 0:
+            os.makedirs(os.path.join(root, "serve"))
+            with open(os.path.join(root, "serve", "config.json"), "w") as f:
+                json.dump(gpt.to_hf_llama(), f)
+            from vllm import LLM
+            from vllm.config import WeightTransferConfig
+
+            from parallel_bridge.sync import BACKEND
+
+            llm = LLM(
+                model=os.path.join(root, "serve"),
+                load_format="dummy",
+                skip_tokenizer_init=True,
+                dtype="float32",
+                max_model_len=64,
+                enforce_eager=True,
+                tensor_parallel_size=2,
+                max_logprobs=v["vocab"],
+                weight_transfer_config=WeightTransferConfig(backend=BACKEND),
+            )
+        try:
+            sync = WeightSync(ctx, model, llm, vocab_size=v["vocab"], timeout_s=60)
+            report = sync.push()
+            if llm:
+                params = SamplingParams(max_tokens=1, temperature=0, logprobs=v["vocab"], detokenize=False)
+                outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in mc.PROMPTS], params, use_tqdm=False)
+                out["served"] = [
+                    [o.outputs[0].logprobs[0][t].logprob for t in range(v["vocab"])] for o in outs
+                ]
+                out["report"] = report
+            out["shard_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+            sync.close()
+        finally:
+            if llm:
+                llm.llm_engine.engine_core.shutdown()
+    return out
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_trainer_pushes_its_stages(tmp_path, monkeypatch):
+    """Each PP stage publishes its own layers (global indices); the engine equals Megatron's own forward."""
+    import _megatron_ckpt as mc
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    res = run_distributed(_pp_push, 4, str(tmp_path), timeout_s=400)
+    reference = run_distributed(mc.reference_from_dist, 1, str(tmp_path / "ckpt"), PP_VARIANT)[0]
+    worst = max(
+        max(abs(a - b) for a, b in zip(served, ref_lp))
+        for served, (_, ref_lp) in zip(res[0]["served"], reference)
+    )
+    print(f"\n[trainer tp2 x pp2 -> engine tp2] max |d log-softmax| vs Megatron's forward: {worst:.2e}")
+    assert worst <= TOL
+    report = res[0]["report"]
+    # every trainer rank of the 4 (2 TP x 2 PP, one DP replica) published, each once
+    assert sorted(report.sent_bytes) == [0, 1, 2, 3]
+    assert len(report.received_bytes) == 2
+
+
+def _deepspeed_push(root):
+    """TP=1 x DP=2 DeepSpeed trainers: ZeRO-3 (parameters partitioned, gathered one at a time) pushes
+    its initial weights; ZeRO-1 trains two steps and pushes. Only DP rank 0 publishes."""
+    import deepspeed
+
+    from parallel_bridge.adapters import deepspeed as pds
+    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.sync import WeightSync
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ctx = ParallelContext.from_torchrun(tp=1, timeout_s=120)
+    if ctx.rank == 0:
+        _folder(root)
+    out = {}
+    with pm.cpu_compat():
+        llm = _engine(root, 1) if ctx.rank == 0 else None
+        try:
+            for stage, seed in ((3, 1), (1, 2)):
+                torch.manual_seed(seed)
+                model = HybridLlama(CFG, ctx)
+                ref = trainer_logprobs(model) if stage == 3 else None
+                config = {
+                    "train_micro_batch_size_per_gpu": 1,
+                    "gradient_accumulation_steps": 1,
+                    "gradient_clipping": 0.0,
+                    "zero_optimization": {"stage": stage},
+                    "zero_allow_untested_optimizer": True,
+                }
+                opt = torch.optim.SGD(model.parameters(), lr=0.2)
+                engine, *_ = pds.initialize(ctx, model, config, optimizer=opt)
+                if stage == 1:
+                    g = torch.Generator().manual_seed(ctx.dp_rank)
+                    for _ in range(2):
+                        ids = torch.randint(0, CFG.vocab_size, (24,), generator=g)
+                        engine.backward(engine.module.loss(ids, torch.arange(24), torch.roll(ids, -1)))
+                        engine.step()
+                    ref = trainer_logprobs(engine.module)
+                sync = WeightSync(ctx, engine, llm, timeout_s=60)
+                report = sync.push()
+                if llm:
+                    out[stage] = {
+                        "diff": float((served_logprobs(llm) - ref).abs().max()),
+                        "sent": report.sent_bytes,
+                        "bytes": sum(p.numel() * p.element_size() for p in model.parameters())
+                        if stage == 1
+                        else None,
+                    }
+                sync.close()
+                engine.destroy()
+        finally:
+            if llm:
+                llm.llm_engine.engine_core.shutdown()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_cpu_extension")
+def test_deepspeed_zero_trainers_push(tmp_path):
+    pytest.importorskip("deepspeed")
+    r0 = run_distributed(_deepspeed_push, 2, str(tmp_path / "m"), timeout_s=400)[0]
+    for stage in (3, 1):
+        print(f"\n[deepspeed zero-{stage} tp1 x dp2 -> engine tp1] max |d log-softmax| {r0[stage]['diff']:.2e}")
+        assert r0[stage]["diff"] <= TOL
+        assert list(r0[stage]["sent"]) == [0]  # the DP replica did not send twice
+    assert r0[1]["sent"][0] == r0[1]["bytes"]  # the whole model, once
