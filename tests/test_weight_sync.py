@@ -415,3 +415,128 @@ def test_deepspeed_zero_trainers_push(tmp_path):
         assert r0[stage]["diff"] <= TOL
         assert list(r0[stage]["sent"]) == [0]  # the DP replica did not send twice
     assert r0[1]["sent"][0] == r0[1]["bytes"]  # the whole model, once
+
+
+def _http_logprobs(url, prompt, k):
+    import requests
+
+    body = {"model": "m", "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": k,
+            "return_tokens_as_token_ids": True}
+    r = requests.post(f"{url}/v1/completions", json=body, timeout=60)
+    r.raise_for_status()
+    top = r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+    return torch.tensor([top[f"token_id:{t}"] for t in range(k)], dtype=torch.float64)
+
+
+def _http_greedy(url, prompt, n):
+    import requests
+
+    body = {"model": "m", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+            "return_tokens_as_token_ids": True, "logprobs": 0}
+    r = requests.post(f"{url}/v1/completions", json=body, timeout=60)
+    r.raise_for_status()
+    return r.json()["choices"][0]["logprobs"]["tokens"]
+
+
+def _server_push(url):
+    """Trainer TP=2 pushing into a `vllm serve` server; rank 0 keeps requests flowing during a push."""
+    import threading
+
+    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.sync import ServerClient, WeightSync
+
+    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=120)
+    torch.manual_seed(0)
+    out = {}
+    with pm.cpu_compat():
+        model = HybridLlama(CFG, ctx)
+        sync = WeightSync(ctx, model, ServerClient(url) if ctx.rank == 0 else None, timeout_s=60)
+        sync.push()
+        ref = trainer_logprobs(model)
+        if ctx.rank == 0:
+            got = torch.stack([_http_logprobs(url, p, CFG.vocab_size) for p in PROMPTS])
+            out["diff"] = float((got - ref).abs().max())
+            old = _http_greedy(url, PROMPTS[1], 24)
+        _train(model, 3, seed=3)
+        seen, stop = [], threading.Event()
+
+        def traffic():
+            while not stop.is_set():
+                seen.append(_http_greedy(url, PROMPTS[1], 24))
+
+        thread = threading.Thread(target=traffic) if ctx.rank == 0 else None
+        if thread:
+            thread.start()
+            while len(seen) < 2:  # requests are flowing before the round starts
+                threading.Event().wait(0.05)
+        sync.push()
+        if thread:
+            threading.Event().wait(1.0)
+            stop.set()
+            thread.join()
+            new = _http_greedy(url, PROMPTS[1], 24)
+            out["mixed"] = [s for s in seen if s not in (old, new)]
+            out["counts"] = (sum(s == old for s in seen), sum(s == new for s in seen), len(seen))
+            out["changed"] = old != new
+        sync.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from parallel_bridge.sync import BACKEND
+    from parallel_bridge.testing import free_port
+
+    folder = tmp_path_factory.mktemp("served")
+    _folder(str(folder))
+    port = free_port()
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+        "--served-model-name", "m", "--load-format", "dummy", "--skip-tokenizer-init",
+        "--dtype", "float32", "--max-model-len", "64", "--enforce-eager",
+        "--max-logprobs", str(CFG.vocab_size), "--host", "127.0.0.1", "--port", str(port),
+        "--weight-transfer-config", json.dumps({"backend": BACKEND}),
+    ]
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited: {(folder / 'server.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("vllm serve did not become healthy in 240 s")
+            time.sleep(1)
+        yield url
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.slow
+def test_push_into_a_vllm_server_while_it_serves(server):
+    r0 = run_distributed(_server_push, 2, server, timeout_s=300)[0]
+    print(f"\n[trainer tp2 -> vllm serve] max |d log-softmax| {r0['diff']:.2e}; "
+          f"completions during the push (old, new, all): {r0['counts']}")
+    assert r0["diff"] <= TOL
+    assert r0["changed"]  # the second push changed what the server answers
+    assert r0["mixed"] == []  # every completion ran wholly on the old weights or wholly on the new

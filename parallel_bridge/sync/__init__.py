@@ -9,6 +9,14 @@ serving rank or on none. Needs vLLM (imported here).
 
 from parallel_bridge.sync.engine import BACKEND
 from parallel_bridge.sync.source import MegatronWeightSource
-from parallel_bridge.sync.trainer import SyncError, SyncReport, WeightSync
+from parallel_bridge.sync.trainer import LLMClient, ServerClient, SyncError, SyncReport, WeightSync
 
-__all__ = ["BACKEND", "MegatronWeightSource", "SyncError", "SyncReport", "WeightSync"]
+__all__ = [
+    "BACKEND",
+    "LLMClient",
+    "MegatronWeightSource",
+    "ServerClient",
+    "SyncError",
+    "SyncReport",
+    "WeightSync",
+]
