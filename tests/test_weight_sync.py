@@ -94,6 +94,26 @@ def _folder(root, tie=False):
     return cfg
 
 
+def _serving_rank_bytes(model, serve_tp):
+    """Bytes of what each serving rank keeps: its slices of every tensor and its real vocabulary rows
+    (vLLM pads the vocabulary to a multiple of 64 and splits that evenly)."""
+    from parallel_bridge.checkpoint.vllm_format import rank_parts
+    from parallel_bridge.sync.engine import _MetaShards
+    from parallel_bridge.sync.source import config_of
+
+    cfg = config_of(model)
+    per = -(-cfg.vocab_size // 64) * 64 // serve_tp
+    return {
+        r: sum(
+            t.numel() * 4
+            for _, t in rank_parts(
+                _MetaShards(cfg), serve_tp, r, (min(r * per, cfg.vocab_size), min((r + 1) * per, cfg.vocab_size))
+            )
+        )
+        for r in range(serve_tp)
+    }
+
+
 def _push_and_compare(root, serve_tp, tie):
     from parallel_bridge.adapters import megatron as pm
     from parallel_bridge.sync import WeightSync
@@ -123,7 +143,7 @@ def _push_and_compare(root, serve_tp, tie):
                     if step == 0:
                         out["before"] = float((before - ref).abs().max())
             out["reports"] = reports
-            out["shard_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+            out["own_bytes"] = _serving_rank_bytes(model, serve_tp)
             sync.close()
         finally:
             if llm:
@@ -144,7 +164,7 @@ def test_push_matches_trainer(tmp_path, monkeypatch, serve_tp, tie):
     assert (r0["version0"], r0["version1"]) == ("1", "2")
     for rep in r0["reports"]:
         assert rep.pieces_verified > 0
-        assert len(rep.received_bytes) == serve_tp
+        assert rep.received_bytes == r0["own_bytes"]  # each serving rank received exactly its slices
     # trainer side: each rank sent its own shard once (replicated norms only from tp rank 0)
     assert res[0]["reports"][0].sent_bytes == res[1]["reports"][0].sent_bytes
 

@@ -56,6 +56,30 @@ def shard_hash(t: torch.Tensor, along: int) -> torch.Tensor:
     return bits.sum(dim=1 - along, dtype=acc).to(torch.int64)
 
 
+_BLOCK = 1 << 20
+"""Bytes copied then hashed at a time, so the hash reads what the copy left in cache."""
+
+
+def copy_and_hash(dst: torch.Tensor, src: torch.Tensor, along: int) -> torch.Tensor:
+    """``dst.copy_(src)`` and ``shard_hash(dst, along)`` in one pass over memory, block by block of rows."""
+    if dst.dim() == 1 or dst.numel() * dst.element_size() <= _BLOCK:
+        dst.copy_(src)
+        return shard_hash(dst, along)
+    rows = max(1, _BLOCK // (dst.shape[1] * dst.element_size()))
+    parts = []
+    for r in range(0, dst.shape[0], rows):
+        block = dst[r : r + rows]
+        block.copy_(src[r : r + rows])
+        parts.append(shard_hash(block, along))
+    if along == 0:
+        return torch.cat(parts)
+    acc = torch.int64 if dst.element_size() == 8 else torch.int32
+    total = torch.zeros(dst.shape[1], dtype=acc)
+    for part in parts:
+        total += part.to(acc)  # wrapping, like the one-pass sum
+    return total.to(torch.int64)
+
+
 def hash_axis(kind: ml.SplitKind) -> int:
     """Row hashes for everything read by rows; column hashes for row-parallel weights."""
     return 1 if kind == "row" else 0
@@ -115,8 +139,7 @@ class ShardWriter:
                 f"was laid out for {spec.shape} {spec.dtype}"
             )
         dst = self._view(e["offset"], spec.shape, spec.dtype)
-        dst.copy_(tensor.detach())
-        h = shard_hash(dst, hash_axis(ml.split_kind(name)))
+        h = copy_and_hash(dst, tensor.detach(), hash_axis(ml.split_kind(name)))
         self._view(e["hash_offset"], (e["hashes"],), torch.int64).copy_(h.reshape(-1))
         self._written.add(name)
         return spec.nbytes
@@ -315,21 +338,22 @@ class RoundReader:
         a_start, a_n = ranges.get(axis, (0, data.shape[axis]))
         block = data.narrow(axis, a_start, a_n)
         rest = [(d, s, n) for d, (s, n) in ranges.items() if d != axis and (s, n) != (0, data.shape[d])]
+        want = hashes[a_start : a_start + a_n]
         if not rest:
-            out.copy_(block)
-            self._verify(name, t, out, axis, hashes[a_start : a_start + a_n], a_start)
+            self._verify(name, t, out, copy_and_hash(out, block, axis), want, a_start)
             return
-        whole = block.clone()
-        self._verify(name, t, whole, axis, hashes[a_start : a_start + a_n], a_start)
+        whole = torch.empty_like(block)
+        self._verify(name, t, whole, copy_and_hash(whole, block, axis), want, a_start)
         for d, s, n in rest:
             whole = whole.narrow(d, s, n)
         out.copy_(whole)
 
-    def _verify(self, name: str, t: int, received: torch.Tensor, axis: int, want: torch.Tensor, start: int) -> None:
-        got = shard_hash(received, axis)
+    def _verify(
+        self, name: str, t: int, received: torch.Tensor, got: torch.Tensor, want: torch.Tensor, start: int
+    ) -> None:
         if not torch.equal(got, want):
             bad = int((got != want).nonzero()[0, 0]) + start
-            what = "column" if axis == 1 else "row"
+            what = "column" if received.dim() > 1 and hash_axis(ml.split_kind(name)) == 1 else "row"
             raise RoundError(
                 f"tensor {name}: checksum mismatch in {what} {bad} of trainer rank tp={t} "
                 f"pp={self._where[name]}'s shard: the bytes received differ from the bytes sent"
