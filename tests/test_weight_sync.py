@@ -560,3 +560,37 @@ def test_push_into_a_vllm_server_while_it_serves(server):
     assert r0["diff"] <= TOL
     assert r0["changed"]  # the second push changed what the server answers
     assert r0["mixed"] == []  # every completion ran wholly on the old weights or wholly on the new
+
+
+def _iterate_source(root):
+    from parallel_bridge.checkpoint import hf_names
+    from parallel_bridge.sync import MegatronWeightSource
+    from parallel_bridge.sync.source import config_of
+
+    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=60)
+    torch.manual_seed(0)
+    model = HybridLlama(CFG, ctx)
+    source = MegatronWeightSource(ctx, model)
+    source.publish_local(root)
+    meta = [(m.name, m.shape) for m in source.metadata()]
+    got = {name: t for name, t in source}
+    cfg = config_of(model)
+    shape = hf_names.GPTShape(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, cfg.vocab_size)
+    want = {}
+    for name, t in model.full_state_dict().items():  # the gathered reference
+        want.update(dict(hf_names.megatron_to_hf(name, t, shape)))
+    if ctx.rank != 0:
+        return got == {}
+    return (
+        [n for n, _ in meta] == list(got)
+        and all(tuple(got[n].shape) == s for n, s in meta)
+        and set(got) == set(want)
+        and all(torch.equal(got[n], want[n]) for n in want)
+    )
+
+
+@pytest.mark.slow
+def test_source_yields_full_hf_tensors_for_vllms_nccl_backend(tmp_path):
+    """For vLLM's own full-tensor backends (nccl on GPUs): metadata() and iteration agree, in order,
+    and equal the TP-gathered model under Hugging Face names; only trainer rank 0 yields."""
+    assert run_distributed(_iterate_source, 2, str(tmp_path / "shm"), timeout_s=120) == [True, True]

@@ -16,6 +16,7 @@ iterating publishes the round and yields full tensors on trainer rank 0.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -166,6 +167,25 @@ class MegatronWeightSource(WeightSource):
 
     published: tuple[str, int] | None = None
     """(folder, version) of the last round this rank's engine published."""
+
+    def publish_local(self, root: str) -> tuple[str, int]:
+        """Publish this rank's shards under ``root`` for full-tensor iteration on trainer rank 0
+        (vLLM's ``nccl`` backend); collective over the trainer ranks, one host."""
+        import torch.distributed as dist
+
+        version = (self.published[1] if self.published else 0) + 1
+        if self.publishes:
+            writer = getattr(self, "_writer", None)
+            if writer is None or str(writer.root) != str(root):
+                writer = self._writer = ShardWriter(root, self.ctx.tp_rank, self.ctx.pp_rank, self.layout)
+            self.publish(writer)
+            writer.commit(version, {"source_tp": self.ctx.tp, "source_pp": self.ctx.pp,
+                                    "config": dataclasses.asdict(self.config)})
+        else:
+            self.publish(None)
+        dist.barrier()
+        self.published = (str(root), version)
+        return self.published
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full Hugging Face tensors, on trainer rank 0, of the last published round; nothing elsewhere."""
