@@ -102,6 +102,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rl(args: argparse.Namespace) -> int:
+    """The RL loop under torchrun: vLLM samples, Megatron trains, weights pushed every step."""
+    from parallel_bridge.checkpoint.vllm_format import check_serving_tp
+    from parallel_bridge.rl import SIZES as sizes
+
+    for name in ("steps", "prompts_per_step", "samples", "train_tp", "serve_tp"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise CliError(f"--lr must be > 0, got {args.lr}")
+    try:
+        check_serving_tp(sizes, args.serve_tp)  # heads, kv heads (split or replicated), FFN
+    except ValueError as e:
+        raise CliError(f"--serve-tp: {e}") from e
+    if any(n % args.train_tp for n in (sizes.num_query_groups, sizes.ffn_hidden_size, sizes.vocab_size)):
+        raise CliError(
+            f"--train-tp {args.train_tp} must divide the model's {sizes.num_query_groups} kv heads, "
+            f"{sizes.ffn_hidden_size} FFN units and {sizes.vocab_size} symbols (Megatron trains whole query "
+            f"groups per rank)"
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; choose a folder")
+    if out.exists() and any(out.iterdir()) and not (out / "report.json").exists():
+        raise CliError(f"{out} exists and is not an RL output folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "--out", str(out), "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
+        "--samples", str(args.samples), "--lr", str(args.lr), "--serve-tp", str(args.serve_tp),
+        "--warmup", str(args.warmup), "--seed", str(args.seed),
+    ]
+    start = time.perf_counter()
+    code = torchrun("parallel_bridge.rl", args.train_tp, argv)
+    if code != 0:
+        raise CliError(f"the RL run failed (torchrun exit code {code}); see the output above")
+    print(f"rl finished in {time.perf_counter() - start:.0f} s")
+    return EXIT_OK
+
+
 def _open_checkpoint(args: argparse.Namespace):
     from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
 
@@ -252,6 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
+        "rl",
+        help="RL loop: vLLM samples, Megatron trains (TP under torchrun), weights pushed every step "
+        "(also: demo --rl)",
+        description="On generated sums with held-out pairs: a short supervised warm-up, then per step vLLM "
+        "samples completions, a REINFORCE update with a group baseline runs on the Megatron model, and the "
+        "weights are pushed into the running engine; the train/serve log-prob gap is measured after each push.",
+    )
+    p.add_argument("--out", default="out/rl", help="output folder: report.json, rl.png (default: out/rl)")
+    p.add_argument("--steps", type=int, default=60, help="RL steps (default: 60)")
+    p.add_argument("--prompts-per-step", type=int, default=32, help="prompts sampled per step (default: 32)")
+    p.add_argument("--samples", type=int, default=8, help="completions per prompt, temperature 1 (default: 8)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the RL update (default: 1e-4)")
+    p.add_argument("--train-tp", type=int, default=2, help="tensor-parallel size of training (default: 2)")
+    p.add_argument("--serve-tp", type=int, default=1, help="tensor-parallel size of the vLLM engine (default: 1)")
+    p.add_argument("--warmup", type=int, default=150, help="supervised warm-up steps (default: 150)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling (default: 0)")
+    p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser(
         "inspect", help="format, iteration, source TP/PP, dtype, tensors and size of a Megatron checkpoint"
     )
     _checkpoint_args(p)
@@ -293,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
+    if argv[:1] == ["demo"] and "--rl" in argv:  # `demo --rl` is the RL loop
+        argv = ["rl", *(a for a in argv[1:] if a != "--rl")]
     args = parser.parse_args(argv)
     args.vllm_args = extra
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -105,6 +105,20 @@ def greedy_complete(ctx, model, tokenizer, prompts: list[str], max_new: int, voc
     return outs, logprobs
 
 
+def build_model(ctx: ParallelContext, sizes: DemoModel, seed: int):
+    """The demo's megatron-core GPTModel (and its TransformerConfig) on the context's groups; call it
+    inside ``cpu_compat`` and ``bind_parallel_state``."""
+    from parallel_bridge.adapters import megatron as pm
+
+    pm.model_parallel_manual_seed(ctx, seed)
+    layer_sizes = {k: v for k, v in asdict(sizes).items() if k not in ("vocab_size", "max_sequence_length")}
+    config = pm.transformer_config(ctx, **layer_sizes, vocab_size=sizes.vocab_size, init_method_std=0.02)
+    model = pm.build_gpt_model(
+        ctx, config, vocab_size=sizes.vocab_size, max_sequence_length=sizes.max_sequence_length
+    )
+    return config, model
+
+
 def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
     from tqdm import tqdm
 
@@ -120,14 +134,7 @@ def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     rng = random.Random(0)  # the same batches on every TP rank
     with pm.cpu_compat(), pm.bind_parallel_state(ctx):
-        pm.model_parallel_manual_seed(ctx, 1234)
-        layer_sizes = {
-            k: v for k, v in asdict(sizes).items() if k not in ("vocab_size", "max_sequence_length")
-        }
-        config = pm.transformer_config(ctx, **layer_sizes, vocab_size=sizes.vocab_size, init_method_std=0.02)
-        model = pm.build_gpt_model(
-            ctx, config, vocab_size=sizes.vocab_size, max_sequence_length=sizes.max_sequence_length
-        )
+        config, model = build_model(ctx, sizes, seed=1234)
         optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
         seq = sizes.max_sequence_length
         pos = torch.arange(seq).unsqueeze(0).expand(args.batch, -1)

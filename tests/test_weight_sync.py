@@ -594,3 +594,33 @@ def test_source_yields_full_hf_tensors_for_vllms_nccl_backend(tmp_path):
     """For vLLM's own full-tensor backends (nccl on GPUs): metadata() and iteration agree, in order,
     and equal the TP-gathered model under Hugging Face names; only trainer rank 0 yields."""
     assert run_distributed(_iterate_source, 2, str(tmp_path / "shm"), timeout_s=120) == [True, True]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("qk_layernorm", True), ("rotary_interleaved", True), ("add_qkv_bias", True), ("window_size", (64, 0))],
+)
+def test_math_changing_megatron_settings_are_refused(field, value):
+    """A GPTModel whose config changes the math vLLM's Llama computes is refused by name, not synced."""
+    pytest.importorskip("megatron.core")
+    import types
+
+    from megatron.core.transformer import TransformerConfig
+
+    from parallel_bridge.sync.source import config_of
+
+    config = TransformerConfig(
+        num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        **{field: value},
+    )
+    model = types.SimpleNamespace(
+        config=config, vocab_size=96, max_sequence_length=64, share_embeddings_and_output_weights=False
+    )
+    with pytest.raises(ValueError, match=f"{field}=.*refused"):
+        config_of(model)
+    ok = TransformerConfig(
+        num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
+    )
+    assert config_of(types.SimpleNamespace(**{**vars(model), "config": ok})).num_layers == 2

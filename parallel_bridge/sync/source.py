@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
 from parallel_bridge.checkpoint import hf_names
@@ -28,6 +29,20 @@ from parallel_bridge.checkpoint import megatron_layout as ml
 from parallel_bridge.checkpoint.megatron_reader import GPTConfig, canonical, expected_shapes
 from parallel_bridge.context import ParallelContext
 from parallel_bridge.sync.shards import LocalTensor, RoundError, RoundReader, ShardWriter
+
+_SAME_MATH = {
+    "rotary_interleaved": False,
+    "rotary_percent": 1.0,
+    "qk_layernorm": False,
+    "layernorm_zero_centered_gamma": False,
+    "add_bias_linear": False,
+    "add_qkv_bias": False,
+    "softmax_scale": None,
+    "window_size": None,
+    "num_moe_experts": None,
+    "multi_latent_attention": False,
+}
+"""megatron-core TransformerConfig fields that change the math, with the value vLLM's Llama computes."""
 
 
 def unwrap(model: Any) -> torch.nn.Module:
@@ -62,10 +77,18 @@ def config_of(model: torch.nn.Module, vocab_size: int | None = None) -> GPTConfi
         )
     from parallel_bridge.checkpoint.megatron_save import gpt_config_of
 
-    if getattr(model, "rope_scaling", False) or getattr(config, "rotary_interleaved", False):
-        raise ValueError("rope scaling / interleaved rotary embeddings are not mapped to vLLM's Llama yet")
-    if getattr(config, "rotary_percent", 1.0) != 1.0:
-        raise ValueError(f"rotary_percent={config.rotary_percent} is not mapped to vLLM's Llama yet")
+    changed = [f"{k}={getattr(config, k)!r}" for k, ok in _SAME_MATH.items() if getattr(config, k, ok) != ok]
+    if getattr(model, "rope_scaling", False):
+        changed.append("rope_scaling=True")
+    if getattr(model, "position_embedding_type", "rope") != "rope":
+        changed.append(f"position_embedding_type={model.position_embedding_type!r}")
+    if getattr(config, "gated_linear_unit", True) and getattr(config, "activation_func", F.silu) is not F.silu:
+        changed.append(f"activation_func={getattr(config.activation_func, '__name__', config.activation_func)}")
+    if changed:
+        raise ValueError(
+            f"the model uses {', '.join(changed)}, which vLLM's LlamaForCausalLM does not compute; "
+            "syncing it would serve different numbers, so it is refused"
+        )
     return gpt_config_of(
         config,
         vocab_size or model.vocab_size,
