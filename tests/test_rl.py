@@ -16,8 +16,17 @@ pytest.importorskip("megatron.core")
 GAP = 1e-5
 
 
+def _env():
+    """This environment without registrations other test modules left in it (vLLM's processes import them)."""
+    from parallel_bridge.registry import MODULES_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != MODULES_ENV}
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="ERROR")
+    return env
+
+
 def _run(*args, timeout=600):
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+    env = _env()
     return subprocess.run(
         [sys.executable, "-m", "parallel_bridge", "rl", *args],
         capture_output=True,
@@ -95,7 +104,7 @@ def test_default_run_improves_heldout_accuracy(tmp_path):
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = _check_report(out, 60)

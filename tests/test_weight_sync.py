@@ -7,6 +7,7 @@ sum in different orders, measured ~1e-6). Failure cases leave the engine serving
 the previous weights: greedy tokens and logprobs unchanged.
 """
 
+import contextlib
 import json
 import os
 
@@ -32,13 +33,18 @@ PROMPTS = [[3, 17, 5], [10, 11, 12, 13, 40], [50]]
 TOL = 1e-5
 
 
-def _engine(folder, serve_tp, **kw):
-    from vllm import LLM
+@contextlib.contextmanager
+def _serving(active, folder, serve_tp, vocab=CFG.vocab_size):
+    """A vLLM engine on random weights with the sync backend (on trainer rank 0 only), shut down on exit."""
+    if not active:
+        yield None
+        return
     from vllm.config import WeightTransferConfig
 
+    from parallel_bridge.adapters.vllm import llm_engine
     from parallel_bridge.sync import BACKEND
 
-    return LLM(
+    with llm_engine(
         model=str(folder),
         load_format="dummy",
         skip_tokenizer_init=True,
@@ -46,10 +52,10 @@ def _engine(folder, serve_tp, **kw):
         max_model_len=64,
         enforce_eager=True,
         tensor_parallel_size=serve_tp,
-        max_logprobs=CFG.vocab_size,
+        max_logprobs=vocab,
         weight_transfer_config=WeightTransferConfig(backend=BACKEND),
-        **kw,
-    )
+    ) as llm:
+        yield llm
 
 
 def served_logprobs(llm):
@@ -126,8 +132,7 @@ def _push_and_compare(root, serve_tp, tie):
     out = {}
     with pm.cpu_compat():
         model = HybridLlama(cfg, ctx)
-        llm = _engine(root, serve_tp) if ctx.rank == 0 else None
-        try:
+        with _serving(ctx.rank == 0, root, serve_tp) as llm:
             sync = WeightSync(ctx, model, llm, timeout_s=60)
             before = served_logprobs(llm) if llm else None
             reports = []
@@ -145,9 +150,6 @@ def _push_and_compare(root, serve_tp, tie):
             out["reports"] = reports
             out["own_bytes"] = _serving_rank_bytes(model, serve_tp)
             sync.close()
-        finally:
-            if llm:
-                llm.llm_engine.engine_core.shutdown()
     return out
 
 
@@ -193,8 +195,7 @@ def _failures(root):
     out, unchanged = {}, []
     with pm.cpu_compat():
         model = HybridLlama(CFG, ctx)
-        llm = _engine(root, 1) if ctx.rank == 0 else None
-        try:
+        with _serving(ctx.rank == 0, root, 1) as llm:
             sync = WeightSync(ctx, model, llm, timeout_s=8)
             sync.push()
             baseline = served_logprobs(llm) if llm else None
@@ -263,9 +264,6 @@ def _failures(root):
                     model.decoder.final_layernorm.weight.mul_(1.5)
                 out["dead"] = _expect_sync_error(sync.push, "did not all publish")
                 out["after_dead"] = bool(torch.equal(served_logprobs(llm), recovered))
-        finally:
-            if llm:
-                llm.llm_engine.engine_core.shutdown()
     # 8. an engine that is shut down (collective: both trainer ranks set up a new sync)
     out["shutdown"] = _expect_sync_error(lambda: WeightSync(ctx, model, llm, timeout_s=30), "vLLM engine")
     out["unchanged"] = unchanged
@@ -311,28 +309,11 @@ def _pp_push(root):
         config, model = mc.build(ctx, v)
         gpt = gpt_config_of(config, v["vocab"], v["padded"], mc.SEQ, v["tied"])
         save_torch_dist(ctx, model, os.path.join(root, "ckpt"), 10, gpt)
-        llm = None
         if ctx.rank == 0:
             os.makedirs(os.path.join(root, "serve"))
             with open(os.path.join(root, "serve", "config.json"), "w") as f:
                 json.dump(gpt.to_hf_llama(), f)
-            from vllm import LLM
-            from vllm.config import WeightTransferConfig
-
-            from parallel_bridge.sync import BACKEND
-
-            llm = LLM(
-                model=os.path.join(root, "serve"),
-                load_format="dummy",
-                skip_tokenizer_init=True,
-                dtype="float32",
-                max_model_len=64,
-                enforce_eager=True,
-                tensor_parallel_size=2,
-                max_logprobs=v["vocab"],
-                weight_transfer_config=WeightTransferConfig(backend=BACKEND),
-            )
-        try:
+        with _serving(ctx.rank == 0, os.path.join(root, "serve"), 2, vocab=v["vocab"]) as llm:
             sync = WeightSync(ctx, model, llm, vocab_size=v["vocab"], timeout_s=60)
             report = sync.push()
             if llm:
@@ -342,11 +323,7 @@ def _pp_push(root):
                     [o.outputs[0].logprobs[0][t].logprob for t in range(v["vocab"])] for o in outs
                 ]
                 out["report"] = report
-            out["shard_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
             sync.close()
-        finally:
-            if llm:
-                llm.llm_engine.engine_core.shutdown()
     return out
 
 
@@ -385,8 +362,7 @@ def _deepspeed_push(root):
         _folder(root)
     out = {}
     with pm.cpu_compat():
-        llm = _engine(root, 1) if ctx.rank == 0 else None
-        try:
+        with _serving(ctx.rank == 0, root, 1) as llm:
             for stage, seed in ((3, 1), (1, 2)):
                 torch.manual_seed(seed)
                 model = HybridLlama(CFG, ctx)
@@ -419,9 +395,6 @@ def _deepspeed_push(root):
                     }
                 sync.close()
                 engine.destroy()
-        finally:
-            if llm:
-                llm.llm_engine.engine_core.shutdown()
     return out
 
 
@@ -516,7 +489,11 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
     _folder(str(folder))
     port = free_port()
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+    from parallel_bridge.registry import MODULES_ENV
+
+    # not the registrations other test modules left in this process's environment
+    env = {k: v for k, v in os.environ.items() if k != MODULES_ENV}
+    env.update(VLLM_SERVER_DEV_MODE="1", VLLM_CPU_OMP_THREADS_BIND="auto")
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
         "--served-model-name", "m", "--load-format", "dummy", "--skip-tokenizer-init",
@@ -544,7 +521,8 @@ def server(tmp_path_factory):
     finally:
         import signal
 
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
