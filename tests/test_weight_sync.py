@@ -602,3 +602,21 @@ def test_math_changing_megatron_settings_are_refused(field, value):
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
     )
     assert config_of(types.SimpleNamespace(**{**vars(model), "config": ok})).num_layers == 2
+
+
+def _world_mismatch():
+    from parallel_bridge.sync import SyncError, WeightSync
+
+    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=60)
+    model = HybridLlama(CFG, ctx)
+    try:  # a four-rank layout in a two-rank job
+        WeightSync(ParallelContext(tp=2, dp=2, rank=ctx.rank), model, object())
+    except SyncError as e:
+        return str(e)
+    return "NO ERROR"
+
+
+@pytest.mark.slow
+def test_trainer_world_that_does_not_match_the_context():
+    msgs = run_distributed(_world_mismatch, 2, timeout_s=60)
+    assert all("torch.distributed world (2 ranks) does not match the context's 4" in m for m in msgs), msgs
