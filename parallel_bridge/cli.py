@@ -57,8 +57,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def torchrun(module: str, nproc: int, argv: list[str]) -> int:
-    """Run ``python -m module argv`` under torchrun on this machine; return its exit code."""
+def torchrun(module: str, nproc: int, argv: list[str], env: dict[str, str] | None = None) -> int:
+    """Run ``python -m module argv`` under torchrun on this machine (``env`` added to the child's
+    environment); return its exit code."""
     cmd = [
         sys.executable,
         "-m",
@@ -71,8 +72,8 @@ def torchrun(module: str, nproc: int, argv: list[str]) -> int:
         *argv,
     ]
     logger.debug("running %s", " ".join(cmd))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(cmd, env=env)
+    child = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    return subprocess.call(cmd, env=child)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -133,8 +134,12 @@ def cmd_rl(args: argparse.Namespace) -> int:
         "--samples", str(args.samples), "--lr", str(args.lr), "--serve-tp", str(args.serve_tp),
         "--warmup", str(args.warmup), "--seed", str(args.seed),
     ]
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    if args.serve_tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # one core per vLLM worker: the CPU build's automatic binding fails on small machines
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % (os.cpu_count() or 1)) for r in range(args.serve_tp))
     start = time.perf_counter()
-    code = torchrun("parallel_bridge.rl", args.train_tp, argv)
+    code = torchrun("parallel_bridge.rl", args.train_tp, argv, env)
     if code != 0:
         raise CliError(f"the RL run failed (torchrun exit code {code}); see the output above")
     print(f"rl finished in {time.perf_counter() - start:.0f} s")

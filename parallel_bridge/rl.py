@@ -331,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(1)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ctx = ParallelContext.from_torchrun(tp=world, timeout_s=300)
     out = Path(args.out)

@@ -70,6 +70,15 @@ def test_short_rl_run_twice_prints_the_same_table(tmp_path):
     assert tables[0] == tables[1]  # fixed seeds: the same rewards, accuracies, gaps, versions
 
 
+@pytest.mark.slow
+def test_short_rl_run_serving_at_tp2(tmp_path):
+    out = tmp_path / "rl"
+    proc = _run("--out", str(out), "--serve-tp", "2", "--steps", "2", "--prompts-per-step", "4", "--samples", "2",
+                "--warmup", "20")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _check_report(out, 2)["serve_tp"] == 2
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
