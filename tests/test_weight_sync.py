@@ -92,8 +92,8 @@ def _train(model, steps, seed):
         opt.step()
 
 
-def _folder(root, tie=False):
-    cfg = HybridLlamaConfig(**{**CFG.__dict__, "tie_word_embeddings": tie})
+def _folder(root, tie=False, kv=CFG.num_key_value_heads):
+    cfg = HybridLlamaConfig(**{**CFG.__dict__, "tie_word_embeddings": tie, "num_key_value_heads": kv})
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "config.json"), "w") as f:
         json.dump(cfg.to_hf_dict("LlamaForCausalLM"), f)
@@ -120,14 +120,14 @@ def _serving_rank_bytes(model, serve_tp):
     }
 
 
-def _push_and_compare(root, serve_tp, tie):
+def _push_and_compare(root, serve_tp, tie, train_tp=2, kv=CFG.num_key_value_heads):
     from parallel_bridge.adapters import megatron as pm
     from parallel_bridge.sync import WeightSync
 
-    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=120)
+    ctx = ParallelContext.from_torchrun(tp=train_tp, timeout_s=120)
     if ctx.rank == 0:
-        _folder(root, tie)
-    cfg = HybridLlamaConfig(**{**CFG.__dict__, "tie_word_embeddings": tie})
+        _folder(root, tie, kv)
+    cfg = HybridLlamaConfig(**{**CFG.__dict__, "tie_word_embeddings": tie, "num_key_value_heads": kv})
     torch.manual_seed(0)
     out = {}
     with pm.cpu_compat():
@@ -154,12 +154,18 @@ def _push_and_compare(root, serve_tp, tie):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("serve_tp,tie", [(1, False), (2, True)])
-def test_push_matches_trainer(tmp_path, monkeypatch, serve_tp, tie):
+@pytest.mark.parametrize(
+    "serve_tp,tie,train_tp,kv",
+    [(1, False, 2, 2), (2, True, 2, 2), (2, False, 1, 1)],
+    ids=["tp2-to-tp1", "tp2-to-tp2-tied", "tp1-to-tp2-kv-replicated"],
+)
+def test_push_matches_trainer(tmp_path, monkeypatch, serve_tp, tie, train_tp, kv):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1" if serve_tp == 2 else "auto")
-    res = run_distributed(_push_and_compare, 2, str(tmp_path / "m"), serve_tp, tie, timeout_s=400)
+    res = run_distributed(
+        _push_and_compare, train_tp, str(tmp_path / "m"), serve_tp, tie, train_tp, kv, timeout_s=400
+    )
     r0 = res[0]
-    print(f"\n[trainer tp2 -> engine tp{serve_tp}, tied={tie}] before push {r0['before']:.2e}, "
+    print(f"\n[trainer tp{train_tp} -> engine tp{serve_tp}, tied={tie}, kv heads {kv}] before push {r0['before']:.2e}, "
           f"after push 1 {r0['diff0']:.2e}, after train+push 2 {r0['diff1']:.2e}")
     assert r0["before"] > 1e-2  # dummy weights: the push has something to prove
     assert r0["diff0"] <= TOL and r0["diff1"] <= TOL
@@ -167,8 +173,8 @@ def test_push_matches_trainer(tmp_path, monkeypatch, serve_tp, tie):
     for rep in r0["reports"]:
         assert rep.pieces_verified > 0
         assert rep.received_bytes == r0["own_bytes"]  # each serving rank received exactly its slices
-    # trainer side: each rank sent its own shard once (replicated norms only from tp rank 0)
-    assert res[0]["reports"][0].sent_bytes == res[1]["reports"][0].sent_bytes
+    # trainer side: every rank holds the same report of what each rank sent
+    assert all(r["reports"][0].sent_bytes == res[0]["reports"][0].sent_bytes for r in res)
 
 
 def _expect_sync_error(fn, *needles):
@@ -363,7 +369,7 @@ def _deepspeed_push(root):
     out = {}
     with pm.cpu_compat():
         with _serving(ctx.rank == 0, root, 1) as llm:
-            for stage, seed in ((3, 1), (1, 2)):
+            for stage, seed in ((3, 1), (2, 3), (1, 2)):
                 torch.manual_seed(seed)
                 model = HybridLlama(CFG, ctx)
                 ref = trainer_logprobs(model) if stage == 3 else None
@@ -376,7 +382,7 @@ def _deepspeed_push(root):
                 }
                 opt = torch.optim.SGD(model.parameters(), lr=0.2)
                 engine, *_ = pds.initialize(ctx, model, config, optimizer=opt)
-                if stage == 1:
+                if stage in (1, 2):  # ZeRO-1/2: train two steps first
                     g = torch.Generator().manual_seed(ctx.dp_rank)
                     for _ in range(2):
                         ids = torch.randint(0, CFG.vocab_size, (24,), generator=g)
@@ -403,7 +409,7 @@ def _deepspeed_push(root):
 def test_deepspeed_zero_trainers_push(tmp_path):
     pytest.importorskip("deepspeed")
     r0 = run_distributed(_deepspeed_push, 2, str(tmp_path / "m"), timeout_s=400)[0]
-    for stage in (3, 1):
+    for stage in (3, 2, 1):
         print(f"\n[deepspeed zero-{stage} tp1 x dp2 -> engine tp1] max |d log-softmax| {r0[stage]['diff']:.2e}")
         assert r0[stage]["diff"] <= TOL
         assert list(r0[stage]["sent"]) == [0]  # the DP replica did not send twice
