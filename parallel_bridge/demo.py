@@ -68,13 +68,20 @@ def make_sum(rng: random.Random, limit: int) -> tuple[str, str]:
     return f"{a}+{b}=", str(a + b)
 
 
-def encode_batch(tokenizer, rng: random.Random, batch: int, seq: int, limit: int) -> torch.Tensor:
-    """``batch`` rows of ``<s>a+b=c</s>`` sentences, packed and cut to ``seq + 1`` tokens."""
+def encode_batch(
+    tokenizer, rng: random.Random, batch: int, seq: int, limit: int, pairs: list[tuple[int, int]] | None = None
+) -> torch.Tensor:
+    """``batch`` rows of ``<s>a+b=c</s>`` sentences, packed and cut to ``seq + 1`` tokens; operands
+    below ``limit``, or drawn from ``pairs`` when given."""
     rows = []
     for _ in range(batch):
         ids: list[int] = []
         while len(ids) < seq + 1:
-            prompt, answer = make_sum(rng, limit)
+            if pairs is None:
+                prompt, answer = make_sum(rng, limit)
+            else:
+                a, b = rng.choice(pairs)
+                prompt, answer = f"{a}+{b}=", str(a + b)
             ids += [tokenizer.bos_token_id, *tokenizer.encode(prompt + answer), tokenizer.eos_token_id]
         rows.append(ids[: seq + 1])
     return torch.tensor(rows)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from parallel_bridge import ParallelContext
-from parallel_bridge.demo import DemoModel, build_model, build_tokenizer
+from parallel_bridge.demo import DemoModel, build_model, build_tokenizer, encode_batch
 
 logger = logging.getLogger("parallel_bridge.rl")
 
@@ -63,6 +63,11 @@ def prompt_ids(tokenizer, a: int, b: int) -> list[int]:
 
 def answer_ids(tokenizer, a: int, b: int) -> list[int]:
     return [*tokenizer.encode(str(a + b)), tokenizer.eos_token_id]
+
+
+def is_correct(tokenizer, tokens: list[int], a: int, b: int) -> bool:
+    """The completion is exactly the sum's digits followed by end-of-sequence."""
+    return list(tokens) == answer_ids(tokenizer, a, b)
 
 
 def token_logprobs(ctx, model, seqs: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,12 +104,7 @@ def greedy_accuracy(llm, tokenizer, cases: list[tuple[int, int]]) -> float:
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0, stop_token_ids=[tokenizer.eos_token_id])
     outs = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(tokenizer, a, b)) for a, b in cases],
                         params, use_tqdm=False)
-    right = sum(
-        list(o.outputs[0].token_ids) == answer_ids(tokenizer, a, b)[: len(o.outputs[0].token_ids)]
-        and tokenizer.decode([t for t in o.outputs[0].token_ids if t != tokenizer.eos_token_id]) == str(a + b)
-        for o, (a, b) in zip(outs, cases)
-    )
-    return right / len(cases)
+    return sum(is_correct(tokenizer, o.outputs[0].token_ids, a, b) for o, (a, b) in zip(outs, cases)) / len(cases)
 
 
 def sample(llm, tokenizer, batch: list[tuple[int, int]], samples: int, seed: int):
@@ -121,11 +121,9 @@ def sample(llm, tokenizer, batch: list[tuple[int, int]], samples: int, seed: int
         prompt = prompt_ids(tokenizer, a, b)
         out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
         for c in out.outputs:
-            tokens = list(c.token_ids)
-            text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id])
-            seqs.append(prompt + tokens)
+            seqs.append(prompt + list(c.token_ids))
             starts.append(len(prompt))
-            rewards.append(1.0 if text == str(a + b) and tokens[-1:] == [tokenizer.eos_token_id] else 0.0)
+            rewards.append(1.0 if is_correct(tokenizer, c.token_ids, a, b) else 0.0)
             groups.append(g)
     return seqs, starts, rewards, groups
 
@@ -149,14 +147,7 @@ def warm_up(ctx, model, tokenizer, train_pairs, steps: int, seed: int) -> list[f
     pos = torch.arange(seq).unsqueeze(0).expand(32, -1)
     losses = []
     for _ in range(steps):
-        rows = []
-        for _ in range(32):
-            ids: list[int] = []
-            while len(ids) < seq + 1:
-                a, b = rng.choice(train_pairs)
-                ids += prompt_ids(tokenizer, a, b) + answer_ids(tokenizer, a, b)
-            rows.append(ids[: seq + 1])
-        batch = torch.tensor(rows)
+        batch = encode_batch(tokenizer, rng, 32, seq, LIMIT, pairs=train_pairs)
         loss = model(batch[:, :-1], pos, attention_mask=None, labels=batch[:, 1:]).float().mean()
         optim.zero_grad()
         loss.backward()

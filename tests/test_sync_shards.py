@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from parallel_bridge.checkpoint import megatron_layout as ml
-from parallel_bridge.checkpoint.megatron_reader import GPTConfig
+from parallel_bridge.checkpoint.gpt_config import GPTConfig
 from parallel_bridge.sync.shards import (
     LocalTensor,
     RoundError,

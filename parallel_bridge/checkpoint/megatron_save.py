@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from parallel_bridge.checkpoint.megatron_reader import CONFIG_FILE, GPTConfig
+from parallel_bridge.checkpoint.gpt_config import CONFIG_FILE, GPTConfig
 from parallel_bridge.context import ParallelContext
 
 

@@ -33,6 +33,8 @@ from parallel_bridge.checkpoint.megatron_reader import CheckpointError, Megatron
 logger = logging.getLogger(__name__)
 
 FORMAT = "megatron"
+VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")
+"""vLLM's vocabulary-parallel parameters: real rows first, vLLM's own padding after them."""
 ARCHITECTURE_ENV = "PARALLEL_BRIDGE_MEGATRON_ARCH"
 """Architecture the config parser names (default LlamaForCausalLM)."""
 
@@ -141,7 +143,7 @@ def load_into_vllm_llama(model: Any, ckpt: MegatronCheckpoint) -> None:
     )
     for name, value in parts:
         param = params[name]
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):  # real rows first, vLLM's padding zero
+        if name in VOCAB_PARAMS:  # real rows first, vLLM's padding zero
             if value.shape[1] != param.shape[1] or value.shape[0] > param.shape[0]:
                 raise CheckpointError(
                     f"tensor {name}: rows {tuple(value.shape)} do not fit vLLM's {tuple(param.shape)}"

@@ -34,17 +34,14 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from parallel_bridge.checkpoint.megatron_reader import GPTConfig, expected_shapes
-from parallel_bridge.checkpoint.vllm_format import rank_parts
+from parallel_bridge.checkpoint.gpt_config import GPTConfig, expected_shapes
+from parallel_bridge.checkpoint.vllm_format import VOCAB_PARAMS, rank_parts
 from parallel_bridge.sync.shards import BufferPool, RoundReader
 
 logger = logging.getLogger(__name__)
 
 BACKEND = "parallel_bridge_shm"
 """The name to select this backend: ``WeightTransferConfig(backend=BACKEND)``."""
-
-_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
-
 
 @dataclasses.dataclass
 class ShmInitInfo(WeightTransferInitInfo):
@@ -102,6 +99,7 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
         self.version = 0
         self._staged: list[tuple[str, torch.Tensor]] | None = None
         self._error: str | None = None
+        self._staged_version = -1
         self._maps: dict[str, torch.Tensor] = {}
         self._pool = BufferPool()
 
@@ -131,7 +129,7 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
             held = self._param_shape(name)
             if held is None:
                 raise ValueError(f"the served model has no parameter {name} (the trainer sends one)")
-            if name in _VOCAB:
+            if name in VOCAB_PARAMS:
                 ok = held[1:] == shape[1:] and held[0] >= shape[0]
             else:
                 ok = held == shape
@@ -245,7 +243,7 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
         for name, value in staged:
             module_name, _, attr = name.rpartition(".")
             param = getattr(self.model.get_submodule(module_name), attr)
-            if name in _VOCAB:  # real rows first, vLLM's padding zero
+            if name in VOCAB_PARAMS:  # real rows first, vLLM's padding zero
                 param.data[value.shape[0] :].zero_()
                 param.data[: value.shape[0]].copy_(value)
             elif param.shape == value.shape:

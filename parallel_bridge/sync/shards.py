@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from parallel_bridge.checkpoint import megatron_layout as ml
-from parallel_bridge.checkpoint.megatron_reader import GPTConfig
+from parallel_bridge.checkpoint.gpt_config import GPTConfig
 
 _ALIGN = 64
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

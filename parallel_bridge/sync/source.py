@@ -26,7 +26,8 @@ from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
 from parallel_bridge.checkpoint import hf_names
 from parallel_bridge.checkpoint import megatron_layout as ml
-from parallel_bridge.checkpoint.megatron_reader import GPTConfig, canonical, expected_shapes
+from parallel_bridge.checkpoint.gpt_config import GPTConfig, expected_shapes
+from parallel_bridge.checkpoint.megatron_reader import canonical
 from parallel_bridge.context import ParallelContext
 from parallel_bridge.sync.shards import LocalTensor, RoundError, RoundReader, ShardWriter
 
@@ -188,6 +189,10 @@ class MegatronWeightSource(WeightSource):
                 out.append(ParamMeta(hf, dtype, tuple(t.shape)))
         return out
 
+    def round_meta(self) -> dict:
+        """What every shard index of a round records: the source layout and the model config."""
+        return {"source_tp": self.ctx.tp, "source_pp": self.ctx.pp, "config": dataclasses.asdict(self.config)}
+
     published: tuple[str, int] | None = None
     """(folder, version) of the last round this rank's engine published."""
 
@@ -202,8 +207,7 @@ class MegatronWeightSource(WeightSource):
             if writer is None or str(writer.root) != str(root):
                 writer = self._writer = ShardWriter(root, self.ctx.tp_rank, self.ctx.pp_rank, self.layout)
             self.publish(writer)
-            writer.commit(version, {"source_tp": self.ctx.tp, "source_pp": self.ctx.pp,
-                                    "config": dataclasses.asdict(self.config)})
+            writer.commit(version, self.round_meta())
         else:
             self.publish(None)
         dist.barrier()

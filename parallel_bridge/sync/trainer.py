@@ -94,12 +94,7 @@ class SharedMemoryTrainerEngine(TrainerWeightTransferEngine[ShmTrainerInitInfo])
         engine._barrier("set-up")
         outcome = None
         if engine.is_sender:
-            info = {
-                "root": str(engine.root),
-                "config": dataclasses.asdict(source.config),
-                "source_tp": source.ctx.tp,
-                "source_pp": source.ctx.pp,
-            }
+            info = {"root": str(engine.root), **source.round_meta()}
             try:
                 client.init_weight_transfer_engine(info)
                 engine.serving_ranks = serving_ranks(engine.root)
@@ -135,7 +130,7 @@ class SharedMemoryTrainerEngine(TrainerWeightTransferEngine[ShmTrainerInitInfo])
         try:
             sent = self.source.publish(self.writer)
             if self.writer is not None:
-                self.writer.commit(version, self._meta())
+                self.writer.commit(version, self.source.round_meta())
             local = {"rank": self.ctx.rank, "sent": sent, "error": None}
         except Exception as e:  # noqa: BLE001 - reported to every rank
             local = {"rank": self.ctx.rank, "sent": 0, "error": f"{type(e).__name__}: {e}"}
@@ -173,13 +168,6 @@ class SharedMemoryTrainerEngine(TrainerWeightTransferEngine[ShmTrainerInitInfo])
             received_bytes=outcome["received"],
             pieces_verified=outcome["verified"],
         )
-
-    def _meta(self) -> dict[str, Any]:
-        return {
-            "source_tp": self.ctx.tp,
-            "source_pp": self.ctx.pp,
-            "config": dataclasses.asdict(self.source.config),
-        }
 
     def _drive(self, version: int) -> dict[str, Any]:
         """Trainer rank 0: one round on the engine; an ``{"error": ...}`` outcome if it failed."""
@@ -297,7 +285,6 @@ class WeightSync:
         if engine is not None and hasattr(engine, "llm_engine"):  # a vllm.LLM in this process
             engine = LLMClient(engine)
         source = MegatronWeightSource(ctx, model, config=config, vocab_size=vocab_size)
-        info_cls = ShmTrainerInitInfo
         if backend != BACKEND:
             raise SyncError(
                 f"unknown weight-sync backend {backend!r}; known: [{BACKEND!r}] (vLLM's own GPU backends, "
@@ -306,7 +293,7 @@ class WeightSync:
         self._busy = False
         try:
             self.engine = WeightTransferTrainerFactory.trainer_init(
-                info_cls(rank=ctx.rank, root=str(root or ""), timeout_s=timeout_s), client=engine, source=source
+                ShmTrainerInitInfo(rank=ctx.rank, root=str(root or ""), timeout_s=timeout_s), client=engine, source=source
             )
         except ValueError as e:
             raise SyncError(str(e)) from e
