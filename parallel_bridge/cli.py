@@ -11,11 +11,13 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from parallel_bridge.errors import BridgeError
 from parallel_bridge.testing import free_port
 
 logger = logging.getLogger("parallel_bridge")
@@ -23,8 +25,8 @@ logger = logging.getLogger("parallel_bridge")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
-class CliError(Exception):
-    """A user-facing error: printed as one line."""
+class CliError(BridgeError):
+    """A bad command line: printed as one line."""
 
 
 def _version(dist_name: str) -> str | None:
@@ -149,7 +151,17 @@ def cmd_rl(args: argparse.Namespace) -> int:
 def _open_checkpoint(args: argparse.Namespace):
     from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
 
-    overrides = json.loads(args.config_overrides) if getattr(args, "config_overrides", None) else None
+    overrides = None
+    if getattr(args, "config_overrides", None) is not None:
+        try:
+            overrides = json.loads(args.config_overrides)
+        except json.JSONDecodeError as e:
+            raise CliError(f"--config-overrides is not valid JSON ({e}): {args.config_overrides!r}") from None
+        if not isinstance(overrides, dict):
+            raise CliError(
+                f"--config-overrides must be a JSON object like '{{\"vocab_size\": 32000}}', "
+                f"got a {type(overrides).__name__}"
+            )
     return MegatronCheckpoint.open(args.checkpoint, iteration=args.iteration, overrides=overrides)
 
 
@@ -201,6 +213,21 @@ def find_tokenizer(checkpoint: str) -> str | None:
     return None
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_tokenizer(tokenizer: str) -> None:
+    """A local tokenizer folder must exist and hold tokenizer files; ``org/name`` may be a Hub repo id."""
+    folder = Path(tokenizer)
+    if folder.is_dir():
+        if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise CliError(f"--tokenizer {tokenizer} holds no tokenizer.json, tokenizer_config.json or tokenizer.model")
+    elif folder.exists():
+        raise CliError(f"--tokenizer {tokenizer} is a file; give the folder that holds it")
+    elif not _REPO_ID.match(tokenizer):
+        raise CliError(f"--tokenizer folder {tokenizer} does not exist")
+
+
 def serve_command(args: argparse.Namespace) -> list[str]:
     """The ``vllm serve`` command line for a Megatron checkpoint (checked before anything starts)."""
     from parallel_bridge.checkpoint.vllm_format import check_serving_tp
@@ -208,6 +235,8 @@ def serve_command(args: argparse.Namespace) -> list[str]:
     ckpt = _open_checkpoint(args)
     check_serving_tp(ckpt.config, args.tensor_parallel_size)
     tokenizer = args.tokenizer or find_tokenizer(args.checkpoint)
+    if args.tokenizer is not None:
+        check_tokenizer(args.tokenizer)
     if tokenizer is None:
         raise CliError(f"no tokenizer: pass --tokenizer, or put one in {Path(args.checkpoint) / 'tokenizer'}")
     return [
@@ -364,13 +393,30 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return args.func(args)
-    except (CliError, ValueError, KeyError, OSError, ImportError, RuntimeError) as e:
-        if args.debug:
-            raise
-        message = " ".join(str(e).split())  # one line, whatever the exception held
-        if len(message) > 400:
-            message = message[:400] + "... (--debug shows all)"
-        print(f"parallel-bridge {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except (BridgeError, OSError) as e:  # expected: bad input, a file that cannot be read or written
+        if args.debug:
+            raise
+        _error_line(args.command, str(e))
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback kept in a file
+        if args.debug:
+            raise
+        import tempfile
+        import traceback
+
+        fd, log = tempfile.mkstemp(prefix="parallel-bridge-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            traceback.print_exc(file=f)
+        _error_line(
+            args.command,
+            f"unexpected {type(e).__name__} (a bug: traceback in {log}, --debug shows it): {e}",
+        )
+    return EXIT_ERROR
+
+
+def _error_line(command: str, text: str) -> None:
+    message = " ".join(text.split())  # one line, whatever the exception held
+    if len(message) > 600:
+        message = message[:600] + "... (--debug shows all)"
+    print(f"parallel-bridge {command}: error: {message}", file=sys.stderr)

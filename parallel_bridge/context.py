@@ -113,7 +113,9 @@ class ParallelContext:
                 f"rank {self.rank} is outside the world of {self.world_size} ranks "
                 f"(tp={self.tp} x cp={self.cp} x dp={self.dp} x pp={self.pp})"
             )
-        if self.timeout_s <= 0:
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)):
+            raise TypeError(f"timeout_s must be a number of seconds, got {self.timeout_s!r} ({type(self.timeout_s).__name__})")
+        if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
         object.__setattr__(self, "order", "-".join(layout.complete_order(self.order, self._sizes("dense"))))
         expert_block = self.etp * self.ep * self.pp

@@ -24,6 +24,7 @@ import inspect
 import logging
 import os
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +187,17 @@ def _load_by_name(module: nn.Module, weights) -> set[str]:
     return loaded
 
 
+def _return_type(fn: Any) -> Any:
+    """The factory's return annotation, resolved also under ``from __future__ import annotations``."""
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        fn = type(fn).__call__ if callable(fn) and not isinstance(fn, type) else fn
+    try:
+        return typing.get_type_hints(fn).get("return")
+    except Exception as e:  # noqa: BLE001 - an annotation that does not resolve cannot be checked
+        logger.debug("return annotation of %s not resolved (%s): not checked", _describe(fn), e)
+        return None
+
+
 def _record_caller_module(depth: int = 2) -> None:
     """Remember the module that called register_model, so child processes import it too."""
     frame = sys._getframe(depth)
@@ -197,14 +209,33 @@ def _record_caller_module(depth: int = 2) -> None:
         os.environ[MODULES_ENV] = ",".join([*current, module])
 
 
-def register_model(name: str, target: Any) -> type[nn.Module]:
+def _vllm_model_named(name: str) -> str | None:
+    """What vLLM's own registry serves under ``name`` (None when nothing, or vLLM is absent)."""
+    try:
+        from vllm import ModelRegistry
+    except ImportError:
+        return None
+    if name not in ModelRegistry.get_supported_archs():
+        return None
+    entry = ModelRegistry.models[name]
+    cls = getattr(entry, "model_cls", None)
+    if getattr(cls, "bridge_name", None) == name:
+        return None  # this module's own class for the name, registered earlier in this process
+    if cls is not None:
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{getattr(entry, 'module_name', '?')}.{getattr(entry, 'class_name', name)}"
+
+
+def register_model(name: str, target: Any, *, override: bool = False) -> type[nn.Module]:
     """Register ``target`` with vLLM under the architecture ``name``; returns the class vLLM builds.
 
     ``target``: a factory ``f(vllm_config, parallel_context) -> nn.Module`` (a
     lambda too), an nn.Module class (built as ``cls(vllm_config, parallel_context)``,
     or as vLLM builds its own when ``__init__`` takes ``vllm_config`` and ``prefix``),
     or a "module:attr" string naming one. Registering the same name again with the
-    same target does nothing; with another target it is an error.
+    same target does nothing; with another target it is an error. A name vLLM already
+    serves (``LlamaForCausalLM``...) is refused unless ``override=True``: replacing it
+    changes what every engine of this process serves under that name.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"model name must be a non-empty string, got {name!r}")
@@ -215,6 +246,12 @@ def register_model(name: str, target: Any) -> type[nn.Module]:
             f"model {name!r} is already registered with {_describe(_REGISTRY[name].target)}; "
             f"refusing to replace it with {_describe(target)} (use another name)"
         )
+    existing = _vllm_model_named(name)
+    if existing is not None and not override:
+        raise ValueError(
+            f"vLLM already has a model {name!r} ({existing}); registering would replace it for every engine "
+            f"in this process. Choose another name, or pass override=True to replace it"
+        )
     resolved = _resolve(target)
     if isinstance(resolved, type):
         if not issubclass(resolved, nn.Module):
@@ -223,7 +260,7 @@ def register_model(name: str, target: Any) -> type[nn.Module]:
     elif not callable(resolved):
         raise TypeError(f"model {name!r}: target {_describe(target)} is neither callable nor a class")
     else:
-        returns = inspect.signature(resolved).return_annotation if not isinstance(resolved, type) else None
+        returns = _return_type(resolved)
         if isinstance(returns, type) and issubclass(returns, nn.Module):
             _check_contract(name, returns, f"{_describe(returns)}, the return type of {_describe(target)}")
     cls = _make_vllm_class(name, target)

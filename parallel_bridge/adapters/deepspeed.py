@@ -185,6 +185,14 @@ def install_expert_groups(ctx: ParallelContext) -> str:
 
 def check_batch_config(ctx: ParallelContext, config: dict[str, Any]) -> None:
     """Raise ValueError naming the numbers when the config's batch sizes don't fit the data-parallel size."""
+    if not isinstance(config, dict):
+        raise TypeError(f"the DeepSpeed config must be a dict, got {type(config).__name__}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"DeepSpeed config {key}={value!r} must be an integer, not {type(value).__name__}")
+        if value is not None and value < 1:
+            raise ValueError(f"DeepSpeed config {key}={value} must be >= 1")
     dp = ctx.dp * ctx.cp if ctx.cp > 1 else ctx.dp
     train = config.get("train_batch_size")
     micro = config.get("train_micro_batch_size_per_gpu")

@@ -7,11 +7,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from parallel_bridge.checkpoint import megatron_args as ma
+from parallel_bridge.errors import BridgeError
+
 CONFIG_FILE = "megatron_gpt_config.json"
 """Model configuration beside a checkpoint that carries none (megatron-core-only saves)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BridgeError, ValueError):
     """A checkpoint that cannot be read as asked; the message names the file or tensor."""
 
 
@@ -37,18 +40,57 @@ class GPTConfig:
     position_embedding_type: str = "rope"
     kv_channels: int | None = None
 
+    def __post_init__(self) -> None:
+        """Types and ranges of every field, named, before anything reads a tensor with them."""
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name))
+        h, heads, groups = self.hidden_size, self.num_attention_heads, self.num_query_groups
+        if heads % groups:
+            raise CheckpointError(
+                f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}"
+            )
+        if self.kv_channels is None and h % heads:
+            raise CheckpointError(
+                f"hidden_size={h} is not a multiple of num_attention_heads={heads}; give kv_channels"
+            )
+        if self.vocab_size > self.padded_vocab_size:
+            raise CheckpointError(
+                f"vocab_size={self.vocab_size} is larger than padded_vocab_size={self.padded_vocab_size}: "
+                f"the checkpoint stores only {self.padded_vocab_size} vocabulary rows"
+            )
+
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_args(cls, args: Any, overrides: dict[str, Any] | None = None) -> GPTConfig:
-        """From a Megatron-LM ``args`` namespace or dict, then ``overrides``."""
+        """From a Megatron-LM ``args`` namespace or a dict (the side file), then ``overrides``.
+
+        Arguments that change the math away from a Llama GPT are refused by name
+        (:mod:`~parallel_bridge.checkpoint.megatron_args`); so are keys of a dict or of
+        ``overrides`` that no table knows.
+        """
         get = (
             (lambda k, d=None: args.get(k, d))
             if isinstance(args, dict)
             else (lambda k, d=None: getattr(args, k, d))
         )
+        known = {f.name for f in dataclasses.fields(cls)}
+        if overrides is not None and not isinstance(overrides, dict):
+            raise CheckpointError(
+                f"config overrides must be a JSON object of field: value, got {type(overrides).__name__}"
+            )
+        unknown = sorted(set(overrides or {}) - known)
+        if unknown:
+            raise CheckpointError(f"unknown configuration keys {unknown}; known: {sorted(known)}")
+        if isinstance(args, dict):
+            strange = sorted(set(args) - known - ma.MAPPED - ma.NO_MATH - set(ma.NEUTRAL))
+            if strange:
+                raise CheckpointError(
+                    f"unknown model configuration keys {strange}: parallel_bridge does not know whether they "
+                    f"change the math; known: {sorted(known)}"
+                )
         heads = get("num_attention_heads")
         groups = (
             get("num_query_groups")
@@ -61,7 +103,7 @@ class GPTConfig:
             "num_attention_heads": heads,
             "num_query_groups": groups or heads,
             "ffn_hidden_size": get("ffn_hidden_size")
-            or (4 * get("hidden_size") if get("hidden_size") else None),
+            or (4 * get("hidden_size") if isinstance(get("hidden_size"), int) else None),
             "padded_vocab_size": get("padded_vocab_size") or get("vocab_size"),
             "vocab_size": get("true_vocab_size") or get("vocab_size") or get("padded_vocab_size"),
             "max_position_embeddings": get("max_position_embeddings") or get("seq_length") or 4096,
@@ -77,40 +119,32 @@ class GPTConfig:
             "position_embedding_type": get("position_embedding_type", "rope") or "rope",
             "kv_channels": get("kv_channels"),
         }
+        for name, value in (overrides or {}).items():
+            check_field(name, value, "override")
         values.update(overrides or {})
         missing = [
             k
             for k in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
-            if not values.get(k)
+            if values.get(k) is None
         ]
         if missing:
             raise CheckpointError(
                 f"the model configuration lacks {missing}; give them as overrides or in {CONFIG_FILE}"
             )
-        values["padded_vocab_size"] = values["padded_vocab_size"] or values["vocab_size"]
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CheckpointError(f"unknown configuration keys {unknown}; known: {sorted(known)}")
+        refused = [r for r in ma.refused_features(get) if r.split("=")[0] not in (overrides or {})]
         cfg = cls(**values)
-        cfg.check_supported()
+        cfg.check_supported(refused)
         return cfg
 
-    def check_supported(self) -> None:
-        """Raise for architectures the Llama mapping does not cover (it names what is unsupported)."""
-        problems = []
-        if self.normalization != "RMSNorm":
-            problems.append(f"normalization={self.normalization} (needs RMSNorm)")
-        if not self.swiglu:
-            problems.append("a non-gated MLP (needs SwiGLU)")
-        if self.position_embedding_type != "rope":
-            problems.append(f"position_embedding_type={self.position_embedding_type} (needs rope)")
-        if self.add_bias_linear:
-            problems.append("biases on linear layers")
+    def check_supported(self, refused: list[str] | None = None) -> None:
+        """Raise for architectures the Llama mapping does not cover, naming each argument at fault."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        problems = [*(refused or []), *ma.refused_features(lambda k, d: own.get(k, d))]
         if problems:
             raise CheckpointError(
                 "this checkpoint's architecture is not a Llama-family GPT the mapping knows: "
-                + "; ".join(problems)
+                + "; ".join(dict.fromkeys(problems))
+                + ". Serving it as one would give wrong numbers, so it is refused"
             )
 
     def to_hf_llama(self, architecture: str = "LlamaForCausalLM") -> dict[str, Any]:
@@ -134,6 +168,34 @@ class GPTConfig:
             "hidden_act": "silu",
             "torch_dtype": "float32",
         }
+
+
+def check_field(name: str, value: Any, what: str = "model config field") -> None:
+    """Raise naming ``name`` when ``value`` has the wrong type or range for that GPTConfig field."""
+    kind = _FIELD_TYPES[name]
+    if value is None and name == "kv_channels":
+        return
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind in (int, float):
+        ok = isinstance(value, kind if kind is int else (int, float)) and not isinstance(value, bool) and value > 0
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        want = {bool: "true or false", float: "a positive number", int: "a positive integer"}.get(kind, "a string")
+        raise CheckpointError(f"{what} {name}={value!r} must be {want}")
+
+
+_FIELD_TYPES = {
+    **dict.fromkeys(
+        ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+         "vocab_size", "padded_vocab_size", "max_position_embeddings", "kv_channels"),
+        int,
+    ),
+    **dict.fromkeys(("rotary_base", "norm_epsilon"), float),
+    **dict.fromkeys(("tie_embeddings", "add_bias_linear", "add_qkv_bias", "swiglu"), bool),
+    **dict.fromkeys(("normalization", "position_embedding_type"), str),
+}
 
 
 def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from parallel_bridge.checkpoint.hf_names import GPTShape, megatron_to_hf
 from parallel_bridge.checkpoint.megatron_reader import CheckpointError, MegatronCheckpoint
+from parallel_bridge.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,50 @@ TOKENIZER_FILES = (
 )
 
 
+MARKER = ".parallel-bridge-export.json"
+"""Written into every export: ``--force`` replaces only folders that carry it."""
+
+
+def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Raise before anything is written when ``out`` would touch an input or a folder this tool did not write."""
+    target = out.resolve()
+    for given in inputs:
+        source = given.resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            where = "is" if target == source else "contains" if source.is_relative_to(target) else "lies inside"
+            raise OutputError(f"output folder {out} {where} the input {given}; choose an output outside it")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise OutputError(f"output {out} exists and is not a folder; choose another output")
+        if not overwrite:
+            raise OutputError(f"output folder {out} exists; pass overwrite (--force) to replace it")
+        if not (out / MARKER).exists():
+            raise OutputError(
+                f"output folder {out} exists and was not written by parallel-bridge convert (no {MARKER}); "
+                f"--force replaces only an earlier export: remove it yourself or choose another output"
+            )
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Temporary folders of earlier exports to ``out`` whose process is gone (killed mid-way)."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = partial.name[len(f".{out.name}.partial-") :].split("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        logger.info("removing %s, left by an interrupted export", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def export_hf(
     ckpt: MegatronCheckpoint,
     out: str | Path,
@@ -46,14 +92,14 @@ def export_hf(
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out} exists; pass overwrite (--force) to replace it")
+    check_output(out, [ckpt.root] + ([Path(tokenizer)] if tokenizer is not None else []), overwrite)
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
     cfg = ckpt.config
     shape = GPTShape(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, cfg.vocab_size, cfg.swiglu)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         sizes = [0]
@@ -106,9 +152,12 @@ def export_hf(
                 raise CheckpointError(f"tokenizer folder {tokenizer} holds none of {list(TOKENIZER_FILES)}")
             for f in copied:
                 shutil.copy2(Path(tokenizer) / f, tmp / f)
+        (tmp / MARKER).write_text(json.dumps({"tool": "parallel-bridge convert", "source": str(ckpt.path)}))
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
         if out.exists():
-            shutil.rmtree(out)
+            out.rename(old)  # checked above: an earlier export of this tool
         tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

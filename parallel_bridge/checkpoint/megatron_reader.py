@@ -17,17 +17,16 @@ names (``linear_qkv.layer_norm_weight``) are renamed on the way.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from parallel_bridge.checkpoint import dcp, records
 from parallel_bridge.checkpoint import megatron_layout as ml
 from parallel_bridge.checkpoint.gpt_config import CONFIG_FILE, CheckpointError, GPTConfig, expected_shapes
 
@@ -61,6 +60,7 @@ class MegatronCheckpoint:
 
     format: str
     path: Path
+    root: Path
     iteration: int | str | None
     source_tp: int
     source_pp: int
@@ -85,6 +85,7 @@ class MegatronCheckpoint:
                 f"{folder} is neither a torch_dist checkpoint (metadata.json) nor a legacy one "
                 f"(mp_rank_XX folders)"
             )
+        ckpt.root = root
         ckpt.iteration = _iteration_of(folder)
         ckpt._load_config(root, overrides or {})
         ckpt._check_shapes()
@@ -98,7 +99,9 @@ class MegatronCheckpoint:
         args = self._args()
         side = next((p for p in (self.path / CONFIG_FILE, root / CONFIG_FILE) if p.exists()), None)
         if args is None and side is not None:
-            args = json.loads(side.read_text())
+            args = records.read_json(side)
+            if not isinstance(args, dict):
+                raise CheckpointError(f"{side} must hold a JSON object, not a {type(args).__name__}")
         if args is None:
             args = {}
         if not args and not overrides:
@@ -174,6 +177,8 @@ class MegatronCheckpoint:
 def _iteration_folder(root: Path, iteration: int | None) -> Path:
     tracker = root / "latest_checkpointed_iteration.txt"
     if iteration is not None:
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+            raise CheckpointError(f"iteration must be a non-negative integer, got {iteration!r}")
         folder = root / f"iter_{iteration:07d}"
         if not folder.is_dir():
             have = sorted(p.name for p in root.glob("iter_*"))
@@ -182,7 +187,11 @@ def _iteration_folder(root: Path, iteration: int | None) -> Path:
             )
         return folder
     if tracker.exists():
-        text = tracker.read_text().strip()
+        text = tracker.read_text(errors="replace").strip()
+        if text != "release" and not text.isdigit():
+            raise CheckpointError(
+                f"{tracker} holds {text[:40]!r}, not an iteration number or 'release'; fix it or pass --iteration"
+            )
         folder = root / ("release" if text == "release" else f"iter_{int(text):07d}")
         if not folder.is_dir():
             raise CheckpointError(f"{tracker} names iteration {text}, but {folder} does not exist")
@@ -198,77 +207,6 @@ def _iteration_of(folder: Path) -> int | str | None:
 
 
 # ---------------------------------------------------------------- torch_dist
-def _dcp_read(
-    reader: Any, metadata: Any, requests: list[tuple[str, list[int], list[int]]]
-) -> list[torch.Tensor]:
-    """Read slices ``(key, offsets, sizes)`` of a DCP checkpoint in one pass of torch's own reader."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner, load
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
-    from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-    out = [
-        torch.empty(sizes, dtype=metadata.state_dict_metadata[key].properties.dtype)
-        for key, _, sizes in requests
-    ]
-
-    class SlicePlanner(DefaultLoadPlanner):
-        def create_local_plan(self) -> LoadPlan:
-            items = []
-            for n, (key, offsets, sizes) in enumerate(requests):
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-                for item in create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk]):
-                    # the destination names the request, so one key can be read in several slices
-                    dest = MetadataIndex(
-                        fqn=str(n), offset=item.dest_index.offset, index=item.dest_index.index
-                    )
-                    items.append(
-                        ReadItem(
-                            type=item.type,
-                            dest_index=dest,
-                            dest_offsets=item.dest_offsets,
-                            storage_index=item.storage_index,
-                            storage_offsets=item.storage_offsets,
-                            lengths=item.lengths,
-                        )
-                    )
-            return LoadPlan(items)
-
-        def resolve_tensor(self, read_item):
-            dest = out[int(read_item.dest_index.fqn)]
-            for dim, (off, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-                dest = dest.narrow(dim, off, n)
-            return dest
-
-        def commit_tensor(self, read_item, tensor) -> None:
-            pass
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load(
-            {str(n): t for n, t in enumerate(out)},
-            storage_reader=reader,
-            planner=SlicePlanner(),
-            no_dist=True,
-        )
-    return out
-
-
-def _cached_metadata_reader(folder: Path) -> Any:
-    """A FileSystemReader that parses ``.metadata`` once, not on every read."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class Reader(FileSystemReader):
-        _metadata = None
-
-        def read_metadata(self, *args, **kwargs):
-            if self._metadata is None:
-                self._metadata = super().read_metadata(*args, **kwargs)
-            return self._metadata
-
-    return Reader(str(folder))
-
-
 class _TorchDist(MegatronCheckpoint):
     format = "torch_dist"
 
@@ -278,12 +216,13 @@ class _TorchDist(MegatronCheckpoint):
         self.path = folder
         meta_json = folder / "metadata.json"
         if meta_json.exists():
-            backend = json.loads(meta_json.read_text()).get("sharded_backend")
+            meta = records.read_json(meta_json)
+            backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
             if backend != "torch_dist":
                 raise CheckpointError(
                     f"{meta_json}: sharded_backend {backend!r} is not supported (torch_dist is)"
                 )
-        self.reader = _cached_metadata_reader(folder)
+        self.reader = dcp.cached_reader(folder)
         try:
             self.metadata = self.reader.read_metadata()
         except Exception as e:
@@ -308,7 +247,7 @@ class _TorchDist(MegatronCheckpoint):
                 self.tensors[key] = TensorInfo(shape, md.properties.dtype)
         self.source_tp, self.source_pp = self._source_layout(num_layers)
         common = folder / "common.pt"
-        self._common = torch.load(common, map_location="cpu", weights_only=False) if common.exists() else {}
+        self._common = records.torch_load(common) if common.exists() else {}
 
     def _missing_files(self) -> None:
         files = {v.relative_path for v in self.metadata.storage_data.values()}
@@ -340,11 +279,11 @@ class _TorchDist(MegatronCheckpoint):
     def read(
         self, name: str, dim: int | None = None, start: int = 0, length: int | None = None
     ) -> torch.Tensor:
-        (out,) = _dcp_read(self.reader, self.metadata, [self._request(name, dim, start, length)])
+        (out,) = dcp.read_slices(self.reader, self.metadata, [self._request(name, dim, start, length)])
         return self._unstack(name, out)
 
     def read_rows(self, name: str, index: list[tuple[int, int]]) -> torch.Tensor:
-        parts = _dcp_read(self.reader, self.metadata, [self._request(name, 0, s, n) for s, n in index])
+        parts = dcp.read_slices(self.reader, self.metadata, [self._request(name, 0, s, n) for s, n in index])
         return torch.cat([self._unstack(name, p) for p in parts], dim=0)
 
     def _request(
@@ -404,9 +343,6 @@ class _Legacy(MegatronCheckpoint):
                 raise CheckpointError(f"shard file {f} is missing")
         first = self._load(0, 0)
         self._first_args = first.get("args")
-        self.checkpoint_version = first.get("checkpoint_version")
-        # layers per stage: count on each stage
-        self._layer_offsets = {}
         offset = 0
         self.tensors = {}
         self._where: dict[str, tuple[int, str]] = {}  # global name -> (pp stage, local name)
@@ -420,20 +356,22 @@ class _Legacy(MegatronCheckpoint):
                 self._where[name] = (p, local)
             offset += len(local_layers)
         for name, (p, local) in self._where.items():
-            shards = [self._model_state(t, p)[local] for t in range(self.source_tp)]
-            self.tensors[name] = TensorInfo(
-                tuple(self._merge(name, [s.shape for s in shards])), shards[0].dtype
-            )
+            shards = []
+            for t in range(self.source_tp):
+                state = self._model_state(t, p)
+                if local not in state:
+                    raise CheckpointError(f"{self._files[(t, p)]} lacks tensor {local} that tp rank 0 has")
+                shards.append(state[local])
+            self.tensors[name] = TensorInfo(tuple(self._merge(name, [s.shape for s in shards], p)), shards[0].dtype)
 
     def _load(self, t: int, p: int) -> dict[str, Any]:
         if (t, p) not in self._loaded:
             f = self._files[(t, p)]
-            try:
-                self._loaded[(t, p)] = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
-            except Exception as e:
-                raise CheckpointError(
-                    f"shard file {f} cannot be read ({type(e).__name__}: {e}); truncated?"
-                ) from e
+            records.verify_file(f)
+            state = records.torch_load(f, mmap=True, what="shard file")
+            if not isinstance(state, dict):
+                raise CheckpointError(f"shard file {f} holds a {type(state).__name__}, not Megatron's state dict")
+            self._loaded[(t, p)] = state
         return self._loaded[(t, p)]
 
     def _model_state(self, t: int, p: int) -> dict[str, torch.Tensor]:
@@ -443,13 +381,18 @@ class _Legacy(MegatronCheckpoint):
             raise CheckpointError(f"{self._files[(t, p)]} has no 'model' entry (keys: {sorted(ckpt)[:6]})")
         return state
 
-    def _merge(self, name: str, shapes: list[torch.Size]) -> list[int]:
-        kind = ml.split_kind(name)
+    def _merge(self, name: str, shapes: list[torch.Size], p: int) -> list[int]:
+        """The full shape from the TP shards' shapes; Megatron splits evenly, so they must all be equal."""
+        for t, s in enumerate(shapes[1:], 1):
+            if s != shapes[0]:
+                raise CheckpointError(
+                    f"tensor {name}: shard {tuple(s)} in {self._files[(t, p)]} disagrees with {tuple(shapes[0])} "
+                    f"in {self._files[(0, p)]}; Megatron's tensor-parallel shards of one tensor have equal shapes"
+                )
         shape = list(shapes[0])
-        if kind in ("column", "glu"):
-            shape[0] = sum(s[0] for s in shapes)
-        elif kind == "row":
-            shape[1] = sum(s[1] for s in shapes)
+        dim = {"column": 0, "glu": 0, "row": 1}.get(ml.split_kind(name))
+        if dim is not None:
+            shape[dim] *= len(shapes)
         return shape
 
     def _args(self) -> Any:

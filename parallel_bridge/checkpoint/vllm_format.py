@@ -141,8 +141,12 @@ def load_into_vllm_llama(model: Any, ckpt: MegatronCheckpoint) -> None:
         get_tensor_model_parallel_rank(),
         (idx.org_vocab_start_index, idx.org_vocab_end_index),
     )
+    filled = set()
     for name, value in parts:
+        if name not in params:
+            raise CheckpointError(f"checkpoint tensor {name} has no parameter in vLLM's {type(model).__name__}")
         param = params[name]
+        filled.add(name)
         if name in VOCAB_PARAMS:  # real rows first, vLLM's padding zero
             if value.shape[1] != param.shape[1] or value.shape[0] > param.shape[0]:
                 raise CheckpointError(
@@ -157,6 +161,12 @@ def load_into_vllm_llama(model: Any, ckpt: MegatronCheckpoint) -> None:
             )
         else:
             param.data.copy_(value)
+    unfilled = sorted(set(params) - filled)
+    if unfilled:  # left as uninitialised memory, it would serve garbage
+        raise CheckpointError(
+            f"{ckpt.path}: no checkpoint tensor filled vLLM's parameters {unfilled[:4]}"
+            + (f" and {len(unfilled) - 4} more" if len(unfilled) > 4 else "")
+        )
 
 
 def register_vllm_formats() -> None:

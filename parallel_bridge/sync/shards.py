@@ -28,12 +28,13 @@ import torch
 
 from parallel_bridge.checkpoint import megatron_layout as ml
 from parallel_bridge.checkpoint.gpt_config import GPTConfig
+from parallel_bridge.errors import BridgeError
 
 _ALIGN = 64
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-class RoundError(RuntimeError):
+class RoundError(BridgeError, RuntimeError):
     """A weight round that cannot be read as sent; the message names the tensor and trainer rank."""
 
 

@@ -21,29 +21,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
 from parallel_bridge.checkpoint import hf_names
+from parallel_bridge.checkpoint import megatron_args as ma
 from parallel_bridge.checkpoint import megatron_layout as ml
 from parallel_bridge.checkpoint.gpt_config import GPTConfig, expected_shapes
 from parallel_bridge.checkpoint.megatron_reader import canonical
 from parallel_bridge.context import ParallelContext
 from parallel_bridge.sync.shards import LocalTensor, RoundError, RoundReader, ShardWriter
-
-_SAME_MATH = {
-    "rotary_interleaved": False,
-    "rotary_percent": 1.0,
-    "qk_layernorm": False,
-    "layernorm_zero_centered_gamma": False,
-    "add_bias_linear": False,
-    "add_qkv_bias": False,
-    "softmax_scale": None,
-    "window_size": None,
-    "num_moe_experts": None,
-    "multi_latent_attention": False,
-}
-"""megatron-core TransformerConfig fields that change the math, with the value vLLM's Llama computes."""
 
 
 def unwrap(model: Any) -> torch.nn.Module:
@@ -78,13 +64,10 @@ def config_of(model: torch.nn.Module, vocab_size: int | None = None) -> GPTConfi
         )
     from parallel_bridge.checkpoint.megatron_save import gpt_config_of
 
-    changed = [f"{k}={getattr(config, k)!r}" for k, ok in _SAME_MATH.items() if getattr(config, k, ok) != ok]
-    if getattr(model, "rope_scaling", False):
-        changed.append("rope_scaling=True")
-    if getattr(model, "position_embedding_type", "rope") != "rope":
-        changed.append(f"position_embedding_type={model.position_embedding_type!r}")
-    if getattr(config, "gated_linear_unit", True) and getattr(config, "activation_func", F.silu) is not F.silu:
-        changed.append(f"activation_func={getattr(config.activation_func, '__name__', config.activation_func)}")
+    attrs = {"rope_scaling": getattr(model, "rope_scaling", False),
+             "position_embedding_type": getattr(model, "position_embedding_type", "rope")}
+    changed = ma.refused_features(lambda k, d: attrs[k] if k in attrs else getattr(config, k, d))
+    changed += ma.unclassified_changes(config)
     if changed:
         raise ValueError(
             f"the model uses {', '.join(changed)}, which vLLM's LlamaForCausalLM does not compute; "

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeightTransferEngine
 
 from parallel_bridge.context import ParallelContext
+from parallel_bridge.errors import BridgeError
 from parallel_bridge.sync.clients import LLMClient
 from parallel_bridge.sync.engine import BACKEND, register_weight_transfer, report_path, serving_ranks
 from parallel_bridge.sync.shards import ShardWriter
@@ -38,7 +39,7 @@ from parallel_bridge.sync.source import MegatronWeightSource
 logger = logging.getLogger(__name__)
 
 
-class SyncError(RuntimeError):
+class SyncError(BridgeError, RuntimeError):
     """A weight push that did not happen; the engine keeps serving the previous weights."""
 
 

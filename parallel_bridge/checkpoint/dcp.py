@@ -1,0 +1,107 @@
+"""torch.distributed.checkpoint, read the way a serving rank needs: exact slices in one pass of DCP's own
+reader (a planner built from ``create_read_items_for_chunk_list``), every record checked against the CRC-32s
+``torch.save`` stored in it, errors naming the file."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel_bridge.checkpoint import records
+from parallel_bridge.checkpoint.gpt_config import CheckpointError
+
+
+def read_slices(
+    reader: Any, metadata: Any, requests: list[tuple[str, list[int], list[int]]]
+) -> list[torch.Tensor]:
+    """Read slices ``(key, offsets, sizes)`` of a DCP checkpoint in one pass of torch's own reader."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, load
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    out = [
+        torch.empty(sizes, dtype=metadata.state_dict_metadata[key].properties.dtype)
+        for key, _, sizes in requests
+    ]
+
+    class SlicePlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for n, (key, offsets, sizes) in enumerate(requests):
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+                for item in create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk]):
+                    # the destination names the request, so one key can be read in several slices
+                    dest = MetadataIndex(
+                        fqn=str(n), offset=item.dest_index.offset, index=item.dest_index.index
+                    )
+                    items.append(
+                        ReadItem(
+                            type=item.type,
+                            dest_index=dest,
+                            dest_offsets=item.dest_offsets,
+                            storage_index=item.storage_index,
+                            storage_offsets=item.storage_offsets,
+                            lengths=item.lengths,
+                        )
+                    )
+            return LoadPlan(items)
+
+        def resolve_tensor(self, read_item):
+            dest = out[int(read_item.dest_index.fqn)]
+            for dim, (off, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                dest = dest.narrow(dim, off, n)
+            return dest
+
+        def commit_tensor(self, read_item, tensor) -> None:
+            pass
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            load(
+                {str(n): t for n, t in enumerate(out)},
+                storage_reader=reader,
+                planner=SlicePlanner(),
+                no_dist=True,
+            )
+        except CheckpointException as e:  # a BaseException wrapping the reader's own error
+            inner = next(iter(e.failures.values()))[0]
+            if isinstance(inner, CheckpointError):
+                raise inner from None
+            keys = sorted({key for key, _, _ in requests})
+            raise CheckpointError(
+                f"{reader.path}: reading {keys[:3]} failed ({type(inner).__name__}: {inner}); damaged file?"
+            ) from inner
+    return out
+
+
+def cached_reader(folder: Path) -> Any:
+    """A FileSystemReader that parses ``.metadata`` once, not on every read."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
+        _metadata = None
+
+        def _slice_file(self, file, sinfo):
+            """The record's bytes, checked against the CRC-32s torch.save stored in it."""
+            data = super()._slice_file(file, sinfo).read(sinfo.length)
+            label = f"shard file {folder / sinfo.relative_path} (record at byte {sinfo.offset})"
+            if len(data) != sinfo.length:
+                raise CheckpointError(f"{label}: {len(data)} of {sinfo.length} bytes could be read; truncated")
+            if data[:4] == b"PK\x03\x04":
+                records.verify_bytes(data, label)
+            return io.BytesIO(data)
+
+        def read_metadata(self, *args, **kwargs):
+            if self._metadata is None:
+                self._metadata = super().read_metadata(*args, **kwargs)
+            return self._metadata
+
+    return Reader(str(folder))

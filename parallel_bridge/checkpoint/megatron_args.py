@@ -1,0 +1,151 @@
+"""Every Megatron model argument, classified once: read into :class:`GPTConfig`, required at the value
+vLLM's Llama computes (refused by name otherwise), or without effect on a forward pass.
+
+Names are megatron-core ``TransformerConfig`` fields and the Megatron-LM arguments they come from
+(``apply_layernorm_1p`` -> ``layernorm_zero_centered_gamma``, ``swiglu`` -> ``gated_linear_unit``,
+``num_experts`` -> ``num_moe_experts``...). ``tests/test_bad_inputs.py`` walks the installed
+``TransformerConfig``: a field this table does not classify fails it, so a new megatron-core argument
+cannot be ignored silently; on the ``TransformerConfig`` path an unclassified field away from its
+default is refused at run time too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+MAPPED = frozenset(
+    """num_layers hidden_size num_attention_heads num_query_groups group_query_attention ffn_hidden_size
+    kv_channels vocab_size padded_vocab_size true_vocab_size max_position_embeddings seq_length rotary_base
+    norm_epsilon layernorm_epsilon untie_embeddings_and_output_weights tie_embeddings activation_func""".split()
+)
+"""Read into GPTConfig (``activation_func`` is checked to be SiLU under a gated unit)."""
+
+_NONE = (None, 0, False)
+NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
+    "normalization": (("RMSNorm",), "normalization other than RMSNorm"),
+    "apply_layernorm_1p": ((False, None), "zero-centred norm weights"),
+    "layernorm_zero_centered_gamma": ((False, None), "zero-centred norm weights"),
+    "apply_residual_connection_post_layernorm": ((False, None), "residual taken after the norm"),
+    "position_embedding_type": (("rope",), "position embeddings other than rope"),
+    "use_rope_scaling": ((False, None), "Llama-3.1 rope scaling"),
+    "rope_scaling": ((False, None), "Llama-3.1 rope scaling"),
+    "rotary_percent": ((1.0, None), "partial rotary embedding"),
+    "rotary_interleaved": ((False, None), "interleaved rotary embedding"),
+    "rotary_seq_len_interpolation_factor": ((None, 1, 1.0), "rotary position interpolation"),
+    "seq_len_interpolation_factor": ((None, 1, 1.0), "rotary position interpolation"),
+    "mrope_section": ((None,), "multimodal rope"),
+    "no_rope_freq": ((None,), "layers without rope"),
+    "qk_layernorm": ((False, None), "QK layernorm"),
+    "qk_l2_norm": ((False, None), "QK L2 norm"),
+    "add_qkv_bias": ((False, None), "QKV biases"),
+    "add_bias_linear": ((False, None), "biases on linear layers"),
+    "softmax_scale": ((None,), "a custom softmax scale"),
+    "softmax_type": (("vanilla", None), "a non-standard softmax"),
+    "window_size": ((None,), "sliding-window attention"),
+    "window_attn_skip_freq": ((None,), "sliding-window attention"),
+    "attention_output_gate": ((False, None), "gated attention output"),
+    "multi_latent_attention": ((False, None), "MLA (multi-latent attention)"),
+    "q_lora_rank": ((None,), "MLA (multi-latent attention)"),
+    "kv_lora_rank": ((None,), "MLA (multi-latent attention)"),
+    "experimental_attention_variant": ((None,), "an experimental attention variant"),
+    "linear_attention_freq": ((None,), "linear-attention layers"),
+    "swiglu": ((True,), "a non-gated MLP (needs SwiGLU)"),
+    "gated_linear_unit": ((True,), "a non-gated MLP (needs SwiGLU)"),
+    "squared_relu": ((False, None), "squared-ReLU activation"),
+    "quick_geglu": ((False, None), "quick-GeGLU activation"),
+    "glu_linear_offset": ((0.0, None), "an offset GLU"),
+    "activation_func_clamp_value": ((None,), "a clamped activation"),
+    "num_experts": (_NONE, "MoE"),
+    "num_moe_experts": (_NONE, "MoE"),
+    "mtp_num_layers": (_NONE, "multi-token prediction layers"),
+    "is_hybrid_model": ((False, None), "a hybrid Mamba model"),
+    "hybrid_override_pattern": ((None,), "a hybrid Mamba model"),
+    "heterogeneous_block_specs": ((False, None), "heterogeneous layers"),
+    "heterogeneous_layers_config_path": ((None,), "heterogeneous layers"),
+    "fp8_param": ((False, None), "FP8 parameters"),
+    "fp4_param": ((False, None), "FP4 parameters"),
+}
+"""Argument -> (values at which vLLM's Llama computes the same thing, what any other value means)."""
+
+NO_MATH = frozenset(
+    """mtp_loss_scaling_factor num_layers_in_first_pipeline_stage num_layers_in_last_pipeline_stage
+    pipeline_model_parallel_layout account_for_embedding_in_pipeline_split account_for_loss_in_pipeline_split
+    attention_backend hidden_dropout attention_dropout fp32_residual_connection activation_func_fp8_input_store
+    qk_clip qk_clip_alpha qk_clip_threshold log_max_attention_logit test_mode calculate_per_token_loss
+    dsa_indexer_n_heads dsa_indexer_head_dim dsa_indexer_topk dsa_indexer_loss_coeff dsa_indexer_use_sparse_loss
+    linear_conv_kernel_dim linear_key_head_dim linear_value_head_dim linear_num_key_heads linear_num_value_heads
+    init_method output_layer_init_method init_method_std embedding_init_method embedding_init_method_std
+    init_model_with_meta_device apply_query_key_layer_scaling attention_softmax_in_fp32
+    disable_bf16_reduced_precision_matmul bias_activation_fusion masked_softmax_fusion persist_layer_norm
+    memory_efficient_layer_norm bias_dropout_fusion apply_rope_fusion use_fused_weighted_squared_relu
+    fused_single_qkv_rope recompute_granularity recompute_method recompute_num_layers
+    distribute_saved_activations recompute_modules fp8 fp8_recipe fp8_quantizer_factory fp8_margin fp8_interval
+    fp8_amax_history_len fp8_amax_compute_algo fp8_wgrad fp8_dot_product_attention fp8_multi_head_attention
+    tp_only_amax_red first_last_layers_bf16 num_layers_at_start_in_bf16 num_layers_at_end_in_bf16 use_kitchen
+    use_kitchen_attention kitchen_attention_backend fp4 fp4_recipe fp4_quantizer_factory
+    moe_shared_expert_intermediate_size moe_shared_expert_gate moe_shared_expert_overlap moe_layer_freq
+    moe_ffn_hidden_size moe_router_load_balancing_type moe_router_topk moe_enable_routing_replay
+    moe_router_topk_limited_devices moe_router_padding_for_quantization moe_router_padding_for_fp8
+    moe_router_num_groups moe_router_group_topk moe_router_pre_softmax moe_router_topk_scaling_factor
+    moe_router_score_function moe_router_dtype moe_router_enable_expert_bias moe_router_bias_update_rate
+    moe_router_force_load_balancing moe_grouped_gemm moe_use_legacy_grouped_gemm moe_aux_loss_coeff
+    moe_z_loss_coeff moe_input_jitter_eps moe_token_dropping moe_token_dispatcher_type moe_enable_deepep
+    moe_flex_dispatcher_backend moe_per_layer_logging moe_expert_capacity_factor moe_pad_expert_input_to_capacity
+    moe_token_drop_policy moe_layer_recompute moe_permute_fusion moe_router_fusion moe_apply_probs_on_input
+    moe_latent_size moe_deepep_num_sms moe_hybridep_num_sms cp_comm_type enable_cuda_graph
+    cuda_graph_use_single_mempool cuda_graph_retain_backward_graph cuda_graph_warmup_steps external_cuda_graph
+    cuda_graph_impl cuda_graph_scope clone_scatter_output_in_embedding disable_parameter_transpose_cache
+    config_logger_dir flash_decode batch_invariant_mode use_te_activation_func inference_rng_tracker
+    inference_sampling_seed symmetric_ar_type use_inference_optimized_layers inference_fuse_tp_communication
+    mamba_state_dim mamba_head_dim mamba_num_groups mamba_num_heads use_mamba_mem_eff_path mlp_chunks_for_prefill
+    hetereogenous_dist_checkpoint quant_recipe transformer_impl fine_grained_activation_offloading
+    offload_modules min_offloaded_tensor_size rope_scaling_factor make_vocab_size_divisible_by""".split()
+)
+"""No effect on the math of a served forward: training, kernels, precision recipes, initialisation,
+and fields that only matter under a feature refused above (MoE, Mamba, MLA, rope scaling)."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a is b
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that do not compare are not neutral
+        return False
+
+
+def refused_features(get: Callable[[str, Any], Any]) -> list[str]:
+    """``name=value (what it means)`` for every argument away from vLLM Llama's math; ``get(name, default)``
+    reads the arguments (absent ones count as neutral)."""
+    out = []
+    missing = object()
+    for name, (ok, meaning) in NEUTRAL.items():
+        value = get(name, missing)
+        if value is missing or any(_same(value, v) for v in ok):
+            continue
+        out.append(f"{name}={value if isinstance(value, str) else repr(value)} ({meaning})")
+    activation = get("activation_func", None)
+    if activation is not None and get("gated_linear_unit", get("swiglu", True)):
+        import torch.nn.functional as F
+
+        if activation is not F.silu:
+            out.append(f"activation_func={getattr(activation, '__name__', activation)} (needs SiLU under SwiGLU)")
+    return out
+
+
+def unclassified_changes(config: Any) -> list[str]:
+    """Fields of a megatron-core config dataclass this table does not classify, away from their defaults."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    layout = {f.name for f in dataclasses.fields(ModelParallelConfig)}
+    known = MAPPED | NO_MATH | set(NEUTRAL) | layout
+    out = []
+    for f in dataclasses.fields(config):
+        if f.name in known or f.default is dataclasses.MISSING:
+            continue
+        value = getattr(config, f.name)
+        if value != f.default:
+            out.append(f"{f.name}={value!r} (an argument parallel_bridge does not know)")
+    return out

@@ -1,0 +1,80 @@
+"""Checked reads of checkpoint files: CRC-32 checks of ``torch.save`` files (every record of the zip
+archive against the checksum stored beside it; ``torch.load`` does not check them, so a flipped byte inside
+a tensor would load silently), and JSON or pickles whose errors name the file."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from parallel_bridge.checkpoint.gpt_config import CheckpointError
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
+_CHUNK = 16 << 20
+
+
+def _check(f: BinaryIO, label: str) -> None:
+    if f.read(4) != b"PK\x03\x04":
+        f.seek(0)
+        return  # not a zip archive (torch's legacy format stores no checksums); torch.load judges it
+    try:
+        infos = zipfile.ZipFile(f).infolist()
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(f"{label} cannot be read ({e}); damaged or truncated?") from None
+    for info in infos:
+        f.seek(info.header_offset)
+        head = f.read(_LOCAL_HEADER.size)
+        if len(head) < _LOCAL_HEADER.size or _LOCAL_HEADER.unpack(head)[0] != b"PK\x03\x04":
+            raise CheckpointError(f"{label}: record {info.filename} has no valid header; the file is damaged")
+        if info.compress_type != zipfile.ZIP_STORED:
+            continue  # torch.save stores records; zipfile checks a compressed one when it is read
+        _, n, m = _LOCAL_HEADER.unpack(head)
+        f.seek(info.header_offset + _LOCAL_HEADER.size + n + m)
+        crc, left = 0, info.compress_size
+        while left:
+            chunk = f.read(min(left, _CHUNK))
+            if not chunk:
+                break
+            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+        if left or crc != info.CRC:
+            raise CheckpointError(
+                f"{label}: record {info.filename} fails its CRC-32 check (stored {info.CRC:08x}, "
+                f"read {crc:08x}); the file is damaged, restore it from a good copy"
+            )
+
+
+def verify_file(path: Path, what: str = "shard file") -> None:
+    """Raise naming ``path`` and the record when any record of a ``torch.save`` file is damaged."""
+    with open(path, "rb") as f:
+        _check(f, f"{what} {path}")
+
+
+def verify_bytes(data: bytes, label: str) -> None:
+    """The same check for one record already in memory (a torch_dist item)."""
+    _check(io.BytesIO(data), label)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; a parse error names the file."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def torch_load(path: Path, mmap: bool = False, what: str = "") -> Any:
+    """``torch.load`` of a Megatron file (pickled args need ``weights_only=False``); errors name the file."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a damaged file
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(
+            f"{what + ' ' if what else ''}{path} cannot be read ({type(e).__name__}: {first}); damaged or truncated?"
+        ) from e
