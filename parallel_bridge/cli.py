@@ -232,6 +232,8 @@ def serve_command(args: argparse.Namespace) -> list[str]:
     """The ``vllm serve`` command line for a Megatron checkpoint (checked before anything starts)."""
     from parallel_bridge.checkpoint.vllm_format import check_serving_tp
 
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port {args.port} is not a TCP port (1-65535)")
     ckpt = _open_checkpoint(args)
     check_serving_tp(ckpt.config, args.tensor_parallel_size)
     tokenizer = args.tokenizer or find_tokenizer(args.checkpoint)

@@ -91,6 +91,8 @@ class GPTConfig:
                     f"unknown model configuration keys {strange}: parallel_bridge does not know whether they "
                     f"change the math; known: {sorted(known)}"
                 )
+            for name in known & set(args):
+                check_field(name, args[name])
         heads = get("num_attention_heads")
         groups = (
             get("num_query_groups")

@@ -129,22 +129,15 @@ def rank_parts(
         yield q + "mlp.down_proj.weight", ckpt.read(p + "mlp.linear_fc2.weight", 1, rank * f_local, f_local)
 
 
-def load_into_vllm_llama(model: Any, ckpt: MegatronCheckpoint) -> None:
-    """Fill vLLM's LlamaForCausalLM on this TP rank, reading only this rank's parts."""
-    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
-    idx = model.model.embed_tokens.shard_indices
-    params = dict(model.named_parameters())
-    parts = rank_parts(
-        ckpt,
-        get_tensor_model_parallel_world_size(),
-        get_tensor_model_parallel_rank(),
-        (idx.org_vocab_start_index, idx.org_vocab_end_index),
-    )
+def fill_parameters(
+    params: dict[str, torch.Tensor], parts: Iterator[tuple[str, torch.Tensor]], source: str, model_name: str
+) -> None:
+    """Copy each ``(name, rank part)`` into its parameter; every parameter must be filled exactly (a
+    parameter left unfilled would serve uninitialised memory), vocabulary rows first with vLLM's padding zero."""
     filled = set()
     for name, value in parts:
         if name not in params:
-            raise CheckpointError(f"checkpoint tensor {name} has no parameter in vLLM's {type(model).__name__}")
+            raise CheckpointError(f"checkpoint tensor {name} has no parameter in vLLM's {model_name}")
         param = params[name]
         filled.add(name)
         if name in VOCAB_PARAMS:  # real rows first, vLLM's padding zero
@@ -164,9 +157,23 @@ def load_into_vllm_llama(model: Any, ckpt: MegatronCheckpoint) -> None:
     unfilled = sorted(set(params) - filled)
     if unfilled:  # left as uninitialised memory, it would serve garbage
         raise CheckpointError(
-            f"{ckpt.path}: no checkpoint tensor filled vLLM's parameters {unfilled[:4]}"
+            f"{source}: no checkpoint tensor filled vLLM's parameters {unfilled[:4]}"
             + (f" and {len(unfilled) - 4} more" if len(unfilled) > 4 else "")
         )
+
+
+def load_into_vllm_llama(model: Any, ckpt: MegatronCheckpoint) -> None:
+    """Fill vLLM's LlamaForCausalLM on this TP rank, reading only this rank's parts."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    idx = model.model.embed_tokens.shard_indices
+    parts = rank_parts(
+        ckpt,
+        get_tensor_model_parallel_world_size(),
+        get_tensor_model_parallel_rank(),
+        (idx.org_vocab_start_index, idx.org_vocab_end_index),
+    )
+    fill_parameters(dict(model.named_parameters()), parts, f"{ckpt.path}", type(model).__name__)
 
 
 def register_vllm_formats() -> None:

@@ -1,0 +1,518 @@
+"""The bad-input catalogue: every case gives a clear error naming the thing at fault (or correct output),
+raised before anything is written; commands that write leave no partial output and never change an input
+(the input tree is hashed before and after).
+
+Checkpoints are written by Megatron's own code (torch_dist from TP=2, legacy per-rank files from TP=2)
+once per session and copied per case before being damaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from _sync_rounds import full_tensors, publish
+from torch import nn
+
+from parallel_bridge import ParallelContext
+from parallel_bridge.checkpoint import megatron_args as ma
+from parallel_bridge.checkpoint.gpt_config import CheckpointError, GPTConfig
+from parallel_bridge.checkpoint.hf_export import MARKER
+from parallel_bridge.cli import main
+from parallel_bridge.sync.shards import RoundError, RoundReader
+from parallel_bridge.testing import run_distributed
+
+VARIANT = {"groups": 2, "tied": False, "vocab": 100, "padded": 128, "seed": 1}
+ARGS = dict(  # a Llama-family GPT as Megatron-LM's argparse namespace describes it
+    num_layers=2, hidden_size=128, num_attention_heads=4, group_query_attention=True, num_query_groups=2,
+    ffn_hidden_size=256, padded_vocab_size=128, vocab_size=100, normalization="RMSNorm", swiglu=True,
+    add_bias_linear=False, add_qkv_bias=False, position_embedding_type="rope",
+)
+
+
+@pytest.fixture(scope="session")
+def written(tmp_path_factory):
+    pytest.importorskip("megatron.core")
+    import _megatron_ckpt as mc
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    run_distributed(mc.save_dist, 2, str(root / "dist"), 2, 1, VARIANT, timeout_s=300)
+    run_distributed(mc.save_legacy, 2, str(root / "legacy"), 2, VARIANT, timeout_s=300)
+    return root
+
+
+@pytest.fixture
+def ckpt(written, tmp_path):
+    """A fresh copy of a session checkpoint, to damage: ``ckpt("dist")`` or ``ckpt("legacy")``."""
+
+    def copy(kind: str) -> Path:
+        dst = tmp_path / "in" / kind
+        shutil.copytree(written / kind, dst)
+        return dst
+
+    return copy
+
+
+def tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file() and not p.is_symlink():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Run the CLI in this process; assert exit 1 and exactly one error line; return it."""
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"parallel-bridge {argv[0]}: error:")]
+    assert code == 1 and len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def flip_byte(path: Path, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def edit_legacy_args(root: Path, **changes) -> None:
+    """Change Megatron-LM's saved args in every rank file of a legacy checkpoint."""
+    for f in root.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(f, weights_only=False)
+        for k, v in changes.items():
+            setattr(state["args"], k, v)
+        torch.save(state, f)
+
+
+# ------------------------------------------------------------ outputs never touch inputs
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "where, says",
+    [("same", "is the input"), ("inside", "lies inside the input"), ("parent", "contains the input"),
+     ("symlink", "is the input")],
+)
+def test_convert_output_overlapping_its_input_is_refused(ckpt, tmp_path, capsys, where, says):
+    src = ckpt("dist")
+    before = tree_hash(tmp_path / "in")
+    out = {"same": src, "inside": src / "hf", "parent": tmp_path / "in", "symlink": tmp_path / "link"}[where]
+    if where == "symlink":
+        out.symlink_to(src)
+    line = cli_error(capsys, "convert", str(src), str(out), "--force", "--quiet")
+    assert f"output folder {out} {says}" in line
+    assert tree_hash(tmp_path / "in") == before
+
+
+@pytest.mark.slow
+def test_force_replaces_only_an_earlier_export(ckpt, tmp_path, capsys):
+    src, out = ckpt("dist"), tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    line = cli_error(capsys, "convert", str(src), str(out), "--force", "--quiet")
+    assert f"output folder {out} exists and was not written by parallel-bridge convert" in line
+    assert (out / "notes.txt").read_text() == "mine"
+    shutil.rmtree(out)
+    assert main(["convert", str(src), str(out), "--quiet"]) == 0 and (out / MARKER).exists()
+    line = cli_error(capsys, "convert", str(src), str(out), "--quiet")
+    assert f"output folder {out} exists; pass overwrite (--force)" in line
+    assert main(["convert", str(src), str(out), "--force", "--quiet"]) == 0  # an earlier export: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "in"]
+
+
+@pytest.mark.slow
+def test_output_that_is_a_file(ckpt, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    line = cli_error(capsys, "convert", str(ckpt("dist")), str(tmp_path / "f"), "--force", "--quiet")
+    assert "exists and is not a folder" in line and (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_partial_folder_of_a_killed_convert_is_removed_by_the_next_run(ckpt, tmp_path):
+    src = ckpt("dist")
+    stale = tmp_path / ".hf.partial-999999999-abc"  # no such process
+    stale.mkdir()
+    (stale / "shard-00000.safetensors").write_bytes(b"half")
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "in"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dist", "legacy"])
+def test_corrupt_tensor_bytes_fail_the_checksum_and_write_nothing(ckpt, tmp_path, capsys, kind):
+    src = ckpt(kind)
+    target = (
+        sorted(src.glob("iter_*/__0_*.distcp"))[0]
+        if kind == "dist"
+        else src / "iter_0000010" / "mp_rank_01" / "model_optim_rng.pt"
+    )
+    flip_byte(target)
+    before = tree_hash(tmp_path / "in")
+    line = cli_error(capsys, "convert", str(src), str(tmp_path / "hf"), "--quiet")
+    assert f"shard file {target}" in line and "fails its CRC-32 check" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output, no partial folder
+    assert tree_hash(tmp_path / "in") == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer, says", [("missing", "does not exist"), ("empty", "holds none of")])
+def test_convert_with_a_bad_tokenizer_folder_writes_nothing(ckpt, tmp_path, capsys, tokenizer, says):
+    src = ckpt("dist")
+    tok = tmp_path / "in" / tokenizer
+    if tokenizer == "empty":
+        tok.mkdir()
+    line = cli_error(capsys, "convert", str(src), str(tmp_path / "hf"), "--tokenizer", str(tok), "--quiet")
+    assert f"tokenizer folder {tok}" in line and says in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+# ------------------------------------------------------------------- readers check what they read
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (lambda r: (r / "iter_0000010" / "common.pt").write_bytes(b"not a pickle"), "common.pt cannot be read"),
+        (lambda r: (r / "latest_checkpointed_iteration.txt").write_text("ten"),
+         "latest_checkpointed_iteration.txt holds 'ten', not an iteration number"),
+        (lambda r: (r / "latest_checkpointed_iteration.txt").write_text("20"),
+         "names iteration 20, but .*iter_0000020 does not exist"),
+        (lambda r: (r / "iter_0000010" / "metadata.json").write_text("{oops"), "metadata.json is not valid JSON"),
+        (lambda r: (r / "iter_0000010" / "metadata.json").write_text('{"sharded_backend": "zarr"}'),
+         "sharded_backend 'zarr' is not supported"),
+        (lambda r: (r / "megatron_gpt_config.json").write_text("[1, 2]"), "must hold a JSON object, not a list"),
+        (lambda r: (r / "megatron_gpt_config.json").write_text("{"), "megatron_gpt_config.json is not valid JSON"),
+        (lambda r: (r / "iter_0000010" / ".metadata").write_bytes(b"junk"), r"\.metadata cannot be read"),
+        (lambda r: sorted(r.glob("iter_*/__1_*.distcp"))[0].unlink(), r"shard file .*__1_.*\.distcp is missing"),
+    ],
+    ids=["common-not-pickle", "tracker-garbage", "tracker-stale", "metadata-json", "backend", "config-list",
+         "config-json", "dcp-metadata", "shard-missing"],
+)
+def test_damaged_torch_dist_files_are_named(ckpt, capsys, damage, says):
+    import re
+
+    src = ckpt("dist")
+    damage(src)
+    line = cli_error(capsys, "inspect", str(src))
+    assert re.search(says, line), line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"num_layers": "2"}, "model config field num_layers='2' must be a positive integer"),
+        ({"vocab_size": 200}, "vocab_size=200 is larger than padded_vocab_size=128"),
+        ({"rotary_base": -1}, "rotary_base=-1 must be a positive number"),
+        ({"tie_embeddings": "no"}, "tie_embeddings='no' must be true or false"),
+        ({"num_query_groups": 3}, "num_attention_heads=4 is not a multiple of num_query_groups=3"),
+        ({"rope_flavour": "x"}, "unknown model configuration keys ['rope_flavour']"),
+        ({"use_rope_scaling": True}, "use_rope_scaling=True (Llama-3.1 rope scaling)"),
+    ],
+)
+def test_side_config_values_are_checked(ckpt, capsys, change, says):
+    import json
+
+    src = ckpt("dist")
+    side = src / "megatron_gpt_config.json"
+    side.write_text(json.dumps({**json.loads(side.read_text()), **change}))
+    assert says in cli_error(capsys, "inspect", str(src))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change",
+    [{"add_qkv_bias": True}, {"use_rope_scaling": True}, {"rotary_percent": 0.5}, {"rotary_interleaved": True},
+     {"qk_layernorm": True}, {"num_experts": 8}, {"apply_layernorm_1p": True}, {"window_size": (128, 0)}],
+)
+def test_math_changing_megatron_lm_args_are_refused_by_name(ckpt, capsys, change):
+    src = ckpt("legacy")
+    edit_legacy_args(src, **change)
+    ((name, value),) = change.items()
+    line = cli_error(capsys, "inspect", str(src))
+    assert f"{name}={value!r}" in line and "is not a Llama-family GPT" in line and "wrong numbers" in line
+
+
+@pytest.mark.slow
+def test_legacy_shards_that_disagree_name_the_tensor_and_files(ckpt, capsys):
+    src = ckpt("legacy")
+    f = src / "iter_0000010" / "mp_rank_01" / "model_optim_rng.pt"
+    state = torch.load(f, weights_only=False)
+    state["model"]["decoder.layers.1.mlp.linear_fc2.weight"] = torch.zeros(128, 100)
+    torch.save(state, f)
+    line = cli_error(capsys, "inspect", str(src))
+    assert "tensor decoder.layers.1.mlp.linear_fc2.weight: shard (128, 100) in" in line
+    assert "mp_rank_01/model_optim_rng.pt disagrees with (128, 128) in" in line and "mp_rank_00" in line
+    del state["model"]["decoder.layers.1.mlp.linear_fc2.weight"]
+    torch.save(state, f)
+    assert "mp_rank_01/model_optim_rng.pt lacks tensor decoder.layers.1.mlp.linear_fc2.weight" in cli_error(
+        capsys, "inspect", str(src)
+    )
+
+
+@pytest.mark.slow
+def test_legacy_file_that_is_not_a_state_dict(ckpt, capsys):
+    src = ckpt("legacy")
+    torch.save(torch.zeros(3), src / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt")
+    assert "holds a Tensor, not Megatron's state dict" in cli_error(capsys, "inspect", str(src))
+
+
+# ------------------------------------------------------------------- command-line values
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        ("{not json", "--config-overrides is not valid JSON"),
+        ("[1, 2]", "--config-overrides must be a JSON object"),
+        ('{"num_layers": "x"}', "override num_layers='x' must be a positive integer"),
+        ('{"hidden_size": 1.5}', "override hidden_size=1.5 must be a positive integer"),
+        ('{"layers": 2}', r"unknown configuration keys ['layers']"),
+        ('{"hidden_size": 256}', "has shape (128, 128) but the config implies (128, 256)"),
+    ],
+)
+def test_config_overrides_are_checked(ckpt, capsys, overrides, says):
+    assert says in cli_error(capsys, "inspect", str(ckpt("dist")), "--config-overrides", overrides)
+
+
+@pytest.mark.slow
+def test_iteration_that_is_negative_or_absent(ckpt, capsys):
+    src = ckpt("dist")
+    assert "iteration must be a non-negative integer, got -1" in cli_error(
+        capsys, "inspect", str(src), "--iteration", "-1"
+    )
+    assert "iteration 99 not found" in cli_error(capsys, "inspect", str(src), "--iteration", "99")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--tokenizer", "/nonexistent/tok"], "--tokenizer folder /nonexistent/tok does not exist"),
+        (["--tokenizer", "FILE"], "is a file; give the folder"),
+        (["--tokenizer", "EMPTY"], "holds no tokenizer.json"),
+        (["-tp", "3", "--tokenizer", "TOK"], "tensor-parallel size 3 does not divide num_attention_heads=4"),
+        (["--port", "70000", "--tokenizer", "TOK"], "--port 70000 is not a TCP port"),
+        ([], "no tokenizer: pass --tokenizer"),
+    ],
+)
+def test_serve_checks_before_starting_anything(ckpt, tmp_path, capsys, extra, says):
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "TOK").mkdir()
+    (tmp_path / "TOK" / "tokenizer.json").write_text("{}")
+    extra = [str(tmp_path / a) if a in ("FILE", "EMPTY", "TOK") else a for a in extra]
+    assert says in cli_error(capsys, "serve", str(ckpt("dist")), "--print", *extra)
+
+
+def test_unknown_convert_target(tmp_path, capsys):
+    assert "unknown target format 'gguf'; supported: hf" in cli_error(
+        capsys, "convert", str(tmp_path), str(tmp_path / "o"), "--to", "gguf"
+    )
+
+
+def test_unexpected_errors_say_where_the_traceback_went(monkeypatch, capsys):
+    import parallel_bridge.cli as cli
+
+    def boom(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(cli, "cmd_env", boom)
+    line = cli_error(capsys, "env")
+    log = line.split("traceback in ")[1].split(",")[0]
+    assert "unexpected ZeroDivisionError (a bug" in line and "ZeroDivisionError" in Path(log).read_text()
+    os.unlink(log)
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "env"])
+
+
+# ------------------------------------------------------------------- the argument catalogue
+@pytest.mark.parametrize("name", sorted(ma.NEUTRAL))
+def test_every_math_changing_argument_away_from_llama_is_refused_by_name(name):
+    """Walks the list: each argument at a value vLLM's Llama does not compute is refused, naming it."""
+    odd = {"normalization": "LayerNorm", "position_embedding_type": "learned_absolute", "softmax_type": "learnable",
+           "swiglu": False, "gated_linear_unit": False, "rotary_percent": 0.5, "glu_linear_offset": 1.0}
+    value = odd.get(name, 7 if ma.NEUTRAL[name][0][0] is None else True)
+    args = {**ARGS, name: value} if name not in ("swiglu", "gated_linear_unit") else {**ARGS, "swiglu": False,
+                                                                                    "gated_linear_unit": False}
+    with pytest.raises(CheckpointError, match=rf"{name}={value!s}.*refused"):
+        GPTConfig.from_args(argparse.Namespace(**args))
+
+
+def test_the_llama_arguments_themselves_are_accepted():
+    cfg = GPTConfig.from_args(argparse.Namespace(**ARGS, use_rope_scaling=False, rotary_percent=1.0))
+    assert (cfg.num_query_groups, cfg.vocab_size, cfg.padded_vocab_size) == (2, 100, 128)
+
+
+def test_every_transformer_config_field_is_classified():
+    """A megatron-core argument this project does not classify would be ignored silently: fail instead."""
+    pytest.importorskip("megatron.core")
+    import dataclasses
+
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    layout = {f.name for f in dataclasses.fields(ModelParallelConfig)}
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)} - layout
+    unclassified = sorted(fields - ma.MAPPED - ma.NO_MATH - set(ma.NEUTRAL))
+    assert not unclassified, f"classify these in parallel_bridge/checkpoint/megatron_args.py: {unclassified}"
+    assert not (ma.MAPPED & ma.NO_MATH) and not (set(ma.NEUTRAL) & (ma.MAPPED | ma.NO_MATH))
+
+
+def test_an_unclassified_field_away_from_its_default_is_refused():
+    pytest.importorskip("megatron.core")
+    import dataclasses
+
+    from megatron.core.transformer import TransformerConfig
+
+    @dataclasses.dataclass
+    class NewerConfig(TransformerConfig):
+        attention_sink_tokens: int = 0  # a field a newer megatron-core might add
+
+    kwargs = dict(num_layers=2, hidden_size=128, num_attention_heads=4, add_bias_linear=False)
+    assert ma.unclassified_changes(NewerConfig(**kwargs)) == []
+    assert ma.unclassified_changes(NewerConfig(**kwargs, attention_sink_tokens=4)) == [
+        "attention_sink_tokens=4 (an argument parallel_bridge does not know)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "values, says",
+    [
+        ({"vocab_size": 129}, "vocab_size=129 is larger than padded_vocab_size=128"),
+        ({"num_layers": 0}, "num_layers=0 must be a positive integer"),
+        ({"num_layers": True}, "num_layers=True must be a positive integer"),
+        ({"hidden_size": 130}, "hidden_size=130 is not a multiple of num_attention_heads=4; give kv_channels"),
+        ({"normalization": 1}, "normalization=1 must be a string"),
+    ],
+)
+def test_model_config_values(values, says):
+    base = dict(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=256,
+                vocab_size=100, padded_vocab_size=128)
+    with pytest.raises(CheckpointError) as e:
+        GPTConfig(**{**base, **values})
+    assert says in str(e.value)
+
+
+# ------------------------------------------------------------------- loaders fill every parameter
+def test_vllm_parameter_left_unfilled_is_named():
+    from parallel_bridge.checkpoint.vllm_format import fill_parameters
+
+    params = {"model.norm.weight": torch.empty(4), "model.layers.0.self_attn.o_proj.bias": torch.empty(4)}
+    with pytest.raises(CheckpointError, match=r"no checkpoint tensor filled vLLM's parameters "
+                                              r"\['model.layers.0.self_attn.o_proj.bias'\]"):
+        fill_parameters(params, iter([("model.norm.weight", torch.ones(4))]), "ckpt", "LlamaForCausalLM")
+    with pytest.raises(CheckpointError, match="checkpoint tensor model.extra.weight has no parameter"):
+        fill_parameters(params, iter([("model.extra.weight", torch.ones(4))]), "ckpt", "LlamaForCausalLM")
+    with pytest.raises(CheckpointError, match=r"this rank's part has shape \(3,\) but vLLM's parameter has \(4,\)"):
+        fill_parameters(params, iter([("model.norm.weight", torch.ones(3))]), "ckpt", "LlamaForCausalLM")
+
+
+# ------------------------------------------------------------------- registry, context, DeepSpeed
+class _Complete(nn.Module):
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return input_ids
+
+    def compute_logits(self, hidden_states):
+        return hidden_states
+
+
+class _NoLogits(nn.Module):
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return input_ids
+
+
+def _factory(vllm_config, ctx) -> _NoLogits:  # a string annotation here: this module has future annotations
+    return _NoLogits()
+
+
+def test_registering_over_a_vllm_architecture_needs_override():
+    pytest.importorskip("vllm")
+    from vllm import ModelRegistry
+
+    from parallel_bridge import register_model
+    from parallel_bridge.registry import unregister
+
+    with pytest.raises(ValueError, match=r"vLLM already has a model 'LlamaForCausalLM' \(vllm.model_executor.models"
+                                         r".llama.LlamaForCausalLM\).*pass override=True"):
+        register_model("LlamaForCausalLM", lambda vllm_config, ctx: nn.Linear(1, 1))
+    saved = ModelRegistry.models["LlamaForCausalLM"]
+    try:
+        cls = register_model("LlamaForCausalLM", _Complete, override=True)
+        assert ModelRegistry.models["LlamaForCausalLM"].model_cls is cls
+    finally:
+        ModelRegistry.models["LlamaForCausalLM"] = saved
+        unregister("LlamaForCausalLM")
+
+
+def test_factory_return_annotation_is_checked_under_future_annotations():
+    pytest.importorskip("vllm")
+    from parallel_bridge import register_model
+
+    with pytest.raises(TypeError, match="_NoLogits, the return type of .*lacks what vLLM calls: compute_logits"):
+        register_model("PBTest_future_annotations", _factory)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, says",
+    [
+        ({"timeout_s": "5"}, TypeError, "timeout_s must be a number of seconds, got '5' (str)"),
+        ({"timeout_s": 0}, ValueError, "timeout_s must be positive, got 0"),
+        ({"tp": "2"}, TypeError, "tp must be an int, got '2'"),
+    ],
+)
+def test_parallel_context_values(kwargs, error, says):
+    with pytest.raises(error) as e:
+        ParallelContext(**kwargs)
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "config, error, says",
+    [
+        ({"train_batch_size": "8"}, TypeError, "DeepSpeed config train_batch_size='8' must be an integer, not str"),
+        ({"train_batch_size": 8, "gradient_accumulation_steps": 0}, ValueError,
+         "gradient_accumulation_steps=0 must be >= 1"),
+        ([("train_batch_size", 8)], TypeError, "the DeepSpeed config must be a dict, got list"),
+    ],
+)
+def test_deepspeed_batch_config_types(config, error, says):
+    from parallel_bridge.adapters.deepspeed import check_batch_config
+
+    with pytest.raises(error) as e:
+        check_batch_config(ParallelContext(), config)
+    assert says in str(e.value)
+
+
+# ------------------------------------------------------------------- weight-sync rounds
+def test_sync_flipped_byte_is_named(tmp_path):
+    writers = publish(tmp_path, full_tensors(), 2)
+    writers[1]._buf[70] ^= 0x10  # inside rank 1's first tensor (the embedding), row 2
+    r = RoundReader(tmp_path, 1, 2, 1)
+    with pytest.raises(RoundError, match="embedding.word_embeddings.weight: checksum mismatch in row 2 of trainer rank tp=1"):
+        r.read("embedding.word_embeddings.weight")
+
+
+def test_sync_stale_version_and_layout_are_refused(tmp_path):
+    publish(tmp_path, full_tensors(), 2, version=3)
+    with pytest.raises(RoundError, match="trainer rank \\(tp=0, pp=0\\) published version 3, not 4"):
+        RoundReader(tmp_path, 4, 2, 1)
+    with pytest.raises(RoundError, match="tp=2 pp=1 layout, but the engine was initialized for tp=1 pp=1"):
+        RoundReader(tmp_path, 3, 1, 1)
+
+
+def test_sync_tensor_not_rewritten_this_round_is_refused(tmp_path):
+    full = full_tensors()
+    writers = publish(tmp_path, full, 2, version=1)
+    fc2 = "decoder.layers.0.mlp.linear_fc2.weight"
+    publish(tmp_path, full, 2, version=2, skip=fc2, writers=writers)  # round 1's bytes and hashes remain
+    r = RoundReader(tmp_path, 2, 2, 1)
+    r.read("decoder.layers.0.self_attention.linear_qkv.weight")
+    with pytest.raises(RoundError, match=f"{fc2} was not written in round 2 .* \\(last written in round 1\\)"):
+        r.read(fc2)
+    with pytest.raises(RoundError, match="tensor decoder.layers.1.mlp.linear_fc2.weight was published by no trainer rank"):
+        r.read("decoder.layers.1.mlp.linear_fc2.weight")
