@@ -16,3 +16,7 @@ class ConfigError(BridgeError, ValueError):
 
 class OutputError(BridgeError, FileExistsError):
     """An output that would overwrite, contain or lie inside something it must not touch."""
+
+
+class CliError(BridgeError):
+    """A bad command-line value."""

@@ -1,0 +1,158 @@
+"""The checkpoint commands of ``parallel-bridge``: inspect, convert and serve a Megatron checkpoint.
+
+Every value is checked before anything starts or is written; failures are :class:`CliError` or
+:class:`~parallel_bridge.checkpoint.gpt_config.CheckpointError`, printed as one line by the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from parallel_bridge.errors import CliError
+
+logger = logging.getLogger("parallel_bridge")
+EXIT_OK = 0
+
+
+def _open_checkpoint(args: argparse.Namespace):
+    from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
+
+    overrides = None
+    if getattr(args, "config_overrides", None) is not None:
+        try:
+            overrides = json.loads(args.config_overrides)
+        except json.JSONDecodeError as e:
+            raise CliError(f"--config-overrides is not valid JSON ({e}): {args.config_overrides!r}") from None
+        if not isinstance(overrides, dict):
+            raise CliError(
+                f"--config-overrides must be a JSON object like '{{\"vocab_size\": 32000}}', "
+                f"got a {type(overrides).__name__}"
+            )
+    return MegatronCheckpoint.open(args.checkpoint, iteration=args.iteration, overrides=overrides)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print a checkpoint's format, iteration, source layout, dtype, tensors and size."""
+    info = _open_checkpoint(args).describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"path        {info['path']}")
+    print(f"format      {info['format']}")
+    print(f"iteration   {info['iteration']}")
+    print(f"source      tp={info['source_tp']} pp={info['source_pp']}")
+    print(f"dtype       {info['dtype']}")
+    print(f"size        {info['total_bytes'] / 1e6:.1f} MB in {len(info['tensors'])} tensors")
+    cfg = info["config"]
+    print(
+        f"model       {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, heads {cfg['num_attention_heads']} "
+        f"(kv {cfg['num_query_groups']}), ffn {cfg['ffn_hidden_size']}, vocab {cfg['vocab_size']} "
+        f"(padded {cfg['padded_vocab_size']}), tied embeddings: {cfg['tie_embeddings']}"
+    )
+    for name, shape in info["tensors"].items():
+        print(f"  {name:<60} {tuple(shape)}")
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Export a Megatron checkpoint to a Hugging Face folder."""
+    from parallel_bridge.checkpoint.hf_export import export_hf
+
+    if args.to != "hf":
+        raise CliError(f"unknown target format {args.to!r}; supported: hf")
+    out = export_hf(
+        _open_checkpoint(args),
+        args.out,
+        tokenizer=args.tokenizer,
+        overwrite=args.force,
+        progress=not args.quiet,
+    )
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def find_tokenizer(checkpoint: str) -> str | None:
+    """A tokenizer folder stored beside the checkpoint (``tokenizer/`` in it or its parent)."""
+    for folder in (Path(checkpoint) / "tokenizer", Path(checkpoint).parent / "tokenizer"):
+        if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
+            return str(folder)
+    return None
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_tokenizer(tokenizer: str) -> None:
+    """A local tokenizer folder must exist and hold tokenizer files; ``org/name`` may be a Hub repo id."""
+    folder = Path(tokenizer)
+    if folder.is_dir():
+        if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise CliError(f"--tokenizer {tokenizer} holds no tokenizer.json, tokenizer_config.json or tokenizer.model")
+    elif folder.exists():
+        raise CliError(f"--tokenizer {tokenizer} is a file; give the folder that holds it")
+    elif not _REPO_ID.match(tokenizer):
+        raise CliError(f"--tokenizer folder {tokenizer} does not exist")
+
+
+def serve_command(args: argparse.Namespace) -> list[str]:
+    """The ``vllm serve`` command line for a Megatron checkpoint (checked before anything starts)."""
+    from parallel_bridge.checkpoint.vllm_format import check_serving_tp
+
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port {args.port} is not a TCP port (1-65535)")
+    ckpt = _open_checkpoint(args)
+    check_serving_tp(ckpt.config, args.tensor_parallel_size)
+    tokenizer = args.tokenizer or find_tokenizer(args.checkpoint)
+    if args.tokenizer is not None:
+        check_tokenizer(args.tokenizer)
+    if tokenizer is None:
+        raise CliError(f"no tokenizer: pass --tokenizer, or put one in {Path(args.checkpoint) / 'tokenizer'}")
+    return [
+        "vllm",
+        "serve",
+        str(args.checkpoint),
+        "--load-format",
+        "megatron",
+        "--config-format",
+        "megatron",
+        "--tokenizer",
+        tokenizer,
+        "--tensor-parallel-size",
+        str(args.tensor_parallel_size),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        *args.vllm_args,
+    ]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start vLLM's OpenAI-compatible server on a Megatron checkpoint (or print the command)."""
+    import shlex
+
+    cmd = serve_command(args)
+    if args.print_only:
+        print(shlex.join(cmd))
+        return EXIT_OK
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        cores = os.cpu_count() or 1
+        per = max(1, cores // args.tensor_parallel_size)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            f"{r * per}-{r * per + per - 1}" if per > 1 else str(r % cores)
+            for r in range(args.tensor_parallel_size)
+        )
+    # vLLM's API server module directly: the `vllm` script looks up the distribution "vllm",
+    # which the CPU build (vllm-cpu) does not provide. Same arguments, the model as --model.
+    server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", *cmd[2:]]
+    logger.info("starting: %s", shlex.join(cmd))
+    return subprocess.call(server, env=env)
