@@ -430,7 +430,16 @@ def _factory(vllm_config, ctx) -> _NoLogits:  # a string annotation here: this m
     return _NoLogits()
 
 
-def test_registering_over_a_vllm_architecture_needs_override():
+@pytest.fixture
+def registry_env(monkeypatch):
+    """register_model records its caller in PARALLEL_BRIDGE_MODELS; restore it so later vLLM
+    processes of this session do not try to import this test module."""
+    from parallel_bridge.registry import MODULES_ENV
+
+    monkeypatch.setenv(MODULES_ENV, os.environ.get(MODULES_ENV, ""))
+
+
+def test_registering_over_a_vllm_architecture_needs_override(registry_env):
     pytest.importorskip("vllm")
     from vllm import ModelRegistry
 
@@ -449,7 +458,7 @@ def test_registering_over_a_vllm_architecture_needs_override():
         unregister("LlamaForCausalLM")
 
 
-def test_factory_return_annotation_is_checked_under_future_annotations():
+def test_factory_return_annotation_is_checked_under_future_annotations(registry_env):
     pytest.importorskip("vllm")
     from parallel_bridge import register_model
 
