@@ -55,7 +55,8 @@ def rotary(
 ) -> torch.Tensor:
     """Rotate-half RoPE (Hugging Face Llama / vLLM neox style) on ``x`` of shape [tokens, heads, head_dim].
 
-    ``table`` (from :func:`rotary_table`) is used when it covers the positions.
+    The plain reference (any dtype, float64 too); ``table`` (from :func:`rotary_table`) is used when it
+    covers the positions. Training uses the fused :func:`apply_rotary`, pinned to this in the tests.
     """
     if table is None or table.device != x.device or int(positions.max()) >= table.shape[0]:
         table = rotary_table(int(positions.max()) + 1, head_dim, theta, x.device)
@@ -63,6 +64,40 @@ def rotary(
     cos, sin = cs[:, 0, None, :], cs[:, 1, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[x1 cos - x2 sin ; x2 cos + x1 sin] written straight into the output's halves (no temporaries)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty_like(x)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE with a hand-written backward: the gradient is the inverse rotation (sin negated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad.contiguous(), cos, -sin), None, None
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Fused rotate-half RoPE on ``x`` [tokens, heads, head_dim] from a :func:`rotary_table` that covers
+    every position (no host synchronisation: the table is indexed on the device). fp32 math."""
+    cs = table[positions]
+    cos, sin = cs[:, 0, None, :], cs[:, 1, None, :]
+    if x.dtype == torch.float32:
+        return _Rotary.apply(x, cos, sin)
+    return _Rotary.apply(x.float(), cos, sin).to(x.dtype)
 
 
 def _flash_attn_varlen():
@@ -142,6 +177,7 @@ class TrainableAttention(nn.Module):
         layer_index: int,
         ctx: ParallelContext | None = None,
         rope_theta: float = 10000.0,
+        max_positions: int = 4096,
         vllm_config: Any = None,
         prefix: str | None = None,
     ) -> None:
@@ -151,11 +187,21 @@ class TrainableAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.rope_theta = rope_theta
+        self.max_positions = max_positions
         self.layer_index = layer_index
-        self._rope: torch.Tensor | None = None
-        self.vllm_attn = None
+        self._rope: torch.Tensor | None = None  # cos/sin of every position, built once per device
+        self.vllm_attn = self.vllm_rope = None
         if vllm_config is not None:
+            from vllm.model_executor.layers.rotary_embedding import get_rope
+
             self.vllm_attn = self._make_vllm_attention(vllm_config, prefix or f"layers.{layer_index}.attn")
+            # vLLM's own rotary (same rotate-half math, its kernel; cached per shape by vLLM)
+            self.vllm_rope = get_rope(
+                head_dim,
+                max_position=max_positions,
+                is_neox_style=True,
+                rope_parameters={"rope_theta": rope_theta, "rope_type": "default"},
+            )
 
     def _make_vllm_attention(self, vllm_config: Any, prefix: str):
         from vllm.model_executor.layers.attention import Attention
@@ -201,18 +247,13 @@ class TrainableAttention(nn.Module):
         means one sequence. Serving ignores it: vLLM's metadata knows the batch.
         """
         t = q.shape[0]
-        if self._rope is None or self._rope.device != q.device or int(positions.max()) >= self._rope.shape[0]:
-            self._rope = rotary_table(
-                max(4096, int(positions.max()) + 1), self.head_dim, self.rope_theta, q.device
-            )
-        q = rotary(
-            q.view(t, self.num_heads, self.head_dim), positions, self.head_dim, self.rope_theta, self._rope
-        )
-        k = rotary(
-            k.view(t, self.num_kv_heads, self.head_dim), positions, self.head_dim, self.rope_theta, self._rope
-        )
         if self.vllm_attn is not None:
-            return self.vllm_attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous())
+            q, k = self.vllm_rope(positions, q, k)
+            return self.vllm_attn(q, k, v.contiguous())
+        if self._rope is None or self._rope.device != q.device:
+            self._rope = rotary_table(self.max_positions, self.head_dim, self.rope_theta, q.device)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), positions, self._rope)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), positions, self._rope)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if cu_seqlens is None:
             cu_seqlens = torch.tensor([0, t], dtype=torch.int32)

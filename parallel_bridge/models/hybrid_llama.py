@@ -159,6 +159,7 @@ class SelfAttention(nn.Module):
             layer_index=index,
             ctx=ctx,
             rope_theta=cfg.rope_theta,
+            max_positions=cfg.max_position_embeddings,
             vllm_config=vllm_config,
             prefix=f"{prefix}.core_attention",
         )
