@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test test-quick lint bench
+.PHONY: setup demo test test-quick test-gpu lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,11 @@ test: setup lint
 
 test-quick: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# On a CUDA machine: NCCL, megatron-core layers and TrainableAttention on the GPU (skipped elsewhere);
+# scripts/gpu_check.sh runs these and the GPU benchmarks in one go.
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu tests
 
 lint: setup
 	$(PY) -m ruff check parallel_bridge tests benchmarks examples

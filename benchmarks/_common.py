@@ -1,8 +1,13 @@
-"""Shared benchmark helpers: interleaved timing, a printed table, a JSON result file."""
+"""Shared benchmark helpers: interleaved timing, a printed table, a JSON result file.
+
+Importing it keeps vLLM to errors only (its start-up logs, and the traceback its chat-template warm-up logs
+when there is no tokenizer, are not the benchmark's output) unless VLLM_LOGGING_LEVEL says otherwise.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -12,6 +17,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # a benchmark script's own process and its children
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:

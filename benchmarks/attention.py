@@ -84,11 +84,24 @@ def bench_case(case, lengths, attn, dims, dev, dtype, sync, backends, repeats, c
                 ctx = contextlib.nullcontext()
             with ctx:
                 if padded is not None:
-                    outs = [F.scaled_dot_product_attention(*padded, is_causal=True)]
+                    outs = [F.scaled_dot_product_attention(*padded, is_causal=True, enable_gqa=h != kv)]
                 else:
-                    outs = [F.scaled_dot_product_attention(*x, is_causal=True) for x in seqs]
+                    outs = [F.scaled_dot_product_attention(*x, is_causal=True, enable_gqa=h != kv) for x in seqs]
                 if backward:
                     sum(o.sum() for o in outs).backward()
+            sync()
+
+        return run
+
+    def torch_varlen(backward):
+        from torch.nn.attention.varlen import varlen_attn
+
+        q3, k3, v3 = q.view(t, h, d), k.view(t, kv, d), v.view(t, kv, d)
+
+        def run():
+            out = varlen_attn(q3, k3, v3, cu, cu, max(lengths), max(lengths), window_size=(-1, 0))
+            if backward:
+                out.sum().backward()
             sync()
 
         return run
@@ -100,6 +113,8 @@ def bench_case(case, lengths, attn, dims, dev, dtype, sync, backends, repeats, c
         }
         if cuda:
             fns.update({name: sdpa(backward, be) for name, be in backends.items()})
+            if case == "varlen":  # torch's own packed kernel: the reference for a packed batch
+                fns["torch_varlen_attn"] = torch_varlen(backward)
         else:
             fns["sdpa"] = sdpa(backward)
         usable = {}
@@ -132,15 +147,16 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    b, h, kv, s, d = (8, 16, 16, 2048, 128) if cuda else (2, 8, 8, 512, 64)
-    cases = {
-        "uniform": [s] * b,
-        "varlen": [s // 4, s, s // 2, s + s // 4, s // 8, s - s // 8, s // 2, s // 4][:b]
-        if cuda
-        else [s // 4, s + s // 2 + s // 4],
-    }
+    if cuda:  # dense: B8 H16 S2048 D128; packed: 8 sequences of mixed length, GQA 32 q / 8 kv heads
+        s, d = 2048, 128
+        cases = {
+            "uniform": ([s] * 8, (8, 16, 16, s, d)),
+            "varlen": ([s // 4, s, s // 2, s + s // 4, s // 8, s - s // 8, s // 2, s // 4], (8, 32, 8, s, d)),
+        }
+    else:
+        s, d = 512, 64
+        cases = {"uniform": ([s] * 2, (2, 8, 8, s, d)), "varlen": ([s // 4, s + s // 2 + s // 4], (2, 8, 8, s, d))}
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    attn = TrainableAttention(h, kv, d, layer_index=0)
     backends = {}
     if cuda:
         from torch.nn.attention import SDPBackend
@@ -151,10 +167,9 @@ def main() -> None:
             "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
         }
     rows = []
-    for case, lengths in cases.items():
-        rows += bench_case(
-            case, lengths, attn, (b, h, kv, s, d), dev, dtype, sync, backends, args.repeats, cuda
-        )
+    for case, (lengths, dims) in cases.items():
+        attn = TrainableAttention(dims[1], dims[2], d, layer_index=0, max_positions=max(lengths))
+        rows += bench_case(case, lengths, attn, dims, dev, dtype, sync, backends, args.repeats, cuda)
     worst = min(r["vs_best_torch"] for r in rows if r["kernel"] == "trainable_attention")
     worst_kernel = min(r["vs_best_torch"] for r in rows if r["kernel"] == "trainable_attention_no_rope")
     print(
@@ -162,7 +177,7 @@ def main() -> None:
         f"{worst_kernel:.3f} without (target >= 0.95)"
     )
     report(
-        "attention" + ("_gpu" if cuda else ""),
+        "gpu-attention" if cuda else "attention",
         rows,
         {
             "worst_ratio": worst,
@@ -170,7 +185,7 @@ def main() -> None:
             "target": 0.95,
             "device": dev,
             "dtype": str(dtype),
-            "shape": {"B": b, "H": h, "KV": kv, "S": s, "D": d},
+            "shapes": {case: dict(zip("BHKSD", dims)) for case, (_, dims) in cases.items()},
         },
     )
 

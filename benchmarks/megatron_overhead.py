@@ -106,7 +106,7 @@ def main() -> None:
         f"adapter / megatron by hand = {summary['adapter_over_megatron_by_hand']:.3f}, "
         f"adapter / nn.Linear = {summary['adapter_over_nn_linear']:.3f} (target <= 1.02)"
     )
-    report("megatron_overhead" + ("_gpu" if cuda else ""), rows, summary)
+    report("gpu-megatron_overhead" if cuda else "megatron_overhead", rows, summary)
     dist.destroy_process_group()
 
 

