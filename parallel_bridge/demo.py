@@ -202,7 +202,7 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.adapters.vllm import llm_engine
+    from parallel_bridge.adapters.vllm import in_process_engine, llm_engine
 
     report = json.loads((out / "report.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
@@ -211,7 +211,7 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
         f"trained at TP={report['train_tp']})"
     )
     start = time.perf_counter()
-    with llm_engine(
+    with in_process_engine(serve_tp), llm_engine(
         model=str(out / "checkpoint"),
         load_format="megatron",
         config_format="megatron",

@@ -6,8 +6,6 @@ kernels and Megatron's unfused ops sum in different orders, measured ~1e-6,
 printed with -s), and 4 greedy tokens are equal.
 """
 
-import contextlib
-import os
 import shutil
 
 import pytest
@@ -54,29 +52,14 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-@contextlib.contextmanager
-def engine_env(tp):
-    """A TP=1 engine runs in this process (no spawned engine core: ~3 s to start instead of ~22 s)."""
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    if tp == 1:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
-
-
 def serve(model, tp, vocab, monkeypatch=None, **kwargs):
     """First-step full log-softmax and greedy tokens from vLLM for mc.PROMPTS."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.adapters.vllm import llm_engine
+    from parallel_bridge.adapters.vllm import in_process_engine, llm_engine
 
-    with engine_env(tp), llm_engine(
+    with in_process_engine(tp), llm_engine(
         model=str(model),
         skip_tokenizer_init=True,
         dtype="float32",

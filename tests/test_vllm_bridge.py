@@ -118,14 +118,15 @@ def _folder_for(trained_folder, tmp_path, arch):
     return folder
 
 
-def serve_greedy(folder, tp, prompts=PROMPTS, max_tokens=MAX_NEW, **kwargs):
-    """Greedy tokens and their logprobs from a vLLM engine (default multiprocessing) on ``folder``."""
+def serve_greedy(folder, tp, prompts=PROMPTS, max_tokens=MAX_NEW, in_process=False, **kwargs):
+    """Greedy tokens and their logprobs from a vLLM engine on ``folder`` (default multiprocessing: the
+    plugin must register the model in vLLM's own processes; ``in_process`` for a TP=1 engine here)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.adapters.vllm import llm_engine
+    from parallel_bridge.adapters.vllm import in_process_engine, llm_engine
 
-    with llm_engine(
+    with in_process_engine(tp if in_process else 0), llm_engine(
         model=str(folder),
         skip_tokenizer_init=True,
         dtype="float32",
@@ -158,7 +159,7 @@ def _compare(served, reference, label):
 @pytest.mark.slow
 def test_served_tp1_matches_training_forward(trained):
     folder, reference = trained
-    _compare(serve_greedy(folder, 1), reference, f"{ARCHITECTURE} factory, vLLM TP=1")
+    _compare(serve_greedy(folder, 1, in_process=True), reference, f"{ARCHITECTURE} factory, vLLM TP=1")
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -169,6 +170,28 @@ def serving_all_reduce(x):
     from vllm.distributed import tensor_model_parallel_all_reduce
 
     return tensor_model_parallel_all_reduce(x)
+
+
+@contextlib.contextmanager
+def in_process_engine(tp: int) -> contextlib.AbstractContextManager[None]:
+    """A scope in which a TP=1 ``vllm.LLM`` runs in this process (vLLM's ``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
+    no spawned engine core, ~3 s to start instead of ~22 s on the CPU. The variable is restored on exit.
+    Only for a process that has not initialized torch.distributed itself (vLLM would take that world)."""
+    return _env_scope({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if tp == 1 else {})
+
+
+@contextlib.contextmanager
+def _env_scope(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
