@@ -172,7 +172,6 @@ def serving_all_reduce(x):
     return tensor_model_parallel_all_reduce(x)
 
 
-@contextlib.contextmanager
 def in_process_engine(tp: int) -> contextlib.AbstractContextManager[None]:
     """A scope in which a TP=1 ``vllm.LLM`` runs in this process (vLLM's ``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
     no spawned engine core, ~3 s to start instead of ~22 s on the CPU. The variable is restored on exit.
