@@ -113,6 +113,8 @@ class ParallelContext:
                 f"rank {self.rank} is outside the world of {self.world_size} ranks "
                 f"(tp={self.tp} x cp={self.cp} x dp={self.dp} x pp={self.pp})"
             )
+        if self.backend is not None and (not isinstance(self.backend, str) or not self.backend):
+            raise TypeError(f"backend must be a torch.distributed backend name like 'gloo' or 'nccl', got {self.backend!r}")
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)):
             raise TypeError(f"timeout_s must be a number of seconds, got {self.timeout_s!r} ({type(self.timeout_s).__name__})")
         if not self.timeout_s > 0:

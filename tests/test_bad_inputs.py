@@ -472,6 +472,8 @@ def test_factory_return_annotation_is_checked_under_future_annotations(registry_
         ({"timeout_s": "5"}, TypeError, "timeout_s must be a number of seconds, got '5' (str)"),
         ({"timeout_s": 0}, ValueError, "timeout_s must be positive, got 0"),
         ({"tp": "2"}, TypeError, "tp must be an int, got '2'"),
+        ({"backend": 3}, TypeError, "backend must be a torch.distributed backend name like 'gloo' or 'nccl', got 3"),
+        ({"order": "tp-xx"}, ValueError, "order 'tp-xx' names unknown axes ['xx']"),
     ],
 )
 def test_parallel_context_values(kwargs, error, says):
