@@ -136,6 +136,15 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+def _norm(size: int, eps: float, dtype: torch.dtype, serving: bool) -> nn.Module:
+    """RMSNorm: vLLM's (its kernel, the same ``weight``) inside an engine, this module's in training."""
+    if serving:
+        from vllm.model_executor.layers.layernorm import RMSNorm as VllmRMSNorm
+
+        return VllmRMSNorm(size, eps=eps, dtype=dtype)
+    return RMSNorm(size, eps, dtype)
+
+
 class SelfAttention(nn.Module):
     """Grouped QKV projection (column-parallel), trainable attention, output projection (row-parallel)."""
 
@@ -204,9 +213,10 @@ class DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         dtype = mcfg.params_dtype
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        serving = vllm_config is not None
+        self.input_layernorm = _norm(cfg.hidden_size, cfg.rms_norm_eps, dtype, serving)
         self.self_attention = SelfAttention(cfg, ctx, mcfg, index, vllm_config, f"{prefix}.self_attention")
-        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.pre_mlp_layernorm = _norm(cfg.hidden_size, cfg.rms_norm_eps, dtype, serving)
         self.mlp = MLP(cfg, ctx, mcfg)
 
     def forward(
@@ -223,7 +233,7 @@ class Decoder(nn.Module):
             DecoderLayer(cfg, ctx, mcfg, i, vllm_config, f"{prefix}.layers.{i}")
             for i in range(cfg.num_hidden_layers)
         )
-        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, mcfg.params_dtype)
+        self.final_layernorm = _norm(cfg.hidden_size, cfg.rms_norm_eps, mcfg.params_dtype, vllm_config is not None)
 
 
 class Embedding(nn.Module):
