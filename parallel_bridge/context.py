@@ -17,12 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import threading
-from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from parallel_bridge import groups as _groups
 from parallel_bridge import layout
 
 if TYPE_CHECKING:
@@ -52,16 +50,6 @@ _GROUP_AXES: dict[str, tuple[str, str]] = {
 }
 GROUP_NAMES: tuple[str, ...] = (*_GROUP_AXES, "embd", "pos_embd", "world")
 """Every group name :meth:`ParallelContext.group` accepts."""
-
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-class _GroupCache:
-    """Process groups of one context, shared by its copies; not part of its value."""
-
-    def __init__(self) -> None:
-        self.groups: dict[str, Any] = {}
-        self.lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +81,8 @@ class ParallelContext:
     """torch.distributed backend for groups this context creates (None: the default group's)."""
     timeout_s: float = 600.0
     """Timeout of collectives on groups this context creates: a dead rank raises, not hangs."""
-    _cache: _GroupCache = dataclasses.field(
-        default_factory=_GroupCache, compare=False, repr=False, hash=False
+    _cache: _groups.GroupCache = dataclasses.field(
+        default_factory=_groups.GroupCache, compare=False, repr=False, hash=False
     )
 
     def __post_init__(self) -> None:
@@ -254,42 +242,10 @@ class ParallelContext:
 
     # -------------------------------------------------------- process groups
     def group(self, name: str) -> dist.ProcessGroup | None:
-        """This rank's process group ``name``, adopted or created on first use.
-
-        Creating a kind of group is collective: every rank of the world must ask
-        for the same names in the same order, as with ``torch.distributed.new_group``.
-        A name whose rank lists equal those of a group already bound (``mp`` and
-        ``tp`` when pp=1, say) shares that group instead of creating a communicator.
-        Returns None for ``embd``/``pos_embd`` on ranks outside those groups.
-        """
-        cache = self._cache
-        with cache.lock:
-            if name in cache.groups:
-                return cache.groups[name]
-            all_ranks = self.all_ranks(name)
-            dist = _require_distributed(self, name)
-            for other, pg in cache.groups.items():  # same ranks as a bound group: share it
-                if self.all_ranks(other) == all_ranks:
-                    cache.groups[name] = pg
-                    return pg
-            if name == "world":
-                pg = dist.group.WORLD
-            else:
-                pg = None
-                for ranks in all_ranks:
-                    created = dist.new_group(
-                        ranks, timeout=timedelta(seconds=self.timeout_s), backend=self.backend
-                    )
-                    if self.rank in ranks:
-                        pg = created
-            cache.groups[name] = pg
-            return pg
-
-    def init_groups(self, names: tuple[str, ...] | None = None) -> ParallelContext:
-        """Create all (or the named) groups now, in a fixed order; collective. Returns self."""
-        for name in names or GROUP_NAMES:
-            self.group(name)
-        return self
+        """This rank's process group ``name``, adopted or created on first use (collective: every rank
+        asks for the same names in the same order); see :func:`parallel_bridge.groups.bound_group`.
+        Returns None for ``embd``/``pos_embd`` on ranks outside those groups."""
+        return _groups.bound_group(self, self._cache, name)
 
     @property
     def tp_group(self) -> dist.ProcessGroup:
@@ -317,28 +273,10 @@ class ParallelContext:
         return self.group("ep")
 
     def with_groups(self, groups: dict[str, Any]) -> ParallelContext:
-        """A copy of this context that uses ``groups`` (name -> ProcessGroup) made by someone else.
-
-        Each group's ranks must equal this context's rank list for it; no new
-        communicator is created for an adopted name.
-        """
-        import torch.distributed as dist
-
-        fresh = dataclasses.replace(self, _cache=_GroupCache())
-        fresh._cache.groups.update(self._cache.groups)
-        for name, pg in groups.items():
-            expected = self.ranks(name)
-            if pg is None:
-                if expected:
-                    raise ValueError(f"group {name!r} is None but rank {self.rank} belongs to {expected}")
-            else:
-                actual = dist.get_process_group_ranks(pg)
-                if list(actual) != expected:
-                    raise ValueError(
-                        f"group {name!r} holds ranks {list(actual)}, but this layout "
-                        f"({self.describe()}) puts rank {self.rank} in {expected}"
-                    )
-            fresh._cache.groups[name] = pg
+        """A copy of this context that uses ``groups`` (name -> ProcessGroup) made by someone else; each
+        group's ranks must equal this context's rank list for it."""
+        fresh = dataclasses.replace(self, _cache=_groups.GroupCache())
+        _groups.adopt(fresh, fresh._cache, self._cache, groups)
         return fresh
 
     @property
@@ -353,126 +291,26 @@ class ParallelContext:
         return cls()
 
     @classmethod
-    def from_torchrun(
-        cls,
-        tp: int = 1,
-        pp: int = 1,
-        cp: int = 1,
-        ep: int = 1,
-        etp: int | None = None,
-        dp: int | None = None,
-        order: str = layout.MEGATRON_ORDER,
-        backend: str | None = None,
-        timeout_s: float = 600.0,
-        env: dict[str, str] | None = None,
-    ) -> ParallelContext:
-        """Build from torchrun's RANK/WORLD_SIZE/LOCAL_RANK; dp defaults to what is left.
+    def from_torchrun(cls, **kwargs: Any) -> ParallelContext:
+        """Build from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (dp defaults to what is left), initializing the
+        default process group if needed: :func:`parallel_bridge.launch.context_from_torchrun`."""
+        from parallel_bridge.launch import context_from_torchrun
 
-        Initializes the default process group if it is not yet (gloo on CPU,
-        nccl when CUDA is available) with ``timeout_s``.
-        """
-        env = dict(os.environ if env is None else env)
-        values = {}
-        for var in _TORCHRUN_VARS:
-            raw = env.get(var)
-            if raw is None:
-                raise RuntimeError(
-                    f"environment variable {var} is not set: run under torchrun "
-                    f"(torchrun --nproc-per-node N script.py) or set {', '.join(_TORCHRUN_VARS)}"
-                )
-            try:
-                values[var] = int(raw)
-            except ValueError:
-                raise ValueError(f"environment variable {var}={raw!r} is not an integer") from None
-        world, rank = values["WORLD_SIZE"], values["RANK"]
-        if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
-        model = tp * pp * cp
-        if dp is None:
-            if model < 1 or world % model:
-                raise ValueError(f"tp={tp} x pp={pp} x cp={cp} = {model} does not divide WORLD_SIZE={world}")
-            dp = world // model
-        elif model * dp != world:
-            raise ValueError(f"tp={tp} x pp={pp} x cp={cp} x dp={dp} = {model * dp} but WORLD_SIZE={world}")
-        ctx = cls(
-            tp=tp,
-            pp=pp,
-            dp=dp,
-            cp=cp,
-            ep=ep,
-            etp=etp,
-            rank=rank,
-            order=order,
-            backend=backend,
-            timeout_s=timeout_s,
-        )
-        import torch
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            for var in ("MASTER_ADDR", "MASTER_PORT"):
-                if var not in env:
-                    raise RuntimeError(f"environment variable {var} is not set: run under torchrun")
-            default = "nccl" if torch.cuda.is_available() else "gloo"
-            kwargs = {}
-            if default == "nccl":
-                torch.cuda.set_device(values["LOCAL_RANK"])
-                kwargs["device_id"] = torch.device("cuda", values["LOCAL_RANK"])
-            dist.init_process_group(
-                backend=backend or default,
-                init_method="env://",
-                rank=rank,
-                world_size=world,
-                timeout=timedelta(seconds=timeout_s),
-                **kwargs,
-            )
-            logger.info("initialized %s process group: rank %d of %d", backend or default, rank, world)
-        elif dist.get_world_size() != world or dist.get_rank() != rank:
-            raise RuntimeError(
-                f"torch.distributed is initialized with rank {dist.get_rank()} of "
-                f"{dist.get_world_size()}, but RANK={rank} WORLD_SIZE={world}"
-            )
-        return ctx
+        return context_from_torchrun(**kwargs)
 
     @classmethod
     def from_device_mesh(cls, mesh: DeviceMesh, **kwargs: Any) -> ParallelContext:
-        """Build from a DeviceMesh whose dim names are axes (``tp``, ``dp``, ...), adopting its groups.
+        """Build from a DeviceMesh whose dim names are axes, adopting its groups:
+        :func:`parallel_bridge.launch.context_from_device_mesh`."""
+        from parallel_bridge.launch import context_from_device_mesh
 
-        The mesh must number ranks contiguously (``arange(world).reshape(shape)``),
-        last dim fastest, as ``init_device_mesh`` does.
-        """
-        import torch
-
-        names = mesh.mesh_dim_names
-        if not names:
-            raise ValueError("the DeviceMesh has no mesh_dim_names; name its dims from tp, cp, dp, pp")
-        unknown = [n for n in names if n not in ("tp", "cp", "dp", "pp")]
-        if unknown:
-            raise ValueError(f"DeviceMesh dims {unknown} are not axes; use names from tp, cp, dp, pp")
-        grid = mesh.mesh
-        if not torch.equal(grid.flatten().cpu(), torch.arange(grid.numel())):
-            raise ValueError(
-                "the DeviceMesh does not number ranks contiguously; build it with init_device_mesh"
-            )
-        degrees = dict(zip(names, grid.shape))
-        ctx = cls(
-            **{k: int(v) for k, v in degrees.items()},
-            rank=mesh.get_rank(),
-            order="-".join(reversed(names)),
-            **kwargs,
-        )
-        return ctx.with_groups({n: mesh.get_group(n) for n in names})
+        return context_from_device_mesh(mesh, **kwargs)
 
     def to_device_mesh(self, device_type: str | None = None) -> DeviceMesh:
         """A DeviceMesh over the dense axes of size > 1 (slowest first); collective."""
-        import torch
-        from torch.distributed.device_mesh import init_device_mesh
+        from parallel_bridge.launch import device_mesh_of
 
-        tokens = [t for t in self.order.split("-") if t != "ep"]
-        names = [t for t in reversed(tokens) if getattr(self, t) > 1] or ["dp"]
-        shape = tuple(getattr(self, n) for n in names)
-        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-        return init_device_mesh(device_type, shape, mesh_dim_names=tuple(names))
+        return device_mesh_of(self, device_type)
 
     @classmethod
     def from_megatron(cls, **kwargs: Any) -> ParallelContext:
@@ -524,20 +362,3 @@ class ParallelContext:
             f"(tp_rank={self.tp_rank} pp_rank={self.pp_rank} dp_rank={self.dp_rank} "
             f"cp_rank={self.cp_rank} ep_rank={self.ep_rank})"
         )
-
-
-def _require_distributed(ctx: ParallelContext, name: str):
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            f"cannot make process group {name!r}: torch.distributed is not initialized "
-            f"({ctx.describe()}); build the context with ParallelContext.from_torchrun() "
-            f"or call torch.distributed.init_process_group first"
-        )
-    if dist.get_world_size() != ctx.world_size:
-        raise RuntimeError(
-            f"cannot make process group {name!r}: the context describes {ctx.world_size} ranks "
-            f"but torch.distributed has {dist.get_world_size()}"
-        )
-    return dist

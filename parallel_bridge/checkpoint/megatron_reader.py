@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,32 +26,17 @@ from typing import Any
 import torch
 
 from parallel_bridge.checkpoint import dcp, records
+from parallel_bridge.checkpoint import megatron_files as mf
 from parallel_bridge.checkpoint import megatron_layout as ml
 from parallel_bridge.checkpoint.gpt_config import CONFIG_FILE, CheckpointError, GPTConfig, expected_shapes
+from parallel_bridge.checkpoint.megatron_files import canonical
 
 logger = logging.getLogger(__name__)
-
-_TE_NORMS = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
-}
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
-
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-
-def canonical(name: str) -> str:
-    """Local-spec name for a (possibly Transformer Engine) Megatron tensor name."""
-    for te, local in _TE_NORMS.items():
-        if name.endswith(te):
-            return name[: -len(te)] + local
-    return name
 
 
 class MegatronCheckpoint:
@@ -75,10 +59,10 @@ class MegatronCheckpoint:
         root = Path(path)
         if not root.exists():
             raise CheckpointError(f"checkpoint folder {root} does not exist")
-        folder = _iteration_folder(root, iteration)
+        folder = mf.iteration_folder(root, iteration)
         if (folder / "metadata.json").exists() or (folder / ".metadata").exists():
             ckpt: MegatronCheckpoint = _TorchDist(folder, root)
-        elif any(_RANK_DIR.match(p.name) for p in folder.iterdir() if p.is_dir()):
+        elif any(mf.RANK_DIR.match(p.name) for p in folder.iterdir() if p.is_dir()):
             ckpt = _Legacy(folder, root)
         else:
             raise CheckpointError(
@@ -86,7 +70,7 @@ class MegatronCheckpoint:
                 f"(mp_rank_XX folders)"
             )
         ckpt.root = root
-        ckpt.iteration = _iteration_of(folder)
+        ckpt.iteration = mf.iteration_of(folder)
         ckpt._load_config(root, overrides or {})
         ckpt._check_shapes()
         return ckpt
@@ -172,38 +156,6 @@ class MegatronCheckpoint:
             "config": dataclasses.asdict(self.config),
             "tensors": {n: list(t.shape) for n, t in self.tensors.items()},
         }
-
-
-def _iteration_folder(root: Path, iteration: int | None) -> Path:
-    tracker = root / "latest_checkpointed_iteration.txt"
-    if iteration is not None:
-        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
-            raise CheckpointError(f"iteration must be a non-negative integer, got {iteration!r}")
-        folder = root / f"iter_{iteration:07d}"
-        if not folder.is_dir():
-            have = sorted(p.name for p in root.glob("iter_*"))
-            raise CheckpointError(
-                f"iteration {iteration} not found: {folder} does not exist (present: {have})"
-            )
-        return folder
-    if tracker.exists():
-        text = tracker.read_text(errors="replace").strip()
-        if text != "release" and not text.isdigit():
-            raise CheckpointError(
-                f"{tracker} holds {text[:40]!r}, not an iteration number or 'release'; fix it or pass --iteration"
-            )
-        folder = root / ("release" if text == "release" else f"iter_{int(text):07d}")
-        if not folder.is_dir():
-            raise CheckpointError(f"{tracker} names iteration {text}, but {folder} does not exist")
-        return folder
-    return root
-
-
-def _iteration_of(folder: Path) -> int | str | None:
-    if folder.name == "release":
-        return "release"
-    m = re.match(r"^iter_(\d+)$", folder.name)
-    return int(m[1]) if m else None
 
 
 # ---------------------------------------------------------------- torch_dist
@@ -313,7 +265,7 @@ class _Legacy(MegatronCheckpoint):
         self.path = folder
         dirs = {}
         for p in folder.iterdir():
-            m = _RANK_DIR.match(p.name)
+            m = mf.RANK_DIR.match(p.name)
             if p.is_dir() and m:
                 if m[3] is not None:
                     raise CheckpointError(f"{p}: expert-parallel checkpoints (MoE) are not supported")

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel_bridge.adapters import megatron as pm
-from parallel_bridge.adapters.vllm import serving_all_reduce, use_vllm_cpu_gemm
-from parallel_bridge.attention import TrainableAttention, heads_per_rank
+from parallel_bridge.adapters.vllm import use_vllm_cpu_gemm
+from parallel_bridge.attention import heads_per_rank
 from parallel_bridge.checkpoint import megatron_layout as ml
 from parallel_bridge.context import ParallelContext
+from parallel_bridge.models.hybrid_layers import Decoder, Embedding, column
 
 logger = logging.getLogger(__name__)
 
@@ -83,173 +84,6 @@ class HybridLlamaConfig:
         }
 
 
-def _linear(layer: nn.Module, x: torch.Tensor, reduce: bool) -> torch.Tensor:
-    """A Megatron column/row-parallel layer on [tokens, in]: Megatron's forward, or, when
-    serving on CPU, vLLM's GEMM kernel plus (row-parallel) vLLM's all-reduce."""
-    fast = getattr(layer, "serving_linear", None)
-    if fast is None:
-        return layer(x.unsqueeze(1))[0].squeeze(1)
-    y = fast(x)
-    if reduce and layer.serving_tp > 1:
-        y = serving_all_reduce(y)
-    return y
-
-
-_INIT = functools.partial(nn.init.normal_, std=0.02)
-
-
-def _column(ctx: ParallelContext, mcfg: Any, n_in: int, n_out: int) -> nn.Module:
-    """A megatron-core column-parallel linear (no bias, output left sharded) on the context's TP group."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-
-    return ColumnParallelLinear(
-        n_in, n_out, config=mcfg, init_method=_INIT, bias=False, gather_output=False, tp_group=ctx.tp_group
-    )
-
-
-def _row(ctx: ParallelContext, mcfg: Any, n_in: int, n_out: int) -> nn.Module:
-    """A megatron-core row-parallel linear (no bias, input already sharded) on the context's TP group."""
-    from megatron.core.tensor_parallel import RowParallelLinear
-
-    return RowParallelLinear(
-        n_in,
-        n_out,
-        config=mcfg,
-        init_method=_INIT,
-        bias=False,
-        input_is_parallel=True,
-        skip_bias_add=False,
-        tp_group=ctx.tp_group,
-    )
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a ``weight`` (replicated across TP ranks)."""
-
-    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
-def _norm(size: int, eps: float, dtype: torch.dtype, serving: bool) -> nn.Module:
-    """RMSNorm: vLLM's (its kernel, the same ``weight``) inside an engine, this module's in training."""
-    if serving:
-        from vllm.model_executor.layers.layernorm import RMSNorm as VllmRMSNorm
-
-        return VllmRMSNorm(size, eps=eps, dtype=dtype)
-    return RMSNorm(size, eps, dtype)
-
-
-class SelfAttention(nn.Module):
-    """Grouped QKV projection (column-parallel), trainable attention, output projection (row-parallel)."""
-
-    def __init__(
-        self,
-        cfg: HybridLlamaConfig,
-        ctx: ParallelContext,
-        mcfg: Any,
-        index: int,
-        vllm_config: Any,
-        prefix: str,
-    ) -> None:
-        super().__init__()
-        heads, kv = heads_per_rank(cfg.num_attention_heads, cfg.num_key_value_heads, ctx.tp)
-        d = cfg.head_dim
-        self.linear_qkv = _column(ctx, mcfg, cfg.hidden_size, ctx.tp * (heads + 2 * kv) * d)
-        self.core_attention = TrainableAttention(
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            d,
-            layer_index=index,
-            ctx=ctx,
-            rope_theta=cfg.rope_theta,
-            max_positions=cfg.max_position_embeddings,
-            vllm_config=vllm_config,
-            prefix=f"{prefix}.core_attention",
-        )
-        self.linear_proj = _row(ctx, mcfg, cfg.num_attention_heads * d, cfg.hidden_size)
-        self.groups, self.per_group, self.head_dim = kv, heads // kv, d
-
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
-    ) -> torch.Tensor:
-        qkv = _linear(self.linear_qkv, x, reduce=False)
-        t = qkv.shape[0]
-        grouped = qkv.view(t, self.groups, self.per_group + 2, self.head_dim)
-        q = grouped[:, :, : self.per_group].reshape(t, -1)
-        k = grouped[:, :, self.per_group].reshape(t, -1)
-        v = grouped[:, :, self.per_group + 1].reshape(t, -1)
-        out = self.core_attention(q, k, v, positions, cu_seqlens)
-        return _linear(self.linear_proj, out, reduce=True)
-
-
-class MLP(nn.Module):
-    """SwiGLU: fc1 holds [gate ; up] per rank (column-parallel), fc2 row-parallel."""
-
-    def __init__(self, cfg: HybridLlamaConfig, ctx: ParallelContext, mcfg: Any) -> None:
-        super().__init__()
-        self.linear_fc1 = _column(ctx, mcfg, cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.linear_fc2 = _row(ctx, mcfg, cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = _linear(self.linear_fc1, x, reduce=False).chunk(2, dim=-1)
-        return _linear(self.linear_fc2, F.silu(gate) * up, reduce=True)
-
-
-class DecoderLayer(nn.Module):
-    def __init__(
-        self,
-        cfg: HybridLlamaConfig,
-        ctx: ParallelContext,
-        mcfg: Any,
-        index: int,
-        vllm_config: Any,
-        prefix: str,
-    ) -> None:
-        super().__init__()
-        dtype = mcfg.params_dtype
-        serving = vllm_config is not None
-        self.input_layernorm = _norm(cfg.hidden_size, cfg.rms_norm_eps, dtype, serving)
-        self.self_attention = SelfAttention(cfg, ctx, mcfg, index, vllm_config, f"{prefix}.self_attention")
-        self.pre_mlp_layernorm = _norm(cfg.hidden_size, cfg.rms_norm_eps, dtype, serving)
-        self.mlp = MLP(cfg, ctx, mcfg)
-
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
-    ) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), positions, cu_seqlens)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg, ctx, mcfg, vllm_config, prefix: str) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, ctx, mcfg, i, vllm_config, f"{prefix}.layers.{i}")
-            for i in range(cfg.num_hidden_layers)
-        )
-        self.final_layernorm = _norm(cfg.hidden_size, cfg.rms_norm_eps, mcfg.params_dtype, vllm_config is not None)
-
-
-class Embedding(nn.Module):
-    def __init__(self, cfg, ctx, mcfg, padded_vocab: int) -> None:
-        super().__init__()
-        from megatron.core.tensor_parallel import VocabParallelEmbedding
-
-        self.word_embeddings = VocabParallelEmbedding(
-            padded_vocab,
-            cfg.hidden_size,
-            init_method=_INIT,
-            config=mcfg,
-            tp_group=ctx.tp_group,
-        )
-
-
 class HybridLlama(nn.Module):
     """The hybrid decoder. Training: ``forward(input_ids, positions, cu_seqlens)``;
     serving: vLLM's contract (``embed_input_ids``, ``forward``, ``compute_logits``, ``load_weights``)."""
@@ -286,7 +120,7 @@ class HybridLlama(nn.Module):
         self.embedding = Embedding(cfg, ctx, mcfg, self.padded_vocab)
         self.decoder = Decoder(cfg, ctx, mcfg, vllm_config, f"{prefix}.decoder")
         if not cfg.tie_word_embeddings:
-            self.output_layer = _column(ctx, mcfg, cfg.hidden_size, self.padded_vocab)
+            self.output_layer = column(ctx, mcfg, cfg.hidden_size, self.padded_vocab)
         self.serve_with_vllm_kernels = vllm_config is not None and not torch.cuda.is_available()
         for name, param in self.named_parameters():
             param.weight_loader = functools.partial(self._load_full, name)

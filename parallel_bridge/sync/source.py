@@ -27,7 +27,7 @@ from parallel_bridge.checkpoint import hf_names
 from parallel_bridge.checkpoint import megatron_args as ma
 from parallel_bridge.checkpoint import megatron_layout as ml
 from parallel_bridge.checkpoint.gpt_config import GPTConfig, expected_shapes
-from parallel_bridge.checkpoint.megatron_reader import canonical
+from parallel_bridge.checkpoint.megatron_files import canonical
 from parallel_bridge.context import ParallelContext
 from parallel_bridge.sync.shards import LocalTensor, RoundError, RoundReader, ShardWriter
 

@@ -1,0 +1,163 @@
+"""megatron-core's ``parallel_state`` globals and the ParallelContext: bind the context's groups to them
+for a scope (restored after), read a context back from them, and Megatron's activation buffer.
+
+Supported: megatron-core 0.16.1 (Python 3.11) and 0.19.x. The only differences
+this touches are which ``parallel_state`` globals exist (0.19 adds the
+``*_GTP_*`` groups, 0.16 has ``_DATA_PARALLEL_GROUP_WITH_CP_AG``); they are
+handled in ``STATE_GLOBALS`` by setting only the globals the installed version has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+
+from parallel_bridge.context import ParallelContext
+from parallel_bridge.layout import AXES
+
+
+def import_megatron():
+    """``megatron.core``, or an ImportError that says which extra to install."""
+    try:
+        import megatron.core as mcore
+    except ImportError as e:
+        raise ImportError(
+            "megatron-core is not installed: install the extra with "
+            f"`pip install parallel-bridge[megatron]` (megatron-core>=0.16.1) ({e})"
+        ) from e
+    return mcore
+
+
+# context group name -> (parallel_state group global, its rank-list global or None).
+STATE_GLOBALS: dict[str, tuple[str, str | None]] = {
+    "tp": ("_TENSOR_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GLOBAL_RANKS"),
+    "pp": ("_PIPELINE_MODEL_PARALLEL_GROUP", "_PIPELINE_GLOBAL_RANKS"),
+    "mp": ("_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GLOBAL_RANKS"),
+    "dp": ("_DATA_PARALLEL_GROUP", "_DATA_PARALLEL_GLOBAL_RANKS"),
+    "dp_cp": ("_DATA_PARALLEL_GROUP_WITH_CP", "_DATA_PARALLEL_GLOBAL_RANKS_WITH_CP"),
+    "cp": ("_CONTEXT_PARALLEL_GROUP", "_CONTEXT_PARALLEL_GLOBAL_RANKS"),
+    "tp_cp": ("_TENSOR_AND_CONTEXT_PARALLEL_GROUP", None),
+    "tp_dp": ("_TENSOR_AND_DATA_PARALLEL_GROUP", None),
+    "tp_dp_cp": ("_TENSOR_AND_DATA_PARALLEL_GROUP_WITH_CP", None),
+    "embd": ("_EMBEDDING_GROUP", "_EMBEDDING_GLOBAL_RANKS"),
+    "pos_embd": ("_POSITION_EMBEDDING_GROUP", "_POSITION_EMBEDDING_GLOBAL_RANKS"),
+    "ep": ("_EXPERT_MODEL_PARALLEL_GROUP", "_EXPERT_MODEL_PARALLEL_RANKS"),
+    "expt_tp": ("_EXPERT_TENSOR_PARALLEL_GROUP", None),
+    "expt_dp": ("_EXPERT_DATA_PARALLEL_GROUP", None),
+    "tp_ep": ("_EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP", None),
+    "tp_ep_pp": ("_EXPERT_TENSOR_MODEL_PIPELINE_PARALLEL_GROUP", None),
+}
+# Cached sizes/ranks that would shadow the bound groups; cleared while bound.
+_STATE_OVERRIDES = (
+    "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",
+    "_MPU_TENSOR_MODEL_PARALLEL_RANK",
+    "_MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE",
+    "_MPU_PIPELINE_MODEL_PARALLEL_RANK",
+    "_MPU_DATA_PARALLEL_WORLD_SIZE",
+    "_MPU_DATA_PARALLEL_RANK",
+    "_MPU_EXPERT_MODEL_PARALLEL_WORLD_SIZE",
+    "_MPU_EXPERT_MODEL_PARALLEL_RANK",
+    "_MPU_EXPERT_TENSOR_PARALLEL_WORLD_SIZE",
+    "_MPU_EXPERT_TENSOR_PARALLEL_RANK",
+    "_VIRTUAL_PIPELINE_MODEL_PARALLEL_RANK",
+    "_VIRTUAL_PIPELINE_MODEL_PARALLEL_WORLD_SIZE",
+)
+
+
+@contextlib.contextmanager
+def bind_parallel_state(
+    ctx: ParallelContext, names: Sequence[str] | None = None
+) -> Iterator[ParallelContext]:
+    """Point ``megatron.core.parallel_state``'s globals at the context's groups, then restore them.
+
+    Only the named groups are bound (default: all; tp, pp and dp always, since
+    megatron-core treats its state as uninitialized without them); groups the context adopted
+    (vLLM's, a DeviceMesh's, the user's) are used as they are. Unbound groups read
+    as uninitialized, as in a fresh process.
+    """
+    import_megatron()
+    from megatron.core import parallel_state as mps
+
+    # parallel_state counts as initialized only with tp, pp and dp set.
+    names = tuple(dict.fromkeys(("tp", "pp", "dp", *(names or STATE_GLOBALS))))
+    unknown = [n for n in names if n not in STATE_GLOBALS]
+    if unknown:
+        raise KeyError(f"cannot bind {unknown}; bindable groups are {list(STATE_GLOBALS)}")
+    touched = [g for pair in STATE_GLOBALS.values() for g in pair if g] + list(_STATE_OVERRIDES)
+    saved = {g: getattr(mps, g) for g in touched if hasattr(mps, g)}
+    try:
+        for g in saved:
+            setattr(mps, g, None)
+        for name in names:
+            group_global, ranks_global = STATE_GLOBALS[name]
+            setattr(mps, group_global, ctx.group(name))
+            if ranks_global and hasattr(mps, ranks_global):
+                setattr(mps, ranks_global, ctx.ranks(name))
+        with memory_buffer():
+            yield ctx
+    finally:
+        for g, value in saved.items():
+            setattr(mps, g, value)
+
+
+@contextlib.contextmanager
+def memory_buffer() -> Iterator[None]:
+    """Megatron's global activation buffer (core attention, sequence parallelism) for a scope.
+
+    ``initialize_model_parallel`` makes it; with explicit groups nobody does. Made
+    here only if missing, and removed on exit if made here, so a later
+    ``initialize_model_parallel`` still succeeds.
+    """
+    from megatron.core import parallel_state as mps
+
+    if getattr(mps, "_GLOBAL_MEMORY_BUFFER", None) is not None:
+        yield
+        return
+    mps._set_global_memory_buffer()
+    try:
+        yield
+    finally:
+        mps._GLOBAL_MEMORY_BUFFER = None
+
+
+def context_from_megatron(timeout_s: float = 600.0) -> ParallelContext:
+    """The context an initialized ``megatron.core.parallel_state`` describes, its groups adopted.
+
+    The rank order is recovered by matching this rank's groups against every
+    order of the axes in use.
+    """
+    import_megatron()
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mps
+
+    if not mps.model_parallel_is_initialized():
+        raise RuntimeError(
+            "megatron.core.parallel_state is not initialized: call "
+            "parallel_state.initialize_model_parallel(...) first, or build the context with "
+            "ParallelContext.from_torchrun() and use bind_parallel_state()"
+        )
+    degrees = {
+        "tp": mps.get_tensor_model_parallel_world_size(),
+        "pp": mps.get_pipeline_model_parallel_world_size(),
+        "cp": mps.get_context_parallel_world_size(),
+        "dp": mps.get_data_parallel_world_size(),
+        "ep": mps.get_expert_model_parallel_world_size(),
+        "etp": mps.get_expert_tensor_parallel_world_size(),
+    }
+    actual = {
+        name: dist.get_process_group_ranks(getattr(mps, STATE_GLOBALS[name][0]))
+        for name in ("tp", "pp", "dp", "cp", "ep", "expt_tp")
+    }
+    used = [a for a in AXES if degrees[a] > 1] or ["tp"]
+    for perm in itertools.permutations(used):
+        order = "-".join(perm)
+        try:
+            ctx = ParallelContext(**degrees, rank=dist.get_rank(), order=order, timeout_s=timeout_s)
+        except ValueError:
+            continue
+        if all(ctx.ranks(n) == r for n, r in actual.items()):
+            return ctx.with_groups(
+                {n: getattr(mps, g) for n, (g, _) in STATE_GLOBALS.items() if getattr(mps, g) is not None}
+            )
+    raise RuntimeError(f"megatron's groups {actual} match no rank order of the axes {used}")
