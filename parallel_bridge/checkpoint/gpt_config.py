@@ -5,6 +5,7 @@ every tensor it implies (:func:`expected_shapes`)."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 from parallel_bridge.checkpoint import megatron_args as ma
@@ -175,7 +176,7 @@ class GPTConfig:
 def check_field(name: str, value: Any, what: str = "model config field") -> None:
     """Raise naming ``name`` when ``value`` has the wrong type or range for that GPTConfig field."""
     kind = _FIELD_TYPES[name]
-    if value is None and name == "kv_channels":
+    if value is None and name in _OPTIONAL:
         return
     if kind is bool:
         ok = isinstance(value, bool)
@@ -188,16 +189,10 @@ def check_field(name: str, value: Any, what: str = "model config field") -> None
         raise CheckpointError(f"{what} {name}={value!r} must be {want}")
 
 
-_FIELD_TYPES = {
-    **dict.fromkeys(
-        ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-         "vocab_size", "padded_vocab_size", "max_position_embeddings", "kv_channels"),
-        int,
-    ),
-    **dict.fromkeys(("rotary_base", "norm_epsilon"), float),
-    **dict.fromkeys(("tie_embeddings", "add_bias_linear", "add_qkv_bias", "swiglu"), bool),
-    **dict.fromkeys(("normalization", "position_embedding_type"), str),
-}
+_HINTS = typing.get_type_hints(GPTConfig)
+_FIELD_TYPES = {n: next(t for t in typing.get_args(h) or (h,) if t is not type(None)) for n, h in _HINTS.items()}
+"""Each field's type, from GPTConfig's annotations (``int | None`` is int)."""
+_OPTIONAL = frozenset(n for n, h in _HINTS.items() if type(None) in typing.get_args(h))
 
 
 def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
