@@ -2,6 +2,7 @@
 fresh virtual environment (reusing set-up's site packages, so nothing is downloaded), then the import,
 the ``parallel-bridge`` command, vLLM's plugin entry point and the package data checked there."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -23,8 +24,10 @@ def run(*cmd, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     pytest.importorskip("build")
-    dist = tmp_path_factory.mktemp("dist")
-    run(sys.executable, "-m", "build", "--no-isolation", "--wheel", "--sdist", "--outdir", dist, ROOT)
+    dist, src = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("src") / "parallel_bridge"
+    # a copy: setuptools writes build/ and *.egg-info beside the sources it builds
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "build", "dist", "out", "*.egg-info", "__pycache__"))
+    run(sys.executable, "-m", "build", "--no-isolation", "--wheel", "--sdist", "--outdir", dist, src)
     (wheel,), (sdist,) = dist.glob("*.whl"), dist.glob("*.tar.gz")
     return wheel, sdist
 
