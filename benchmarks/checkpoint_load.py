@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from parallel_bridge.launch import context_from_torchrun
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 MB = 1024**2
@@ -41,11 +43,10 @@ def _rss_mb() -> float:
 def _save(root: str, sizes: dict) -> None:
     import torch
 
-    from parallel_bridge import ParallelContext
     from parallel_bridge.adapters import megatron as pm
     from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
 
-    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=600)
+    ctx = context_from_torchrun(tp=2, timeout_s=600)
     with pm.cpu_compat(), pm.bind_parallel_state(ctx):
         pm.model_parallel_manual_seed(ctx, 0)
         layers = {k: v for k, v in sizes.items() if k != "vocab_size"}

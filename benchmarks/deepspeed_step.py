@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from parallel_bridge.launch import context_from_torchrun
+
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault(
@@ -25,11 +27,10 @@ def _bench(hidden: int, layers: int, batch: int, repeats: int) -> dict:
     import torch
     from _common import time_interleaved
 
-    from parallel_bridge import ParallelContext
     from parallel_bridge.adapters import deepspeed as pds
 
     deepspeed.init_distributed(dist_backend="gloo")
-    ctx = ParallelContext.from_torchrun()
+    ctx = context_from_torchrun()
     config = {
         "train_micro_batch_size_per_gpu": batch,
         "gradient_clipping": 0.0,

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from _common import report, time_interleaved
 
+from parallel_bridge.launch import context_from_torchrun
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -40,10 +42,9 @@ def main() -> None:
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from parallel_bridge import ParallelContext
     from parallel_bridge.adapters import megatron as pm
 
-    ctx = ParallelContext.from_torchrun()
+    ctx = context_from_torchrun()
     init = torch.nn.init.xavier_normal_
 
     def mlp(config, tp_group):

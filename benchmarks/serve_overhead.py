@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from parallel_bridge.launch import context_from_torchrun
+
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -24,11 +26,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 def _save_hybrid(folder: str, sizes: dict) -> None:
     import torch
 
-    from parallel_bridge import ParallelContext
     from parallel_bridge.models.hybrid_llama import HybridLlama, HybridLlamaConfig
 
     torch.manual_seed(0)
-    HybridLlama(HybridLlamaConfig(**sizes), ParallelContext.from_torchrun()).save_pretrained(folder)
+    HybridLlama(HybridLlamaConfig(**sizes), context_from_torchrun()).save_pretrained(folder)
 
 
 def convert_to_hf(src: Path, dst: Path) -> None:

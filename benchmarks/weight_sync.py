@@ -25,6 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
+from parallel_bridge.launch import context_from_torchrun
+
 CFG = dict(
     vocab_size=16000,
     hidden_size=1024,
@@ -76,12 +78,11 @@ def _run(folder: str, serve_tp: int) -> dict:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from parallel_bridge import ParallelContext
     from parallel_bridge.adapters import megatron as pm
     from parallel_bridge.models.hybrid_llama import HybridLlama, HybridLlamaConfig
     from parallel_bridge.sync import BACKEND, WeightSync
 
-    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=600)
+    ctx = context_from_torchrun(tp=2, timeout_s=600)
     cfg = HybridLlamaConfig(**CFG)
     torch.manual_seed(0)
     out = {}

@@ -8,14 +8,14 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from parallel_bridge import ParallelContext
+from parallel_bridge.launch import context_from_torchrun
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--tp", type=int, default=1)
 parser.add_argument("--pp", type=int, default=1)
 args = parser.parse_args()
 
-ctx = ParallelContext.from_torchrun(tp=args.tp, pp=args.pp)
+ctx = context_from_torchrun(tp=args.tp, pp=args.pp)
 for name in ("tp", "pp", "dp"):
     total = torch.tensor([float(ctx.rank)])
     dist.all_reduce(total, group=ctx.group(name))

@@ -4,9 +4,24 @@
 ``parallel_bridge.adapters`` and imports its library when first used.
 """
 
-from parallel_bridge.context import GROUP_NAMES, ParallelContext
-from parallel_bridge.layout import MEGATRON_ORDER, VLLM_ORDER
+from parallel_bridge.context import GROUP_NAMES, GroupName, ParallelContext
+from parallel_bridge.groups import ParallelGroup
+from parallel_bridge.launch import context_from_device_mesh, context_from_torchrun, device_mesh_of
+from parallel_bridge.layout import MEGATRON_ORDER, VLLM_ORDER, Axis
 from parallel_bridge.registry import register_model
 
-__all__ = ["GROUP_NAMES", "MEGATRON_ORDER", "VLLM_ORDER", "ParallelContext", "__version__", "register_model"]
+__all__ = [
+    "GROUP_NAMES",
+    "MEGATRON_ORDER",
+    "VLLM_ORDER",
+    "Axis",
+    "GroupName",
+    "ParallelContext",
+    "ParallelGroup",
+    "__version__",
+    "context_from_device_mesh",
+    "context_from_torchrun",
+    "device_mesh_of",
+    "register_model",
+]
 __version__ = "0.1.0"

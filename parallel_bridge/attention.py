@@ -19,28 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel_bridge.context import ParallelContext
+from parallel_bridge.tp_split import heads_per_rank
 
 logger = logging.getLogger(__name__)
-
-
-def heads_per_rank(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int]:
-    """(query heads, kv heads) on each TP rank; kv heads are replicated when fewer than tp."""
-    if num_heads % tp:
-        raise ValueError(f"tensor-parallel size {tp} does not divide num_attention_heads={num_heads}")
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            f"num_key_value_heads={num_kv_heads} does not divide num_attention_heads={num_heads}"
-        )
-    if num_kv_heads >= tp:
-        if num_kv_heads % tp:
-            raise ValueError(f"tensor-parallel size {tp} does not divide num_key_value_heads={num_kv_heads}")
-        return num_heads // tp, num_kv_heads // tp
-    if tp % num_kv_heads:
-        raise ValueError(
-            f"num_key_value_heads={num_kv_heads} is below tensor-parallel size {tp} and does not divide it, "
-            "so kv heads cannot be replicated evenly"
-        )
-    return num_heads // tp, 1
 
 
 def rotary_table(length: int, head_dim: int, theta: float, device=None) -> torch.Tensor:

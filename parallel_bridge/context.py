@@ -4,7 +4,9 @@ It holds the degrees (tp, pp, dp, cp, ep, expert-tp), this rank, the rank order,
 and the process groups of every axis, created lazily or adopted from whoever owns
 them (vLLM, Megatron, a DeviceMesh). Every adapter in ``parallel_bridge.adapters``
 reads the layout from here, so Megatron, DeepSpeed and vLLM layers talk over the
-same groups.
+same groups. Contexts are built where a job starts (:mod:`parallel_bridge.launch`:
+torchrun, a DeviceMesh) or by the adapter of whoever owns the groups
+(``context_from_megatron``, ``context_from_vllm``, ``context_from_deepspeed``).
 
 Group names follow megatron-core's ``ProcessGroupCollection`` fields:
 ``tp, pp, dp, cp, mp (tp x pp), tp_cp, dp_cp, tp_dp, tp_dp_cp, embd, pos_embd``
@@ -15,8 +17,10 @@ every rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+from enum import StrEnum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -25,30 +29,52 @@ from parallel_bridge import layout
 
 if TYPE_CHECKING:
     import torch.distributed as dist
-    from torch.distributed.device_mesh import DeviceMesh
 
 logger = logging.getLogger(__name__)
 
-# name -> (which rank generator, axes it spans). "dense" numbers ranks with the
-# degrees of the attention/dense layers; "expert" with those of the expert layers
-# (tp -> etp, dp -> expert data parallel, no cp), as megatron-core does.
+
+class GroupName(StrEnum):
+    """The groups a context has; the values are megatron-core's ``ProcessGroupCollection`` field names."""
+
+    TP = "tp"
+    PP = "pp"
+    DP = "dp"
+    CP = "cp"
+    MP = "mp"
+    TP_CP = "tp_cp"
+    DP_CP = "dp_cp"
+    TP_DP = "tp_dp"
+    TP_DP_CP = "tp_dp_cp"
+    EP = "ep"
+    EXPT_TP = "expt_tp"
+    EXPT_DP = "expt_dp"
+    TP_EP = "tp_ep"
+    TP_EP_PP = "tp_ep_pp"
+    EMBD = "embd"
+    POS_EMBD = "pos_embd"
+    WORLD = "world"
+
+
+# group -> (which rank generator, axes it spans). "dense" numbers ranks with the degrees of the
+# attention/dense layers; "expert" with those of the expert layers (tp -> etp, dp -> expert data
+# parallel, no cp), as megatron-core does. embd, pos_embd and world are derived from pp and the world.
 _GROUP_AXES: dict[str, tuple[str, str]] = {
-    "tp": ("dense", "tp"),
-    "pp": ("dense", "pp"),
-    "dp": ("dense", "dp"),
-    "cp": ("dense", "cp"),
-    "mp": ("dense", "tp-pp"),
-    "tp_cp": ("dense", "tp-cp"),
-    "dp_cp": ("dense", "dp-cp"),
-    "tp_dp": ("dense", "tp-dp"),
-    "tp_dp_cp": ("dense", "tp-dp-cp"),
-    "ep": ("expert", "ep"),
-    "expt_tp": ("expert", "tp"),
-    "expt_dp": ("expert", "dp"),
-    "tp_ep": ("expert", "tp-ep"),
-    "tp_ep_pp": ("expert", "tp-ep-pp"),
+    GroupName.TP: ("dense", "tp"),
+    GroupName.PP: ("dense", "pp"),
+    GroupName.DP: ("dense", "dp"),
+    GroupName.CP: ("dense", "cp"),
+    GroupName.MP: ("dense", "tp-pp"),
+    GroupName.TP_CP: ("dense", "tp-cp"),
+    GroupName.DP_CP: ("dense", "dp-cp"),
+    GroupName.TP_DP: ("dense", "tp-dp"),
+    GroupName.TP_DP_CP: ("dense", "tp-dp-cp"),
+    GroupName.EP: ("expert", "ep"),
+    GroupName.EXPT_TP: ("expert", "tp"),
+    GroupName.EXPT_DP: ("expert", "dp"),
+    GroupName.TP_EP: ("expert", "tp-ep"),
+    GroupName.TP_EP_PP: ("expert", "tp-ep-pp"),
 }
-GROUP_NAMES: tuple[str, ...] = (*_GROUP_AXES, "embd", "pos_embd", "world")
+GROUP_NAMES: tuple[str, ...] = tuple(g.value for g in GroupName)
 """Every group name :meth:`ParallelContext.group` accepts."""
 
 
@@ -197,7 +223,7 @@ class ParallelContext:
         """True on the last pipeline stage (which holds the output layer)."""
         return self.pp_rank == self.pp - 1
 
-    # The accessor names of the original ParallelContext design (vLLM RFC #28326).
+    # The accessor names of the original ParallelContext design (vLLM RFC #28326), kept for its users.
     def get_tensor_parallel_rank(self) -> int:
         return self.tp_rank
 
@@ -247,6 +273,14 @@ class ParallelContext:
         Returns None for ``embd``/``pos_embd`` on ranks outside those groups."""
         return _groups.bound_group(self, self._cache, name)
 
+    def comm(self, name: str) -> _groups.ParallelGroup:
+        """This rank's group ``name`` as an object carrying its ranks and collectives
+        (:class:`~parallel_bridge.groups.ParallelGroup`); the process group is bound on first communication."""
+        ranks = self.ranks(name)
+        if not ranks:
+            raise ValueError(f"rank {self.rank} is in no {name!r} group ({self.describe()})")
+        return _groups.ParallelGroup(name, tuple(ranks), self.rank, functools.partial(self.group, name))
+
     @property
     def tp_group(self) -> dist.ProcessGroup:
         """Tensor-parallel group (collective on first use)."""
@@ -284,54 +318,10 @@ class ParallelContext:
         """Names of groups already bound (adopted or created)."""
         return tuple(self._cache.groups)
 
-    # ---------------------------------------------------------- constructors
     @classmethod
     def single_process(cls) -> ParallelContext:
         """World of one: every degree and coordinate 1/0; needs nothing initialized."""
         return cls()
-
-    @classmethod
-    def from_torchrun(cls, **kwargs: Any) -> ParallelContext:
-        """Build from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (dp defaults to what is left), initializing the
-        default process group if needed: :func:`parallel_bridge.launch.context_from_torchrun`."""
-        from parallel_bridge.launch import context_from_torchrun
-
-        return context_from_torchrun(**kwargs)
-
-    @classmethod
-    def from_device_mesh(cls, mesh: DeviceMesh, **kwargs: Any) -> ParallelContext:
-        """Build from a DeviceMesh whose dim names are axes, adopting its groups:
-        :func:`parallel_bridge.launch.context_from_device_mesh`."""
-        from parallel_bridge.launch import context_from_device_mesh
-
-        return context_from_device_mesh(mesh, **kwargs)
-
-    def to_device_mesh(self, device_type: str | None = None) -> DeviceMesh:
-        """A DeviceMesh over the dense axes of size > 1 (slowest first); collective."""
-        from parallel_bridge.launch import device_mesh_of
-
-        return device_mesh_of(self, device_type)
-
-    @classmethod
-    def from_megatron(cls, **kwargs: Any) -> ParallelContext:
-        """Build from an initialized ``megatron.core.parallel_state``, adopting its groups."""
-        from parallel_bridge.adapters.megatron import context_from_megatron
-
-        return context_from_megatron(**kwargs)
-
-    @classmethod
-    def from_vllm(cls, **kwargs: Any) -> ParallelContext:
-        """Build from vLLM's parallel state (defaults to world 1 when it is not initialized)."""
-        from parallel_bridge.adapters.vllm import context_from_vllm
-
-        return context_from_vllm(**kwargs)
-
-    @classmethod
-    def from_deepspeed(cls, **kwargs: Any) -> ParallelContext:
-        """Build from the groups DeepSpeed set up itself (``deepspeed.utils.groups``), adopting them."""
-        from parallel_bridge.adapters.deepspeed import context_from_deepspeed
-
-        return context_from_deepspeed(**kwargs)
 
     # --------------------------------------------------------- serialization
     def to_dict(self) -> dict[str, Any]:

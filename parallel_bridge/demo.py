@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from parallel_bridge import ParallelContext
+from parallel_bridge.launch import context_from_torchrun
 
 logger = logging.getLogger("parallel_bridge.demo")
 
@@ -90,7 +91,6 @@ def encode_batch(
 @torch.no_grad()
 def greedy_complete(ctx, model, tokenizer, prompts: list[str], max_new: int, vocab: int):
     """Greedy continuations with the training-mode forward (no KV cache), and each step's logprob."""
-    from parallel_bridge.adapters import megatron as pm
 
     outs, logprobs = [], []
     for prompt in prompts:
@@ -99,7 +99,7 @@ def greedy_complete(ctx, model, tokenizer, prompts: list[str], max_new: int, voc
         for _ in range(max_new):
             x = torch.tensor([ids])
             pos = torch.arange(x.shape[1]).unsqueeze(0)
-            logits = pm.gather_vocab_logits(ctx, model(x, pos, attention_mask=None))[0, -1, :vocab]
+            logits = ctx.comm("tp").all_gather(model(x, pos, attention_mask=None))[0, -1, :vocab]
             lp = torch.log_softmax(logits.float(), dim=-1)
             nxt = int(lp.argmax())
             if nxt == tokenizer.eos_token_id:
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ctx = ParallelContext.from_torchrun(tp=world, timeout_s=300)
+    ctx = context_from_torchrun(tp=world, timeout_s=300)
     rank0 = ctx.rank == 0
     out = Path(args.out)
     if rank0:

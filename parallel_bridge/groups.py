@@ -3,11 +3,14 @@ from whoever made them (vLLM, Megatron, a DeviceMesh), cached beside the context
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
     import torch.distributed as dist
 
     from parallel_bridge.context import ParallelContext
@@ -75,7 +78,7 @@ def _require_distributed(ctx: ParallelContext, name: str):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             f"cannot make process group {name!r}: torch.distributed is not initialized "
-            f"({ctx.describe()}); build the context with ParallelContext.from_torchrun() "
+            f"({ctx.describe()}); build the context with context_from_torchrun() "
             f"or call torch.distributed.init_process_group first"
         )
     if dist.get_world_size() != ctx.world_size:
@@ -84,3 +87,106 @@ def _require_distributed(ctx: ParallelContext, name: str):
             f"but torch.distributed has {dist.get_world_size()}"
         )
     return dist
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelGroup:
+    """One group of a context as this rank sees it: its ranks, this rank's place, and the collectives the
+    project uses. Every collective returns at once, without communicating, when the group has one rank.
+    The torch process group is bound on first communication (collective: see :func:`bound_group`)."""
+
+    name: str
+    ranks: tuple[int, ...]
+    rank: int
+    """This process's global rank."""
+    _bind: Callable[[], dist.ProcessGroup | None] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def rank_in_group(self) -> int:
+        """This rank's index in :attr:`ranks`."""
+        return self.ranks.index(self.rank)
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank_in_group == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank_in_group == self.size - 1
+
+    @property
+    def prev_rank(self) -> int:
+        """Global rank before this one in the group (pipeline: the previous stage)."""
+        if self.is_first:
+            raise ValueError(f"rank {self.rank} is first in its {self.name} group {list(self.ranks)}")
+        return self.ranks[self.rank_in_group - 1]
+
+    @property
+    def next_rank(self) -> int:
+        """Global rank after this one in the group (pipeline: the next stage)."""
+        if self.is_last:
+            raise ValueError(f"rank {self.rank} is last in its {self.name} group {list(self.ranks)}")
+        return self.ranks[self.rank_in_group + 1]
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The torch process group (bound on first use)."""
+        return self._bind()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the group in place; returns it."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, group=self.process_group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along ``dim`` in group order (no autograd)."""
+        if self.size == 1:
+            return tensor
+        import torch
+
+        return torch.cat(self.all_gather_list(tensor), dim=dim)
+
+    def all_gather_list(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` as a list in group order (no autograd)."""
+        if self.size == 1:
+            return [tensor]
+        import torch
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.process_group)
+        return parts
+
+    def send_next(self, tensor: torch.Tensor) -> None:
+        """Send to the next rank of the group (the next pipeline stage)."""
+        self._send(tensor, self.next_rank)
+
+    def send_prev(self, tensor: torch.Tensor) -> None:
+        """Send to the previous rank of the group (gradients back to the previous stage)."""
+        self._send(tensor, self.prev_rank)
+
+    def recv_prev(self, out: torch.Tensor) -> torch.Tensor:
+        """Receive into ``out`` from the previous rank of the group; returns ``out``."""
+        return self._recv(out, self.prev_rank)
+
+    def recv_next(self, out: torch.Tensor) -> torch.Tensor:
+        """Receive into ``out`` from the next rank of the group; returns ``out``."""
+        return self._recv(out, self.next_rank)
+
+    def _send(self, tensor: torch.Tensor, peer: int) -> None:
+        import torch.distributed as dist
+
+        dist.send(tensor.contiguous(), dst=peer, group=self.process_group)
+
+    def _recv(self, out: torch.Tensor, peer: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.recv(out, src=peer, group=self.process_group)
+        return out

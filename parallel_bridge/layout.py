@@ -13,9 +13,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 
-AXES: tuple[str, ...] = ("tp", "cp", "ep", "dp", "pp")
-"""The axis names an order may use."""
+
+class Axis(StrEnum):
+    """A parallel axis; its value is the name orders and DeviceMesh dims use."""
+
+    TP = "tp"
+    CP = "cp"
+    EP = "ep"
+    DP = "dp"
+    PP = "pp"
+
+
+AXES: tuple[str, ...] = tuple(a.value for a in Axis)
+"""The axis names an order may use, in megatron-core's default order."""
 
 MEGATRON_ORDER = "tp-cp-ep-dp-pp"
 """megatron-core's default ``order`` argument of ``initialize_model_parallel``."""

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from parallel_bridge.context import ParallelContext
+from parallel_bridge.adapters.vllm import context_from_vllm
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _make_vllm_class(name: str, target: Any) -> type[nn.Module]:
 
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
             super().__init__()
-            ctx = ParallelContext.from_vllm()
+            ctx = context_from_vllm()
             self.parallel_context = ctx
             build = _resolve(target)
             what = f"the target {_describe(target)}"

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from parallel_bridge import ParallelContext
 from parallel_bridge.demo import DemoModel, build_model, build_tokenizer, encode_batch
+from parallel_bridge.launch import context_from_torchrun
 
 logger = logging.getLogger("parallel_bridge.rl")
 
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ctx = ParallelContext.from_torchrun(tp=world, timeout_s=300)
+    ctx = context_from_torchrun(tp=world, timeout_s=300)
     out = Path(args.out)
     report = run(args, ctx, out)
     if report is not None:

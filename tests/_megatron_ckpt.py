@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from parallel_bridge import ParallelContext
 from parallel_bridge.adapters import megatron as pm
 from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
+from parallel_bridge.launch import context_from_torchrun
 
 SIZES = {"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "ffn_hidden_size": 256}
 PROMPTS = [[5, 17, 42], [3, 9, 27, 81, 11, 2], [64]]
@@ -47,7 +47,7 @@ def megatron_decode(ctx, model, vocab):
         ids, first = list(prompt), None
         for step in range(STEPS):
             x = torch.tensor([ids])
-            logits = pm.gather_vocab_logits(ctx, model(x, torch.arange(len(ids))[None], attention_mask=None))
+            logits = ctx.comm("tp").all_gather(model(x, torch.arange(len(ids))[None], attention_mask=None))
             lp = torch.log_softmax(logits[0, -1, :vocab].double(), -1)
             first = lp if step == 0 else first
             ids.append(int(lp.argmax()))
@@ -56,7 +56,7 @@ def megatron_decode(ctx, model, vocab):
 
 
 def save_dist(root, tp, pp, variant):
-    ctx = ParallelContext.from_torchrun(tp=tp, pp=pp, timeout_s=120)
+    ctx = context_from_torchrun(tp=tp, pp=pp, timeout_s=120)
     with pm.cpu_compat(), pm.bind_parallel_state(ctx):
         pm.model_parallel_manual_seed(ctx, variant["seed"])
         config, model = build(ctx, variant)
@@ -68,7 +68,7 @@ def reference_from_dist(root, variant):
     """Megatron loads the checkpoint itself (resharding to TP=1) and runs its forward."""
     from megatron.core import dist_checkpointing
 
-    ctx = ParallelContext.from_torchrun(timeout_s=120)
+    ctx = context_from_torchrun(timeout_s=120)
     with pm.cpu_compat(), pm.bind_parallel_state(ctx):
         pm.model_parallel_manual_seed(ctx, 999)
         _, model = build(ctx, variant)
@@ -108,7 +108,7 @@ def megatron_lm_args(config, variant):
 
 def save_legacy(root, tp, variant):
     """Per-rank torch.save files as Megatron-LM's legacy 'torch' format writes them; returns Megatron's decode."""
-    ctx = ParallelContext.from_torchrun(tp=tp, timeout_s=120)
+    ctx = context_from_torchrun(tp=tp, timeout_s=120)
     with pm.cpu_compat(), pm.bind_parallel_state(ctx):
         pm.model_parallel_manual_seed(ctx, variant["seed"])
         config, model = build(ctx, variant)

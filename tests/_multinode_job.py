@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import _megatron_block as blk  # noqa: E402
 
-from parallel_bridge import ParallelContext  # noqa: E402
+from parallel_bridge import megatron_layout as ml  # noqa: E402
 from parallel_bridge.adapters import deepspeed as pds  # noqa: E402
 from parallel_bridge.adapters import megatron as pm  # noqa: E402
-from parallel_bridge.checkpoint import megatron_layout as ml  # noqa: E402
+from parallel_bridge.launch import context_from_torchrun
 
 LR = 1e-2
 
@@ -80,7 +80,7 @@ def main() -> None:
     dist.all_gather_object(nodes, node)
     with pm.cpu_compat():
         for name, kwargs, run in (("tp2dp2", {}, zero1_step), ("tp2pp2", {"pp": 2}, pipeline_forward)):
-            ctx = ParallelContext.from_torchrun(tp=2, timeout_s=120, **kwargs)
+            ctx = context_from_torchrun(tp=2, timeout_s=120, **kwargs)
             record[name] = {
                 "rank": ctx.rank,
                 "coords": (ctx.tp_rank, ctx.dp_rank, ctx.pp_rank),

@@ -4,7 +4,7 @@ import dataclasses
 
 import torch
 
-from parallel_bridge.checkpoint import megatron_layout as ml
+from parallel_bridge import megatron_layout as ml
 from parallel_bridge.checkpoint.gpt_config import GPTConfig
 from parallel_bridge.sync.shards import LocalTensor, ShardWriter
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from parallel_bridge import ParallelContext
+from parallel_bridge.launch import context_from_torchrun
 
 
 def test_single_process_default_needs_nothing_initialized():
@@ -107,19 +108,19 @@ ENV = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}
 def test_torchrun_missing_variable(missing):
     env = {k: v for k, v in ENV.items() if k != missing}
     with pytest.raises(RuntimeError, match=f"environment variable {missing} is not set: run under torchrun"):
-        ParallelContext.from_torchrun(env=env)
+        context_from_torchrun(env=env)
 
 
 def test_torchrun_non_integer_variable():
     with pytest.raises(ValueError, match="WORLD_SIZE='four' is not an integer"):
-        ParallelContext.from_torchrun(env={**ENV, "WORLD_SIZE": "four"})
+        context_from_torchrun(env={**ENV, "WORLD_SIZE": "four"})
 
 
 def test_torchrun_degrees_do_not_divide_world():
     with pytest.raises(ValueError, match=r"tp=3 x pp=1 x cp=1 = 3 does not divide WORLD_SIZE=4"):
-        ParallelContext.from_torchrun(tp=3, env=ENV)
+        context_from_torchrun(tp=3, env=ENV)
     with pytest.raises(ValueError, match=r"tp=2 x pp=1 x cp=1 x dp=4 = 8 but WORLD_SIZE=4"):
-        ParallelContext.from_torchrun(tp=2, dp=4, env=ENV)
+        context_from_torchrun(tp=2, dp=4, env=ENV)
 
 
 def test_import_needs_torch_alone():

@@ -19,6 +19,8 @@ from parallel_bridge.testing import run_distributed
 
 pytest.importorskip("deepspeed")
 from parallel_bridge.adapters import deepspeed as pds  # noqa: E402
+from parallel_bridge.adapters.deepspeed import context_from_deepspeed
+from parallel_bridge.launch import context_from_torchrun
 
 pytestmark = pytest.mark.usefixtures("deepspeed_cpu_extension")
 
@@ -67,7 +69,7 @@ def _zero_stages(tp, stages):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    ctx = ParallelContext.from_torchrun(tp=tp, timeout_s=120)
+    ctx = context_from_torchrun(tp=tp, timeout_s=120)
     micro = BATCH // ctx.dp
     out = {}
     for stage in stages:
@@ -114,11 +116,11 @@ def _megatron_in_zero1():
     import _megatron_block as blk
     import deepspeed
 
+    from parallel_bridge import megatron_layout as ml
     from parallel_bridge.adapters import megatron as pm
-    from parallel_bridge.checkpoint import megatron_layout as ml
 
     deepspeed.init_distributed(dist_backend="gloo")
-    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=120)
+    ctx = context_from_torchrun(tp=2, timeout_s=120)
     full = blk.full_weights(1)
     with pm.cpu_compat():
         layer = blk.MegatronLayer(ctx, pm.model_parallel_config(ctx, perform_initialization=False))
@@ -142,7 +144,7 @@ def _megatron_in_zero1():
 def test_megatron_tp_layers_inside_zero1_engine():
     import _megatron_block as blk
 
-    from parallel_bridge.checkpoint import megatron_layout as ml
+    from parallel_bridge import megatron_layout as ml
 
     results = run_distributed(_megatron_in_zero1, 4, timeout_s=400)
     full = {k: v.clone().requires_grad_(True) for k, v in blk.full_weights(1).items()}
@@ -172,7 +174,7 @@ def _checkpoint_round_trip(folder):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    ctx = ParallelContext.from_torchrun(timeout_s=120)
+    ctx = context_from_torchrun(timeout_s=120)
     micro = BATCH // ctx.dp
 
     def engine_():
@@ -215,7 +217,7 @@ def _expert_groups(tp):
     from deepspeed.utils import groups
 
     deepspeed.init_distributed(dist_backend="gloo")
-    ctx = ParallelContext.from_torchrun(tp=tp, ep=2, timeout_s=120)
+    ctx = context_from_torchrun(tp=tp, ep=2, timeout_s=120)
     if tp == 1:
         groups._create_expert_and_data_parallel(2)
     else:
@@ -224,7 +226,7 @@ def _expert_groups(tp):
     name = "ep_size_2"
     ds = (groups._get_expert_parallel_group_ranks(name), groups._get_expert_data_parallel_group_ranks(name))
     ours = (ctx.ranks("ep"), ctx.ranks("expt_dp"))
-    adopted = ParallelContext.from_deepspeed()
+    adopted = context_from_deepspeed()
     return [list(r) for r in ds], ours, (adopted.tp, adopted.dp, adopted.ep, adopted.ranks("ep"))
 
 
@@ -241,7 +243,7 @@ def _install_expert_groups():
     from deepspeed.utils import groups
 
     deepspeed.init_distributed(dist_backend="gloo")
-    ctx = ParallelContext.from_torchrun(ep=2, timeout_s=120)
+    ctx = context_from_torchrun(ep=2, timeout_s=120)
     name = pds.install_expert_groups(ctx)
     t = torch.ones(1)
     dist.all_reduce(t, group=groups._get_expert_parallel_group(name))

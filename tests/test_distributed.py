@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel_bridge import VLLM_ORDER, ParallelContext
+from parallel_bridge import VLLM_ORDER
+from parallel_bridge.adapters.vllm import context_from_vllm
+from parallel_bridge.launch import context_from_device_mesh, context_from_torchrun, device_mesh_of
 from parallel_bridge.testing import DistributedTestError, run_distributed
 
 pytestmark = pytest.mark.slow
@@ -32,7 +34,7 @@ AXIS_GROUPS = (
 
 
 def _all_reduce_per_axis(degrees):
-    ctx = ParallelContext.from_torchrun(**degrees, timeout_s=60)
+    ctx = context_from_torchrun(**degrees, timeout_s=60)
     sums = {}
     for name in AXIS_GROUPS:
         group = ctx.group(name)
@@ -101,7 +103,7 @@ def test_harness_reports_dead_rank():
 
 
 def _collective_with_departed_peer():
-    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=5)
+    ctx = context_from_torchrun(tp=2, timeout_s=5)
     ctx.tp_group  # noqa: B018 - create the group while both ranks live
     dist.barrier()
     if ctx.rank == 1:
@@ -137,7 +139,7 @@ def _megatron_groups(configs):
             order=order,
             create_gloo_process_groups=False,
         )
-        ctx = ParallelContext.from_torchrun(order=order, **cfg)
+        ctx = context_from_torchrun(order=order, **cfg)
         real = {
             "tp": mps.get_tensor_model_parallel_group(),
             "pp": mps.get_pipeline_model_parallel_group(),
@@ -192,7 +194,7 @@ def _vllm_groups(configs):
 
     mismatches = []
     for cfg in configs:
-        ctx = ParallelContext.from_torchrun(order=VLLM_ORDER, **cfg)
+        ctx = context_from_torchrun(order=VLLM_ORDER, **cfg)
         config = init_vllm_parallel_state(ctx)
         with set_current_vllm_config(config):
             real = {
@@ -202,7 +204,7 @@ def _vllm_groups(configs):
                 # vLLM's EP group spans DP x PCP x TP within a pipeline stage
                 "tp_dp_cp": vps.get_ep_group().ranks,
             }
-            adopted = ParallelContext.from_vllm()
+            adopted = context_from_vllm()
         for name, got in real.items():
             if list(got) != ctx.ranks(name):
                 mismatches.append((cfg, name, ctx.rank, got, ctx.ranks(name)))
@@ -228,10 +230,10 @@ def test_vllm_groups_equal_context_rank_lists_world8():
 
 
 def _device_mesh_round_trip():
-    ctx = ParallelContext.from_torchrun(tp=2, pp=2, timeout_s=60)
-    mesh = ctx.to_device_mesh()
+    ctx = context_from_torchrun(tp=2, pp=2, timeout_s=60)
+    mesh = device_mesh_of(ctx)
     assert mesh.mesh_dim_names == ("pp", "tp")
-    back = ParallelContext.from_device_mesh(mesh, timeout_s=60)
+    back = context_from_device_mesh(mesh, timeout_s=60)
     same = all(back.all_ranks(n) == ctx.all_ranks(n) for n in ("tp", "pp", "dp"))
     t = torch.ones(1)
     dist.all_reduce(t, group=back.tp_group)  # the mesh's own group, adopted

@@ -9,6 +9,7 @@ reason, where there is no CUDA device.
 import pytest
 import torch
 
+from parallel_bridge.launch import context_from_torchrun
 from parallel_bridge.testing import run_distributed
 
 pytestmark = [
@@ -18,9 +19,8 @@ pytestmark = [
 
 
 def _nccl_all_reduce():
-    from parallel_bridge import ParallelContext
 
-    ctx = ParallelContext.from_torchrun(tp=torch.cuda.device_count(), timeout_s=120)
+    ctx = context_from_torchrun(tp=torch.cuda.device_count(), timeout_s=120)
     x = torch.full((4,), float(ctx.rank + 1), device="cuda")
     torch.distributed.all_reduce(x, group=ctx.tp_group)
     return torch.distributed.get_backend(), x.cpu().tolist()
@@ -36,12 +36,11 @@ def test_parallel_context_over_nccl():
 def _megatron_layer_on_cuda():
     import _megatron_block as blk
 
-    from parallel_bridge import ParallelContext
+    from parallel_bridge import megatron_layout as ml
     from parallel_bridge.adapters import megatron as pm
-    from parallel_bridge.checkpoint import megatron_layout as ml
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    ctx = ParallelContext.from_torchrun(tp=torch.cuda.device_count(), timeout_s=120)
+    ctx = context_from_torchrun(tp=torch.cuda.device_count(), timeout_s=120)
     full = blk.full_weights(1)
     layer = blk.MegatronLayer(ctx, pm.model_parallel_config(ctx, perform_initialization=False)).cuda()
     with torch.no_grad():
@@ -84,7 +83,7 @@ def test_trainable_attention_training_path_on_cuda():
 
 
 def test_layout_code_on_device_tensors():
-    from parallel_bridge.checkpoint import megatron_layout as ml
+    from parallel_bridge import megatron_layout as ml
     from parallel_bridge.checkpoint.vllm_format import qkv_rows_for_rank
 
     g = torch.Generator().manual_seed(1)

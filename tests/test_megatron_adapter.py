@@ -15,12 +15,14 @@ import torch
 import torch.distributed as dist
 
 from parallel_bridge import ParallelContext
-from parallel_bridge.checkpoint import megatron_layout as ml
+from parallel_bridge import megatron_layout as ml
 from parallel_bridge.testing import run_distributed
 
 pytest.importorskip("megatron.core")
 
 from parallel_bridge.adapters import megatron as pm  # noqa: E402
+from parallel_bridge.adapters.megatron import context_from_megatron
+from parallel_bridge.launch import context_from_torchrun
 
 REL = 1e-5
 
@@ -44,7 +46,7 @@ def _inputs(batch=4, seq=8):
 def _block_run(tp, pp, num_layers):
     import _megatron_block as blk
 
-    ctx = ParallelContext.from_torchrun(tp=tp, pp=pp, timeout_s=60)
+    ctx = context_from_torchrun(tp=tp, pp=pp, timeout_s=60)
     overrides = {"pipeline_dtype": torch.float32} if pp > 1 else {}
     config = pm.model_parallel_config(ctx, perform_initialization=False, **overrides)
     full = blk.full_weights(num_layers)
@@ -152,7 +154,7 @@ def _gpt_step(tp, pp, full_state):
     unconditionally (``torch.zeros(..., device="cuda")`` in schedules.py), so they
     cannot run on CPU.
     """
-    ctx = ParallelContext.from_torchrun(tp=tp, pp=pp, timeout_s=60)
+    ctx = context_from_torchrun(tp=tp, pp=pp, timeout_s=60)
     extra = {"pipeline_dtype": torch.float32} if pp > 1 else {}
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=g)
@@ -257,7 +259,7 @@ def _bind_foreign_group():
     foreign = dist.new_group([0, 1])
     singles = [dist.new_group([r]) for r in (0, 1)]
     mine = singles[dist.get_rank()]
-    ctx = ParallelContext.from_torchrun(tp=2).with_groups({"tp": foreign, "pp": mine, "dp": mine})
+    ctx = context_from_torchrun(tp=2).with_groups({"tp": foreign, "pp": mine, "dp": mine})
     before = _pg_count()
     full = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
@@ -293,7 +295,7 @@ def _from_megatron():
     mps.initialize_model_parallel(
         tensor_model_parallel_size=2, pipeline_model_parallel_size=2, create_gloo_process_groups=False
     )
-    ctx = ParallelContext.from_megatron()
+    ctx = context_from_megatron()
     same = ctx.group("tp") is mps.get_tensor_model_parallel_group()
     t = torch.ones(1)
     dist.all_reduce(t, group=ctx.pp_group)
@@ -313,7 +315,7 @@ def test_context_from_megatron_parallel_state():
 def _cpu_compat_paths():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_cuda_rng_tracker
 
-    ctx = ParallelContext.from_torchrun(tp=2)
+    ctx = context_from_torchrun(tp=2)
     g = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(8, 6, generator=g), torch.randn(6, 8, generator=g)
     x = torch.randn(4, 2, 6, generator=g)  # [seq, batch, hidden]

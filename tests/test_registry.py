@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from parallel_bridge import register_model
-from parallel_bridge.attention import TrainableAttention, heads_per_rank
+from parallel_bridge.attention import TrainableAttention
 from parallel_bridge.registry import registered, unregister
+from parallel_bridge.tp_split import heads_per_rank
 
 vllm = pytest.importorskip("vllm")
 

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from parallel_bridge import ParallelContext
+from parallel_bridge.launch import context_from_torchrun
 from parallel_bridge.models.hybrid_llama import ARCHITECTURE, HybridLlama, HybridLlamaConfig
 from parallel_bridge.testing import run_distributed
 
@@ -63,7 +63,7 @@ def _pattern_batch(g, n, length):
 def _train_and_decode(folder, steps):
     from parallel_bridge.adapters import megatron as pm
 
-    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=120)
+    ctx = context_from_torchrun(tp=2, timeout_s=120)
     torch.manual_seed(0)
     with pm.cpu_compat():
         model = HybridLlama(CFG, ctx)
@@ -193,7 +193,7 @@ def test_lambda_and_string_targets_serve(trained, tmp_path, arch):
 def _load_checks(folder):
     from safetensors.torch import load_file
 
-    ctx = ParallelContext.from_torchrun()
+    ctx = context_from_torchrun()
     torch.manual_seed(0)
     a = HybridLlama(CFG, ctx)
     a.save_pretrained(folder)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from parallel_bridge import ParallelContext
+from parallel_bridge.launch import context_from_torchrun
 from parallel_bridge.models.hybrid_llama import HybridLlama, HybridLlamaConfig
 from parallel_bridge.testing import run_distributed
 
@@ -124,7 +125,7 @@ def _push_and_compare(root, serve_tp, tie, train_tp=2, kv=CFG.num_key_value_head
     from parallel_bridge.adapters import megatron as pm
     from parallel_bridge.sync import WeightSync
 
-    ctx = ParallelContext.from_torchrun(tp=train_tp, timeout_s=120)
+    ctx = context_from_torchrun(tp=train_tp, timeout_s=120)
     if ctx.rank == 0:
         _folder(root, tie, kv)
     cfg = HybridLlamaConfig(**{**CFG.__dict__, "tie_word_embeddings": tie, "num_key_value_heads": kv})
@@ -194,7 +195,7 @@ def _failures(root):
     from parallel_bridge.sync import WeightSync
     from parallel_bridge.sync.shards import ShardWriter
 
-    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=120)
+    ctx = context_from_torchrun(tp=2, timeout_s=120)
     if ctx.rank == 0:
         _folder(root)
     torch.manual_seed(0)
@@ -308,7 +309,7 @@ def _pp_push(root):
     from parallel_bridge.sync import WeightSync
 
     v = PP_VARIANT
-    ctx = ParallelContext.from_torchrun(tp=2, pp=2, timeout_s=120)
+    ctx = context_from_torchrun(tp=2, pp=2, timeout_s=120)
     out = {}
     with pm.cpu_compat(), pm.bind_parallel_state(ctx):
         pm.model_parallel_manual_seed(ctx, v["seed"])
@@ -363,7 +364,7 @@ def _deepspeed_push(root):
     from parallel_bridge.sync import WeightSync
 
     deepspeed.init_distributed(dist_backend="gloo")
-    ctx = ParallelContext.from_torchrun(tp=1, timeout_s=120)
+    ctx = context_from_torchrun(tp=1, timeout_s=120)
     if ctx.rank == 0:
         _folder(root)
     out = {}
@@ -444,7 +445,7 @@ def _server_push(url):
     from parallel_bridge.adapters import megatron as pm
     from parallel_bridge.sync import ServerClient, WeightSync
 
-    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=120)
+    ctx = context_from_torchrun(tp=2, timeout_s=120)
     torch.manual_seed(0)
     out = {}
     with pm.cpu_compat():
@@ -551,7 +552,7 @@ def _iterate_source(root):
     from parallel_bridge.sync import MegatronWeightSource
     from parallel_bridge.sync.source import config_of
 
-    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=60)
+    ctx = context_from_torchrun(tp=2, timeout_s=60)
     torch.manual_seed(0)
     model = HybridLlama(CFG, ctx)
     source = MegatronWeightSource(ctx, model)
@@ -613,7 +614,7 @@ def test_math_changing_megatron_settings_are_refused(field, value):
 def _world_mismatch():
     from parallel_bridge.sync import SyncError, WeightSync
 
-    ctx = ParallelContext.from_torchrun(tp=2, timeout_s=60)
+    ctx = context_from_torchrun(tp=2, timeout_s=60)
     model = HybridLlama(CFG, ctx)
     try:  # a four-rank layout in a two-rank job
         WeightSync(ParallelContext(tp=2, dp=2, rank=ctx.rank), model, object())

@@ -33,6 +33,7 @@ from parallel_bridge.adapters.megatron_state import (
     memory_buffer,
 )
 from parallel_bridge.context import ParallelContext
+from parallel_bridge.tp_split import split_for_tp
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +45,6 @@ def _cpu_defaults() -> dict[str, Any]:
         "use_cpu_initialization": not on_gpu,
         "gradient_accumulation_fusion": False,
     }
-
-
-def check_divisibility(ctx: ParallelContext, **sizes: int | None) -> None:
-    """Raise ValueError naming each model size that the tensor-parallel degree does not divide."""
-    problems = []
-    for name, value in sizes.items():
-        if value is not None and value % ctx.tp:
-            problems.append(f"{name}={value}")
-    if problems:
-        raise ValueError(
-            f"tensor-parallel size {ctx.tp} does not divide {', '.join(problems)}; "
-            f"choose a tp that divides each, or resize the model"
-        )
 
 
 def model_parallel_config(ctx: ParallelContext, **overrides: Any):
@@ -124,20 +112,12 @@ def transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     ffn = ffn_hidden_size if ffn_hidden_size is not None else 4 * hidden_size
-    check_divisibility(
-        ctx,
-        num_attention_heads=num_attention_heads,
-        num_query_groups=num_query_groups,
-        ffn_hidden_size=ffn,
-        vocab_size=vocab_size,
+    split_for_tp(
+        ctx.tp, num_attention_heads, num_query_groups, ffn, vocab_size, replicate_kv=False, pad_vocab=False
     )
     if hidden_size % num_attention_heads:
         raise ValueError(
             f"num_attention_heads={num_attention_heads} does not divide hidden_size={hidden_size}"
-        )
-    if num_query_groups is not None and num_attention_heads % num_query_groups:
-        raise ValueError(
-            f"num_query_groups={num_query_groups} does not divide num_attention_heads={num_attention_heads}"
         )
     kwargs: dict[str, Any] = {
         "num_layers": num_layers,
@@ -202,7 +182,14 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    check_divisibility(ctx, vocab_size=vocab_size)
+    split_for_tp(
+        ctx.tp,
+        config.num_attention_heads,
+        config.num_query_groups,
+        vocab=vocab_size,
+        replicate_kv=False,
+        pad_vocab=False,
+    )
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
     return GPTModel(
         config=config,
@@ -218,25 +205,12 @@ def build_gpt_model(
     )
 
 
-def gather_vocab_logits(ctx: ParallelContext, local: Any) -> Any:
-    """Full-vocabulary logits from each TP rank's vocabulary shard (last dim); no autograd."""
-    import torch.distributed as dist
-
-    if ctx.tp == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(ctx.tp)]
-    dist.all_gather(parts, local.contiguous(), group=ctx.tp_group)
-    return torch.cat(parts, dim=-1)
-
-
 __all__ = [
     "CpuRNGStatesTracker",
     "bind_parallel_state",
     "build_gpt_model",
-    "check_divisibility",
     "context_from_megatron",
     "cpu_compat",
-    "gather_vocab_logits",
     "import_megatron",
     "memory_buffer",
     "model_parallel_config",

@@ -135,7 +135,7 @@ def context_from_megatron(timeout_s: float = 600.0) -> ParallelContext:
         raise RuntimeError(
             "megatron.core.parallel_state is not initialized: call "
             "parallel_state.initialize_model_parallel(...) first, or build the context with "
-            "ParallelContext.from_torchrun() and use bind_parallel_state()"
+            "context_from_torchrun() and use bind_parallel_state()"
         )
     degrees = {
         "tp": mps.get_tensor_model_parallel_world_size(),

@@ -132,7 +132,7 @@ def init_vllm_parallel_state(ctx: ParallelContext, local_rank: int | None = None
                 f"{expected.all_ranks(name)}; build the context with order={VLLM_ORDER!r}"
             )
     if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialized: build the context with from_torchrun first")
+        raise RuntimeError("torch.distributed is not initialized: build the context with context_from_torchrun first")
     config = vllm_config or vllm_config_for(ctx)
     backend = ctx.backend or dist.get_backend()
     with set_current_vllm_config(config):
@@ -153,25 +153,6 @@ def destroy_vllm_parallel_state() -> None:
     """Tear down vLLM's model-parallel groups (the default torch group stays)."""
     vllm_ps = _import_vllm()
     vllm_ps.destroy_model_parallel()
-
-
-def use_vllm_cpu_gemm(layer: Any) -> None:
-    """Serve a linear layer's forward through vLLM's CPU GEMM dispatch (oneDNN, prepacked).
-
-    Sets ``layer.serving_linear(x) -> x @ weight.T`` (no communication); call it
-    again after the weight changes, since the kernel may hold a packed copy.
-    """
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
-    layer.serving_linear = lambda x, _layer=layer: _layer.cpu_linear(x, _layer.weight, None)
-
-
-def serving_all_reduce(x):
-    """All-reduce over vLLM's TP group with vLLM's own communicator (shared memory on CPU)."""
-    from vllm.distributed import tensor_model_parallel_all_reduce
-
-    return tensor_model_parallel_all_reduce(x)
 
 
 @contextlib.contextmanager

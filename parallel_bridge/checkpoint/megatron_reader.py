@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
+from parallel_bridge import megatron_layout as ml
 from parallel_bridge.checkpoint import dcp, records
 from parallel_bridge.checkpoint import megatron_files as mf
-from parallel_bridge.checkpoint import megatron_layout as ml
 from parallel_bridge.checkpoint.gpt_config import CONFIG_FILE, CheckpointError, GPTConfig, expected_shapes
 from parallel_bridge.checkpoint.megatron_files import canonical
 

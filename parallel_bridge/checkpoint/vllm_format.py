@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from parallel_bridge.checkpoint.megatron_reader import CheckpointError, MegatronCheckpoint
+from parallel_bridge.tp_split import TPSplit, TPSplitError, split_for_tp
 
 logger = logging.getLogger(__name__)
 
@@ -67,22 +68,13 @@ def qkv_rows_for_rank(heads: int, groups: int, d: int, tp: int, rank: int) -> li
     return _merge_ranges(q_rows) + _merge_ranges(k_rows) + _merge_ranges(v_rows)
 
 
-def check_serving_tp(cfg: Any, tp: int) -> None:
-    """Raise naming the numbers when ``tp`` cannot split the model (heads, kv heads, FFN)."""
-    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
-    if tp < 1:
-        raise CheckpointError(f"tensor-parallel size must be >= 1, got {tp}")
-    if heads % tp:
-        raise CheckpointError(f"tensor-parallel size {tp} does not divide num_attention_heads={heads}")
-    if (groups >= tp and groups % tp) or (groups < tp and tp % groups):
-        raise CheckpointError(
-            f"tensor-parallel size {tp} and num_query_groups={groups}: kv heads can be neither split nor "
-            f"replicated evenly"
-        )
-    if cfg.ffn_hidden_size % tp:
-        raise CheckpointError(
-            f"tensor-parallel size {tp} does not divide ffn_hidden_size={cfg.ffn_hidden_size}"
-        )
+def check_serving_tp(cfg: Any, tp: int) -> TPSplit:
+    """What each of ``tp`` serving ranks keeps of the checkpoint's model (kv heads replicated when fewer
+    than tp), or a CheckpointError naming the sizes ``tp`` does not split."""
+    try:
+        return split_for_tp(tp, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size)
+    except TPSplitError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def rank_parts(
@@ -92,7 +84,7 @@ def rank_parts(
     slice by slice: only what the rank keeps is read. ``vocab_range`` is the rank's
     [start, end) of real vocabulary rows (vLLM pads the vocabulary its own way)."""
     cfg = ckpt.config
-    check_serving_tp(cfg, tp)
+    split = check_serving_tp(cfg, tp)
     heads, groups, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
     if vocab_range is None:
         per = -(-cfg.vocab_size // tp)
@@ -104,7 +96,7 @@ def rank_parts(
     for src, dst in vocab:
         yield dst, ckpt.read(src, 0, start, end - start)
     yield "model.norm.weight", ckpt.read("decoder.final_layernorm.weight")
-    f_local, q_cols = cfg.ffn_hidden_size // tp, heads // tp * d
+    f_local, q_cols = split.ffn, split.heads * d
     for i in range(cfg.num_layers):
         p, q = f"decoder.layers.{i}.", f"model.layers.{i}."
         yield q + "input_layernorm.weight", ckpt.read(p + "input_layernorm.weight")

@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from parallel_bridge import megatron_layout as ml
 from parallel_bridge.adapters import megatron as pm
-from parallel_bridge.adapters.vllm import use_vllm_cpu_gemm
-from parallel_bridge.attention import heads_per_rank
-from parallel_bridge.checkpoint import megatron_layout as ml
 from parallel_bridge.context import ParallelContext
 from parallel_bridge.models.hybrid_layers import Decoder, Embedding, column
+from parallel_bridge.models.kernels import kernels_for
+from parallel_bridge.tp_split import HF_NAMES, split_for_tp
 
 logger = logging.getLogger(__name__)
 
@@ -105,23 +104,24 @@ class HybridLlama(nn.Module):
             raise ValueError(
                 f"num_attention_heads={cfg.num_attention_heads} does not divide hidden_size={cfg.hidden_size}"
             )
-        heads_per_rank(cfg.num_attention_heads, cfg.num_key_value_heads, ctx.tp)
-        pm.check_divisibility(ctx, intermediate_size=cfg.intermediate_size)
-        if vllm_config is None and cfg.num_key_value_heads % ctx.tp:
-            raise ValueError(
-                f"training needs tensor-parallel size {ctx.tp} to divide num_key_value_heads="
-                f"{cfg.num_key_value_heads} (vLLM serving alone may replicate kv heads)"
-            )
-        self.cfg, self.ctx = cfg, ctx
-        self.padded_vocab = -(-cfg.vocab_size // ctx.tp) * ctx.tp
-        mcfg = pm.model_parallel_config(
-            ctx, params_dtype=params_dtype, perform_initialization=vllm_config is None
+        serving = vllm_config is not None
+        split = split_for_tp(  # training splits kv heads; vLLM serving may replicate them
+            ctx.tp,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+            replicate_kv=serving,
+            names=HF_NAMES,
         )
+        self.cfg, self.ctx = cfg, ctx
+        self.padded_vocab = split.padded_vocab
+        self.kernels = kernels_for(ctx, serving)
+        mcfg = pm.model_parallel_config(ctx, params_dtype=params_dtype, perform_initialization=not serving)
         self.embedding = Embedding(cfg, ctx, mcfg, self.padded_vocab)
-        self.decoder = Decoder(cfg, ctx, mcfg, vllm_config, f"{prefix}.decoder")
+        self.decoder = Decoder(cfg, ctx, mcfg, self.kernels, vllm_config, f"{prefix}.decoder")
         if not cfg.tie_word_embeddings:
             self.output_layer = column(ctx, mcfg, cfg.hidden_size, self.padded_vocab)
-        self.serve_with_vllm_kernels = vllm_config is not None and not torch.cuda.is_available()
         for name, param in self.named_parameters():
             param.weight_loader = functools.partial(self._load_full, name)
 
@@ -144,30 +144,15 @@ class HybridLlama(nn.Module):
             h = layer(h, positions, cu_seqlens)
         return self.decoder.final_layernorm(h)
 
-    def _output_weight(self) -> torch.Tensor:
-        if self.cfg.tie_word_embeddings:
-            return self.embedding.word_embeddings.weight
-        return self.output_layer.weight
-
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """This rank's vocabulary shard of the logits [T, padded_vocab / tp] (differentiable)."""
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-        fast = getattr(getattr(self, "output_layer", None), "serving_linear", None)
-        if fast is not None:
-            return fast(hidden)
-        if self.ctx.tp > 1:
-            hidden = copy_to_tensor_model_parallel_region(hidden, group=self.ctx.tp_group)
-        return F.linear(hidden, self._output_weight())
+        """This rank's vocabulary shard of the logits [T, padded_vocab / tp] (differentiable in training)."""
+        if self.cfg.tie_word_embeddings:
+            return self.kernels.vocab_logits(None, self.embedding.word_embeddings.weight, hidden)
+        return self.kernels.vocab_logits(self.output_layer, self.output_layer.weight, hidden)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [T, vocab_size] on every rank (padding rows dropped)."""
-        local = self.local_logits(hidden_states)
-        if self.ctx.tp > 1:
-            parts = [torch.empty_like(local) for _ in range(self.ctx.tp)]
-            dist.all_gather(parts, local.contiguous(), group=self.ctx.tp_group)
-            local = torch.cat(parts, dim=-1)
-        return local[:, : self.cfg.vocab_size]
+        return self.ctx.comm("tp").all_gather(self.local_logits(hidden_states))[:, : self.cfg.vocab_size]
 
     def loss(
         self,
@@ -214,14 +199,8 @@ class HybridLlama(nn.Module):
                 f"{tuple(param.shape)}; does the checkpoint match the model config?"
             )
         param.data.copy_(shard)
-        if (
-            self.serve_with_vllm_kernels
-            and name.endswith(".weight")
-            and ("linear_" in name or name == "output_layer.weight")
-        ):
-            layer = self.get_submodule(name.rsplit(".", 1)[0])
-            use_vllm_cpu_gemm(layer)  # again after every load: the kernel packs the weight
-            layer.serving_tp = self.ctx.tp
+        if name.endswith(".weight") and ("linear_" in name or name == "output_layer.weight"):
+            self.kernels.weight_loaded(self.get_submodule(name.rsplit(".", 1)[0]))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load full tensors named as megatron-core's GPTModel names them; returns the names loaded."""
@@ -240,11 +219,11 @@ class HybridLlama(nn.Module):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter as a full tensor (gathered over TP), padding rows dropped; collective."""
         out = {}
+        tp = self.ctx.comm("tp")
         for name, param in self.named_parameters():
             shards = [param.detach()]
-            if self.ctx.tp > 1 and ml.split_kind(name) != "replicated":
-                shards = [torch.empty_like(param) for _ in range(self.ctx.tp)]
-                dist.all_gather(shards, param.detach().contiguous(), group=self.ctx.tp_group)
+            if ml.split_kind(name) != "replicated":
+                shards = tp.all_gather_list(param.detach())
             full = ml.merge(name, shards)
             if "word_embeddings" in name or name.startswith("output_layer"):
                 full = full[: self.cfg.vocab_size]

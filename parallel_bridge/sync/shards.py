@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from parallel_bridge.checkpoint import megatron_layout as ml
+from parallel_bridge import megatron_layout as ml
 from parallel_bridge.checkpoint.gpt_config import GPTConfig
 from parallel_bridge.errors import BridgeError
 

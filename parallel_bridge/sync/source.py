@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
+from parallel_bridge import megatron_layout as ml
 from parallel_bridge.checkpoint import hf_names
 from parallel_bridge.checkpoint import megatron_args as ma
-from parallel_bridge.checkpoint import megatron_layout as ml
 from parallel_bridge.checkpoint.gpt_config import GPTConfig, expected_shapes
 from parallel_bridge.checkpoint.megatron_files import canonical
 from parallel_bridge.context import ParallelContext

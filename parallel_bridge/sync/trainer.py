@@ -278,7 +278,7 @@ class WeightSync:
             have = dist.get_world_size() if dist.is_initialized() else "none"
             raise SyncError(
                 f"the trainer's torch.distributed world ({have} ranks) does not match the context's "
-                f"{ctx.world_size} (tp={ctx.tp} pp={ctx.pp} dp={ctx.dp}); build it with ParallelContext.from_torchrun"
+                f"{ctx.world_size} (tp={ctx.tp} pp={ctx.pp} dp={ctx.dp}); build it with context_from_torchrun"
             )
         if ctx.rank == 0 and engine is None:
             raise SyncError("trainer rank 0 drives the engine: pass the vllm.LLM (or a weight-sync client) there")
