@@ -58,7 +58,7 @@ def throughput(folder: Path, prompts: list[list[int]], new_tokens: int, repeats:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.adapters.vllm import llm_engine
+    from parallel_bridge.serving import llm_engine
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
     batch = [TokensPrompt(prompt_token_ids=p) for p in prompts]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from parallel_bridge.checkpoint_commands import cmd_convert, cmd_inspect, cmd_serve
 from parallel_bridge.errors import BridgeError, CliError
-from parallel_bridge.testing import free_port
+from parallel_bridge.launch import free_port
 
 logger = logging.getLogger("parallel_bridge")
 

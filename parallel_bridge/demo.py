@@ -192,17 +192,15 @@ def eval_cases(n: int) -> list[tuple[str, str]]:
 
 def serve_and_report(out: Path, serve_tp: int) -> dict:
     """Serve ``out/checkpoint`` with vLLM (megatron load format) and compare with training's answers."""
-    import os
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the report readable
-    if serve_tp > 1:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r) for r in range(serve_tp)))
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.adapters.vllm import in_process_engine, llm_engine
+    from parallel_bridge.serving import environment_defaults, in_process_engine, llm_engine
+
+    settings = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}  # small cache, readable report
+    if serve_tp > 1:
+        settings["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r) for r in range(serve_tp))
 
     report = json.loads((out / "report.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
@@ -211,7 +209,7 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
         f"trained at TP={report['train_tp']})"
     )
     start = time.perf_counter()
-    with in_process_engine(serve_tp), llm_engine(
+    with environment_defaults(settings), in_process_engine(serve_tp), llm_engine(
         model=str(out / "checkpoint"),
         load_format="megatron",
         config_format="megatron",

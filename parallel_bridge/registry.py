@@ -10,21 +10,24 @@ contract to it.
 
 vLLM builds the model in other processes (the engine core, TP workers, Ray
 workers). Each of them runs the ``vllm.general_plugins`` entry point of this
-package (:func:`parallel_bridge.plugin.register`), which re-imports the modules
-that registered models: ``register_model`` records its caller's module in the
-``PARALLEL_BRIDGE_MODELS`` environment variable, which child processes inherit.
-Modules listed there by hand, and ``parallel_bridge.models`` entry points of
-installed packages, are imported too.
+package (:func:`parallel_bridge.plugin.register`), which imports the modules named
+in the ``PARALLEL_BRIDGE_MODELS`` environment variable and the
+``parallel_bridge.models`` entry points of installed packages, so their
+``register_model`` calls run there too. Nothing is written to the environment by
+``register_model``: start engines inside :func:`exported_to_vllm_processes` (which
+names the modules of this process's registrations there, then restores it), set the
+variable yourself, or declare an entry point.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import os
-import sys
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,15 +201,50 @@ def _return_type(fn: Any) -> Any:
         return None
 
 
-def _record_caller_module(depth: int = 2) -> None:
-    """Remember the module that called register_model, so child processes import it too."""
-    frame = sys._getframe(depth)
-    module = frame.f_globals.get("__name__")
-    if not module or module in ("__main__", "__mp_main__") or module.startswith("parallel_bridge"):
-        return
-    current = [m for m in os.environ.get(MODULES_ENV, "").split(",") if m]
-    if module not in current:
-        os.environ[MODULES_ENV] = ",".join([*current, module])
+def _module_of(target: Any) -> str | None:
+    """The module whose import re-runs the registration of ``target``: a "module:attr" string's module,
+    or where a callable or class was defined."""
+    if isinstance(target, str):
+        return target.partition(":")[0]
+    return getattr(target, "__module__", None)
+
+
+def modules_to_export() -> list[str]:
+    """The modules vLLM's other processes must import to register what this process registered
+    (the package's own models are registered by its plugin, so they are left out)."""
+    modules = []
+    for reg in _REGISTRY.values():
+        module = _module_of(reg.target)
+        if module is None or module.startswith("parallel_bridge."):
+            continue
+        if module in ("__main__", "__mp_main__"):
+            logger.warning(
+                "model %r is defined in the script being run, which vLLM's other processes cannot import; "
+                "define its factory in a module to serve it with multiprocessing or TP > 1",
+                reg.name,
+            )
+            continue
+        if module not in modules:
+            modules.append(module)
+    return modules
+
+
+@contextlib.contextmanager
+def exported_to_vllm_processes() -> Iterator[str]:
+    """A scope in which :data:`MODULES_ENV` also names the modules of this process's registrations, so the
+    vLLM processes started in it (engine core, TP workers) register the same models; the variable is
+    restored on exit. Yields its value."""
+    before = os.environ.get(MODULES_ENV)
+    current = [m for m in (before or "").split(",") if m]
+    value = ",".join([*current, *(m for m in modules_to_export() if m not in current)])
+    os.environ[MODULES_ENV] = value
+    try:
+        yield value
+    finally:
+        if before is None:
+            os.environ.pop(MODULES_ENV, None)
+        else:
+            os.environ[MODULES_ENV] = before
 
 
 def _vllm_model_named(name: str) -> str | None:
@@ -265,7 +303,6 @@ def register_model(name: str, target: Any, *, override: bool = False) -> type[nn
             _check_contract(name, returns, f"{_describe(returns)}, the return type of {_describe(target)}")
     cls = _make_vllm_class(name, target)
     _REGISTRY[name] = Registration(name, target, cls)
-    _record_caller_module()
     try:
         from vllm import ModelRegistry
     except ImportError:

@@ -13,25 +13,21 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from parallel_bridge.launch import free_port
+
+__all__ = ["DistributedTestError", "free_port", "run_distributed", "torchrun_env"]
+
 _GRACE_S = 3.0
 
 
 class DistributedTestError(RuntimeError):
     """A rank failed, hung or died; the message holds its traceback or exit code."""
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_env(rank: int, world_size: int, port: int) -> dict[str, str]:

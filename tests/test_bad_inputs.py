@@ -430,16 +430,7 @@ def _factory(vllm_config, ctx) -> _NoLogits:  # a string annotation here: this m
     return _NoLogits()
 
 
-@pytest.fixture
-def registry_env(monkeypatch):
-    """register_model records its caller in PARALLEL_BRIDGE_MODELS; restore it so later vLLM
-    processes of this session do not try to import this test module."""
-    from parallel_bridge.registry import MODULES_ENV
-
-    monkeypatch.setenv(MODULES_ENV, os.environ.get(MODULES_ENV, ""))
-
-
-def test_registering_over_a_vllm_architecture_needs_override(registry_env):
+def test_registering_over_a_vllm_architecture_needs_override():
     pytest.importorskip("vllm")
     from vllm import ModelRegistry
 
@@ -458,7 +449,7 @@ def test_registering_over_a_vllm_architecture_needs_override(registry_env):
         unregister("LlamaForCausalLM")
 
 
-def test_factory_return_annotation_is_checked_under_future_annotations(registry_env):
+def test_factory_return_annotation_is_checked_under_future_annotations():
     pytest.importorskip("vllm")
     from parallel_bridge import register_model
 

@@ -244,10 +244,12 @@ def _install_expert_groups():
 
     deepspeed.init_distributed(dist_backend="gloo")
     ctx = context_from_torchrun(ep=2, timeout_s=120)
-    name = pds.install_expert_groups(ctx)
-    t = torch.ones(1)
-    dist.all_reduce(t, group=groups._get_expert_parallel_group(name))
-    return name, groups._get_expert_parallel_world_size(name), t.item()
+    with pds.expert_groups(ctx) as name:
+        t = torch.ones(1)
+        dist.all_reduce(t, group=groups._get_expert_parallel_group(name))
+        seen = name, groups._get_expert_parallel_world_size(name), t.item()
+    assert name not in groups._EXPERT_PARALLEL_GROUP, "the scope must restore DeepSpeed's groups"
+    return seen
 
 
 @pytest.mark.slow

@@ -52,12 +52,12 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def serve(model, tp, vocab, monkeypatch=None, **kwargs):
+def serve(model, tp, vocab, **kwargs):
     """First-step full log-softmax and greedy tokens from vLLM for mc.PROMPTS."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.adapters.vllm import in_process_engine, llm_engine
+    from parallel_bridge.serving import in_process_engine, llm_engine
 
     with in_process_engine(tp), llm_engine(
         model=str(model),
@@ -108,13 +108,20 @@ def test_vllm_serves_megatron_checkpoint(checkpoints, variant, tp, monkeypatch):
 
 
 @pytest.mark.slow
-def test_megatron_checkpoint_into_bridge_registered_hybrid(checkpoints, monkeypatch):
-    """The hybrid Megatron-layer model as the target: its load_weights gets Megatron-named tensors."""
+def test_megatron_checkpoint_into_bridge_registered_hybrid(checkpoints):
+    """The hybrid Megatron-layer model as the target (chosen with vLLM's hf_overrides): its load_weights
+    gets Megatron-named tensors."""
     from parallel_bridge.models.hybrid_llama import ARCHITECTURE
 
-    monkeypatch.setenv("PARALLEL_BRIDGE_MEGATRON_ARCH", ARCHITECTURE)
     folder, reference = checkpoints["dist_tp2pp2"]
-    served = serve(folder, 1, 100, load_format="megatron", config_format="megatron")
+    served = serve(
+        folder,
+        1,
+        100,
+        load_format="megatron",
+        config_format="megatron",
+        hf_overrides={"architectures": [ARCHITECTURE]},
+    )
     compare(served, reference, f"dist_tp2pp2 into {ARCHITECTURE} at TP=1")
 
 

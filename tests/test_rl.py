@@ -17,10 +17,8 @@ GAP = 1e-5
 
 
 def _env():
-    """This environment without registrations other test modules left in it (vLLM's processes import them)."""
-    from parallel_bridge.registry import MODULES_ENV
-
-    env = {k: v for k, v in os.environ.items() if k != MODULES_ENV}
+    """This environment with vLLM's CPU settings for a small machine."""
+    env = dict(os.environ)
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="ERROR")
     return env
 

@@ -33,20 +33,6 @@ MAX_NEW = 8
 LOGPROB_TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _keep_registered_modules_local():
-    """Importing _bridge_models records it in PARALLEL_BRIDGE_MODELS for vLLM's child processes;
-    undo that after this module so later subprocesses (the CLI tests) do not inherit it."""
-    from parallel_bridge.registry import MODULES_ENV
-
-    before = os.environ.get(MODULES_ENV)
-    yield
-    if before is None:
-        os.environ.pop(MODULES_ENV, None)
-    else:
-        os.environ[MODULES_ENV] = before
-
-
 def _pattern_batch(g, n, length):
     """Sequences that follow next = PERM[current] from a random start."""
     rows = []
@@ -124,7 +110,7 @@ def serve_greedy(folder, tp, prompts=PROMPTS, max_tokens=MAX_NEW, in_process=Fal
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.adapters.vllm import in_process_engine, llm_engine
+    from parallel_bridge.serving import in_process_engine, llm_engine
 
     with in_process_engine(tp if in_process else 0), llm_engine(
         model=str(folder),

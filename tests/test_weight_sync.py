@@ -42,7 +42,7 @@ def _serving(active, folder, serve_tp, vocab=CFG.vocab_size):
         return
     from vllm.config import WeightTransferConfig
 
-    from parallel_bridge.adapters.vllm import llm_engine
+    from parallel_bridge.serving import llm_engine
     from parallel_bridge.sync import BACKEND
 
     with llm_engine(
@@ -496,10 +496,7 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
     _folder(str(folder))
     port = free_port()
-    from parallel_bridge.registry import MODULES_ENV
-
-    # not the registrations other test modules left in this process's environment
-    env = {k: v for k, v in os.environ.items() if k != MODULES_ENV}
+    env = dict(os.environ)
     env.update(VLLM_SERVER_DEV_MODE="1", VLLM_CPU_OMP_THREADS_BIND="auto")
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),

@@ -3,9 +3,9 @@
 - :func:`make_mpu`: the duck-typed ``mpu`` that ``deepspeed.initialize(mpu=...)``
   reads its data/model/tensor/pipeline (and, with context parallelism,
   sequence) groups from, answering from the context's groups.
-- :func:`install_expert_groups`: writes the context's expert-parallel and
-  expert-data-parallel groups where ``deepspeed.utils.groups`` keeps them, so MoE
-  layers find them instead of building their own.
+- :func:`expert_groups`: a scope in which the context's expert-parallel and
+  expert-data-parallel groups are where ``deepspeed.utils.groups`` keeps them, so MoE
+  layers find them instead of building their own (restored on exit).
 - :func:`initialize`: ``deepspeed.initialize`` with the mpu, after checking the
   config's batch sizes against the data-parallel size.
 - :func:`context_from_deepspeed`: the context DeepSpeed's own groups describe.
@@ -16,8 +16,10 @@ communication extension on first use (cached in ``TORCH_EXTENSIONS_DIR``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from parallel_bridge.context import ParallelContext
@@ -48,9 +50,6 @@ class DeepSpeedMPU:
     def __init__(self, ctx: ParallelContext) -> None:
         self.ctx = ctx
 
-    def _rank_in(self, name: str) -> int:
-        return self.ctx.ranks(name).index(self.ctx.rank)
-
     # data parallel
     def get_data_parallel_group(self):
         return self.ctx.group("dp")
@@ -72,7 +71,7 @@ class DeepSpeedMPU:
         return self.ctx.tp * self.ctx.pp
 
     def get_model_parallel_rank(self) -> int:
-        return self._rank_in("mp")
+        return self.ctx.comm("mp").rank_in_group
 
     # tensor parallel
     def get_tensor_model_parallel_group(self):
@@ -128,7 +127,7 @@ class DeepSpeedSequenceParallelMPU(DeepSpeedMPU):
         return self.ctx.dp * self.ctx.cp
 
     def get_sequence_data_parallel_rank(self) -> int:
-        return self._rank_in("dp_cp")
+        return self.ctx.comm("dp_cp").rank_in_group
 
 
 class DeepSpeedUlyssesMPU(DeepSpeedSequenceParallelMPU):
@@ -162,11 +161,23 @@ def make_mpu(ctx: ParallelContext) -> DeepSpeedMPU:
     return DeepSpeedSequenceParallelMPU(ctx)
 
 
-def install_expert_groups(ctx: ParallelContext) -> str:
-    """Register the context's expert groups in ``deepspeed.utils.groups``; returns the group name.
+_EXPERT_DICTS = (
+    ("_EXPERT_PARALLEL_GROUP", "ep", False),
+    ("_EXPERT_PARALLEL_GROUP_RANKS", "ep", True),
+    ("_EXPERT_DATA_PARALLEL_GROUP", "expt_dp", False),
+    ("_EXPERT_DATA_PARALLEL_GROUP_RANKS", "expt_dp", True),
+)
+"""``deepspeed.utils.groups`` dicts keyed by expert-group name -> (context group, rank list or group)."""
 
-    DeepSpeed names them ``ep_size_{ep}``; its MoE layers then reuse them. The
-    context must use ``etp == tp`` (DeepSpeed has no separate expert TP degree here).
+
+@contextlib.contextmanager
+def expert_groups(ctx: ParallelContext) -> Iterator[str]:
+    """A scope in which ``deepspeed.utils.groups`` holds the context's expert-parallel and expert-data-parallel
+    groups under DeepSpeed's name ``ep_size_{ep}`` (yielded), so MoE layers and the engine use them instead
+    of building their own; what was there before is put back on exit. DeepSpeed's engine looks the groups
+    up by name while it trains and saves, so keep the scope open for the engine's life.
+
+    The context must use ``etp == tp`` (DeepSpeed has no separate expert TP degree here).
     """
     import_deepspeed()
     from deepspeed.utils import groups
@@ -176,11 +187,18 @@ def install_expert_groups(ctx: ParallelContext) -> str:
             f"DeepSpeed's expert groups assume etp == tp; the context has etp={ctx.etp}, tp={ctx.tp}"
         )
     name = f"ep_size_{ctx.ep}"
-    groups._EXPERT_PARALLEL_GROUP[name] = ctx.group("ep")
-    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ctx.ranks("ep")
-    groups._EXPERT_DATA_PARALLEL_GROUP[name] = ctx.group("expt_dp")
-    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = ctx.ranks("expt_dp")
-    return name
+    missing = object()
+    saved = {attr: getattr(groups, attr).get(name, missing) for attr, _, _ in _EXPERT_DICTS}
+    for attr, group, ranks in _EXPERT_DICTS:
+        getattr(groups, attr)[name] = ctx.ranks(group) if ranks else ctx.group(group)
+    try:
+        yield name
+    finally:
+        for attr, value in saved.items():
+            if value is missing:
+                getattr(groups, attr).pop(name, None)
+            else:
+                getattr(groups, attr)[name] = value
 
 
 def check_batch_config(ctx: ParallelContext, config: dict[str, Any]) -> None:
@@ -216,14 +234,23 @@ def check_batch_config(ctx: ParallelContext, config: dict[str, Any]) -> None:
 
 
 def initialize(ctx: ParallelContext, model: Any, config: dict[str, Any], **kwargs: Any):
-    """``deepspeed.initialize`` over the context: its mpu, its expert groups, batch sizes checked first.
+    """``deepspeed.initialize`` over the context: its mpu, batch sizes checked first.
 
-    Returns what ``deepspeed.initialize`` returns (engine, optimizer, dataloader, scheduler).
+    Returns what ``deepspeed.initialize`` returns (engine, optimizer, dataloader, scheduler). With expert
+    parallelism, call it inside ``with expert_groups(ctx):`` and train inside that scope.
     """
     deepspeed = import_deepspeed()
     check_batch_config(ctx, config)
     if ctx.ep > 1:
-        install_expert_groups(ctx)
+        import torch.distributed as dist
+        from deepspeed.utils import groups
+
+        installed = groups._EXPERT_PARALLEL_GROUP.get(f"ep_size_{ctx.ep}")
+        if installed is None or dist.get_process_group_ranks(installed) != ctx.ranks("ep"):
+            raise ValueError(
+                f"the context has ep={ctx.ep}: call initialize and train inside `with expert_groups(ctx):`, "
+                "so DeepSpeed's MoE layers use the context's expert groups"
+            )
     if "mpu" in kwargs:
         raise ValueError("pass the layout as the ParallelContext, not an mpu")
     return deepspeed.initialize(model=model, config=config, mpu=make_mpu(ctx), **kwargs)

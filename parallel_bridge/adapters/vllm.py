@@ -9,10 +9,7 @@ layers can run forward-only outside the engine.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -153,37 +150,3 @@ def destroy_vllm_parallel_state() -> None:
     """Tear down vLLM's model-parallel groups (the default torch group stays)."""
     vllm_ps = _import_vllm()
     vllm_ps.destroy_model_parallel()
-
-
-@contextlib.contextmanager
-def in_process_engine(tp: int) -> Iterator[None]:
-    """A scope in which a TP=1 ``vllm.LLM`` runs in this process (vLLM's ``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
-    no spawned engine core, ~3 s to start instead of ~22 s on the CPU. The variable is removed on exit, and
-    left alone when the user set it. Only for a process that has not initialized torch.distributed itself
-    (vLLM would take that world as its own)."""
-    name = "VLLM_ENABLE_V1_MULTIPROCESSING"
-    if tp != 1 or name in os.environ:
-        yield
-        return
-    os.environ[name] = "0"
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-
-
-@contextlib.contextmanager
-def llm_engine(**kwargs: Any) -> Iterator[Any]:
-    """A ``vllm.LLM`` for a ``with`` block; its engine core (and TP workers) are shut down on exit,
-    so the next engine in the same process starts clean."""
-    import gc
-
-    from vllm import LLM
-
-    llm = LLM(**kwargs)
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()

@@ -33,6 +33,15 @@ from parallel_bridge.checkpoint.megatron_files import canonical
 
 logger = logging.getLogger(__name__)
 
+def _stamp(root: Path) -> tuple:
+    """(name, size, mtime) of every file under ``root``: what changes when a checkpoint is rewritten."""
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+_OPENED: dict[Path, tuple[tuple, MegatronCheckpoint]] = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
@@ -74,6 +83,17 @@ class MegatronCheckpoint:
         ckpt._load_config(root, overrides or {})
         ckpt._check_shapes()
         return ckpt
+
+    @classmethod
+    def opened(cls, path: str | Path) -> MegatronCheckpoint:
+        """The checkpoint at ``path`` opened once per process (vLLM's config parser, ``download_model`` and
+        ``load_weights`` all ask for it): cached by path and the size and mtime of every file in it, so a
+        checkpoint written again is opened again."""
+        root = Path(path).resolve()
+        key = (root, _stamp(root))
+        if _OPENED.get(root, (None,))[0] != key:
+            _OPENED[root] = (key, cls.open(root))
+        return _OPENED[root][1]
 
     # ----------------------------------------------------------------- config
     def _args(self) -> Any:

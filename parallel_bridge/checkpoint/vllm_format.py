@@ -22,7 +22,6 @@ The config parser turns the checkpoint's Megatron-LM ``args`` (or
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,8 +35,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "megatron"
 VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")
 """vLLM's vocabulary-parallel parameters: real rows first, vLLM's own padding after them."""
-ARCHITECTURE_ENV = "PARALLEL_BRIDGE_MEGATRON_ARCH"
-"""Architecture the config parser names (default LlamaForCausalLM)."""
+DEFAULT_ARCHITECTURE = "LlamaForCausalLM"
+"""The architecture the config parser names; serve another with ``hf_overrides={"architectures": [name]}``."""
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -181,9 +180,7 @@ def register_vllm_formats() -> None:
         """config.json from the Megatron checkpoint's own args (or megatron_gpt_config.json)."""
 
         def parse(self, model, trust_remote_code, revision=None, code_revision=None, **kwargs):
-            ckpt = MegatronCheckpoint.open(model)
-            arch = os.environ.get(ARCHITECTURE_ENV, "LlamaForCausalLM")
-            config_dict = ckpt.config.to_hf_llama(arch)
+            config_dict = MegatronCheckpoint.opened(model).config.to_hf_llama(DEFAULT_ARCHITECTURE)
             return config_dict, LlamaConfig(**config_dict)
 
     @register_model_loader(FORMAT)
@@ -191,12 +188,12 @@ def register_vllm_formats() -> None:
         """Reads a Megatron checkpoint (torch_dist or legacy, any source TP/PP) into the model."""
 
         def download_model(self, model_config) -> None:
-            MegatronCheckpoint.open(model_config.model)
+            MegatronCheckpoint.opened(model_config.model)
 
         def load_weights(self, model, model_config) -> None:
             from vllm.model_executor.models.llama import LlamaForCausalLM
 
-            ckpt = MegatronCheckpoint.open(model_config.model)
+            ckpt = MegatronCheckpoint.opened(model_config.model)
             if isinstance(model, LlamaForCausalLM):
                 load_into_vllm_llama(model, ckpt)
             else:
