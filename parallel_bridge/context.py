@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import logging
+from collections.abc import Callable
 from enum import StrEnum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -76,6 +77,21 @@ _GROUP_AXES: dict[str, tuple[str, str]] = {
 }
 GROUP_NAMES: tuple[str, ...] = tuple(g.value for g in GroupName)
 """Every group name :meth:`ParallelContext.group` accepts."""
+
+
+def _coordinate(axis: str, doc: str) -> property:
+    """A read-only property: this rank's coordinate on ``axis``."""
+    return property(lambda self: self._coords[axis], doc=doc)
+
+
+def _group(name: str, doc: str) -> property:
+    """A read-only property: the process group ``name`` (collective on first use)."""
+    return property(lambda self: self.group(name), doc=doc)
+
+
+def _alias(attribute: str) -> Callable[[Any], int]:
+    """A method returning ``attribute`` (the accessor names other code bases call)."""
+    return lambda self: getattr(self, attribute)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,69 +194,24 @@ class ParallelContext:
             "expt_dp": expert["dp"],
         }
 
-    @property
-    def tp_rank(self) -> int:
-        """This rank's tensor-parallel coordinate."""
-        return self._coords["tp"]
+    tp_rank = _coordinate("tp", "This rank's tensor-parallel coordinate.")
+    pp_rank = _coordinate("pp", "This rank's pipeline stage.")
+    dp_rank = _coordinate("dp", "This rank's data-parallel coordinate.")
+    cp_rank = _coordinate("cp", "This rank's context-parallel coordinate.")
+    ep_rank = _coordinate("ep", "This rank's expert-parallel coordinate.")
+    etp_rank = _coordinate("etp", "This rank's expert tensor-parallel coordinate.")
+    expert_dp_rank = _coordinate("expt_dp", "This rank's expert data-parallel coordinate.")
 
-    @property
-    def pp_rank(self) -> int:
-        """This rank's pipeline stage."""
-        return self._coords["pp"]
-
-    @property
-    def dp_rank(self) -> int:
-        """This rank's data-parallel coordinate."""
-        return self._coords["dp"]
-
-    @property
-    def cp_rank(self) -> int:
-        """This rank's context-parallel coordinate."""
-        return self._coords["cp"]
-
-    @property
-    def ep_rank(self) -> int:
-        """This rank's expert-parallel coordinate."""
-        return self._coords["ep"]
-
-    @property
-    def etp_rank(self) -> int:
-        """This rank's expert tensor-parallel coordinate."""
-        return self._coords["etp"]
-
-    @property
-    def expert_dp_rank(self) -> int:
-        """This rank's expert data-parallel coordinate."""
-        return self._coords["expt_dp"]
-
-    @property
-    def is_first_pp_stage(self) -> bool:
-        """True on the first pipeline stage (which holds the embedding)."""
-        return self.pp_rank == 0
-
-    @property
-    def is_last_pp_stage(self) -> bool:
-        """True on the last pipeline stage (which holds the output layer)."""
-        return self.pp_rank == self.pp - 1
+    is_first_pp_stage = property(lambda self: self.pp_rank == 0, doc="True on the first stage (embedding).")
+    is_last_pp_stage = property(lambda self: self.pp_rank == self.pp - 1, doc="True on the last stage (output).")
 
     # The accessor names of the original ParallelContext design (vLLM RFC #28326), kept for its users.
-    def get_tensor_parallel_rank(self) -> int:
-        return self.tp_rank
-
-    def get_tensor_parallel_world_size(self) -> int:
-        return self.tp
-
-    def get_pipeline_parallel_rank(self) -> int:
-        return self.pp_rank
-
-    def get_pipeline_parallel_world_size(self) -> int:
-        return self.pp
-
-    def get_data_parallel_size(self) -> int:
-        return self.dp
-
-    def get_data_parallel_rank(self) -> int:
-        return self.dp_rank
+    get_tensor_parallel_rank = _alias("tp_rank")
+    get_tensor_parallel_world_size = _alias("tp")
+    get_pipeline_parallel_rank = _alias("pp_rank")
+    get_pipeline_parallel_world_size = _alias("pp")
+    get_data_parallel_size = _alias("dp")
+    get_data_parallel_rank = _alias("dp_rank")
 
     # ------------------------------------------------------------ rank lists
     def _groups_of(self, kind: str, axes: str) -> list[list[int]]:
@@ -281,30 +252,11 @@ class ParallelContext:
             raise ValueError(f"rank {self.rank} is in no {name!r} group ({self.describe()})")
         return _groups.ParallelGroup(name, tuple(ranks), self.rank, functools.partial(self.group, name))
 
-    @property
-    def tp_group(self) -> dist.ProcessGroup:
-        """Tensor-parallel group (collective on first use)."""
-        return self.group("tp")
-
-    @property
-    def pp_group(self) -> dist.ProcessGroup:
-        """Pipeline-parallel group (collective on first use)."""
-        return self.group("pp")
-
-    @property
-    def dp_group(self) -> dist.ProcessGroup:
-        """Data-parallel group (collective on first use)."""
-        return self.group("dp")
-
-    @property
-    def cp_group(self) -> dist.ProcessGroup:
-        """Context-parallel group (collective on first use)."""
-        return self.group("cp")
-
-    @property
-    def ep_group(self) -> dist.ProcessGroup:
-        """Expert-parallel group (collective on first use)."""
-        return self.group("ep")
+    tp_group = _group("tp", "Tensor-parallel process group (collective on first use).")
+    pp_group = _group("pp", "Pipeline-parallel process group (collective on first use).")
+    dp_group = _group("dp", "Data-parallel process group (collective on first use).")
+    cp_group = _group("cp", "Context-parallel process group (collective on first use).")
+    ep_group = _group("ep", "Expert-parallel process group (collective on first use).")
 
     def with_groups(self, groups: dict[str, Any]) -> ParallelContext:
         """A copy of this context that uses ``groups`` (name -> ProcessGroup) made by someone else; each

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import torch
-    import torch.distributed as dist
+import torch
+import torch.distributed as dist
 
+if TYPE_CHECKING:
     from parallel_bridge.context import ParallelContext
 
 
@@ -34,7 +34,7 @@ def bound_group(ctx: ParallelContext, cache: GroupCache, name: str) -> dist.Proc
         if name in cache.groups:
             return cache.groups[name]
         all_ranks = ctx.all_ranks(name)
-        dist = _require_distributed(ctx, name)
+        _require_distributed(ctx, name)
         for other, pg in cache.groups.items():  # same ranks as a bound group: share it
             if ctx.all_ranks(other) == all_ranks:
                 cache.groups[name] = pg
@@ -54,8 +54,6 @@ def bound_group(ctx: ParallelContext, cache: GroupCache, name: str) -> dist.Proc
 def adopt(ctx: ParallelContext, cache: GroupCache, inherited: GroupCache, adopted: dict[str, Any]) -> None:
     """Fill ``cache`` with ``inherited``'s groups and ``adopted`` (name -> ProcessGroup), checking that each
     adopted group holds exactly the ranks ``ctx`` puts this rank with; no communicator is created."""
-    import torch.distributed as dist
-
     cache.groups.update(inherited.groups)
     for name, pg in adopted.items():
         expected = ctx.ranks(name)
@@ -72,9 +70,7 @@ def adopt(ctx: ParallelContext, cache: GroupCache, inherited: GroupCache, adopte
         cache.groups[name] = pg
 
 
-def _require_distributed(ctx: ParallelContext, name: str):
-    import torch.distributed as dist
-
+def _require_distributed(ctx: ParallelContext, name: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             f"cannot make process group {name!r}: torch.distributed is not initialized "
@@ -86,7 +82,6 @@ def _require_distributed(ctx: ParallelContext, name: str):
             f"cannot make process group {name!r}: the context describes {ctx.world_size} ranks "
             f"but torch.distributed has {dist.get_world_size()}"
         )
-    return dist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +135,6 @@ class ParallelGroup:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the group in place; returns it."""
         if self.size > 1:
-            import torch.distributed as dist
-
             dist.all_reduce(tensor, group=self.process_group)
         return tensor
 
@@ -149,17 +142,12 @@ class ParallelGroup:
         """Every rank's ``tensor`` concatenated along ``dim`` in group order (no autograd)."""
         if self.size == 1:
             return tensor
-        import torch
-
         return torch.cat(self.all_gather_list(tensor), dim=dim)
 
     def all_gather_list(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``tensor`` as a list in group order (no autograd)."""
         if self.size == 1:
             return [tensor]
-        import torch
-        import torch.distributed as dist
-
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.process_group)
         return parts
@@ -181,12 +169,8 @@ class ParallelGroup:
         return self._recv(out, self.next_rank)
 
     def _send(self, tensor: torch.Tensor, peer: int) -> None:
-        import torch.distributed as dist
-
         dist.send(tensor.contiguous(), dst=peer, group=self.process_group)
 
     def _recv(self, out: torch.Tensor, peer: int) -> torch.Tensor:
-        import torch.distributed as dist
-
         dist.recv(out, src=peer, group=self.process_group)
         return out

@@ -71,7 +71,7 @@ def is_correct(tokenizer, tokens: list[int], a: int, b: int) -> bool:
     return list(tokens) == answer_ids(tokenizer, a, b)
 
 
-def token_logprobs(ctx, model, seqs: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, seqs: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of each sequence's tokens from ``start`` on, under the Megatron model
     (differentiable; vocabulary-parallel cross entropy): ([B, T] log-probs, [B, T] mask)."""
     width = max(len(s) for s in seqs)
@@ -140,7 +140,7 @@ def advantages(rewards: list[float], groups: list[int]) -> torch.Tensor:
     return adv
 
 
-def warm_up(ctx, model, tokenizer, train_pairs, steps: int, seed: int) -> list[float]:
+def warm_up(model, tokenizer, train_pairs, steps: int, seed: int) -> list[float]:
     """Supervised steps on packed ``<s>a+b=c</s>`` sentences of training pairs only."""
     rng = random.Random(seed)
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -203,7 +203,7 @@ def run(args, ctx: ParallelContext, out: Path) -> dict | None:
         config, model = build_model(ctx, SIZES, seed=args.seed)
         if rank0:
             print(f"[1/3] warm-up: {args.warmup} supervised steps at TP={ctx.tp} (stopped early on purpose)")
-        losses = warm_up(ctx, model, tokenizer, train_pairs, args.warmup, args.seed)
+        losses = warm_up(model, tokenizer, train_pairs, args.warmup, args.seed)
         gpt = gpt_config_of(config, len(tokenizer), SIZES.vocab_size, SIZES.max_sequence_length, False)
         llm = None
         if rank0:
@@ -226,14 +226,14 @@ def run(args, ctx: ParallelContext, out: Path) -> dict | None:
                 dist.broadcast_object_list(box, src=0)
                 seqs, starts, rewards, groups = box[0]
                 adv = advantages(rewards, groups)
-                logp, mask = token_logprobs(ctx, model, seqs, starts)
+                logp, mask = token_logprobs(model, seqs, starts)
                 loss = -((logp * mask).sum(1) * adv).sum() / mask.sum()
                 optim.zero_grad()
                 loss.backward()
                 optim.step()
                 report = sync.push()
                 with torch.no_grad():
-                    logp, mask = token_logprobs(ctx, model, seqs, starts)
+                    logp, mask = token_logprobs(model, seqs, starts)
                 row = {"step": step, "reward": sum(rewards) / len(rewards)}
                 if rank0:
                     served = serve_logprobs(llm, seqs, starts)

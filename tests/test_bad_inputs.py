@@ -518,3 +518,15 @@ def test_sync_tensor_not_rewritten_this_round_is_refused(tmp_path):
         r.read(fc2)
     with pytest.raises(RoundError, match="tensor decoder.layers.1.mlp.linear_fc2.weight was published by no trainer rank"):
         r.read("decoder.layers.1.mlp.linear_fc2.weight")
+
+
+def test_checkpoint_is_opened_once_per_process_until_rewritten(ckpt):
+    """vLLM's config parser, download_model and load_weights share one open; a rewrite opens it again."""
+    from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
+
+    folder = ckpt("dist")
+    first = MegatronCheckpoint.opened(folder)
+    assert MegatronCheckpoint.opened(folder) is first
+    shard = next(folder.rglob("*.distcp"))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1_000_000))  # written again
+    assert MegatronCheckpoint.opened(folder) is not first

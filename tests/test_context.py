@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from parallel_bridge import ParallelContext
 from parallel_bridge.launch import context_from_torchrun
@@ -133,3 +134,35 @@ def test_import_needs_torch_alone():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_group_object_carries_ranks_and_neighbours():
+    from parallel_bridge import GroupName
+
+    ctx = ParallelContext(tp=2, pp=3, rank=3)  # megatron order: tp fastest, pp last -> pp group [1, 3, 5]
+    pp = ctx.comm(GroupName.PP)
+    assert (pp.ranks, pp.rank_in_group, pp.size) == ((1, 3, 5), 1, 3)
+    assert (pp.prev_rank, pp.next_rank, pp.is_first, pp.is_last) == (1, 5, False, False)
+    first = ParallelContext(tp=2, pp=3, rank=1).comm("pp")
+    with pytest.raises(ValueError, match=r"rank 1 is first in its pp group \[1, 3, 5\]"):
+        first.prev_rank  # noqa: B018
+    assert ctx.comm("tp").ranks == (2, 3) and ctx.comm("tp").rank_in_group == 1
+
+
+def test_one_rank_group_collectives_return_at_once_without_distributed():
+    """World size 1: every collective is the identity and needs no torch.distributed (vLLM's rule)."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    tp = ParallelContext().comm("tp")
+    x = torch.arange(6.0).reshape(2, 3)
+    assert tp.all_reduce(x) is x and tp.all_gather(x) is x and tp.all_gather_list(x) == [x]
+
+
+def test_group_names_are_an_enum_of_megatron_fields():
+    from parallel_bridge import GROUP_NAMES, Axis, GroupName
+
+    assert GroupName.TP == "tp" and Axis.PP == "pp"
+    assert set(GROUP_NAMES) == {g.value for g in GroupName}
+    ctx = ParallelContext(tp=2, dp=2, rank=1)
+    assert ctx.all_ranks(GroupName.DP) == ctx.all_ranks("dp") == [[0, 2], [1, 3]]

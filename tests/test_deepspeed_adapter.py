@@ -197,12 +197,13 @@ def _checkpoint_round_trip(folder):
     continued = {n: p.detach().clone() for n, p in first.module.named_parameters()}
     second = engine_()
     second.load_checkpoint(folder, tag="t2")
-    loaded_equal = (
-        all(torch.equal(a, b) for a, b in zip(second.module.parameters(), first.module.parameters())) is False
-    )  # first has moved on one step; compare after stepping the loaded one
+    # first has moved on one step, so the loaded engine (at the saved step) must differ from it
+    differs_from_first = not all(
+        torch.equal(a, b) for a, b in zip(second.module.parameters(), first.module.parameters())
+    )
     step(second, 2)
     resumed = {n: p.detach().clone() for n, p in second.module.named_parameters()}
-    return loaded_equal, all(torch.equal(continued[n], resumed[n]) for n in continued)
+    return differs_from_first, all(torch.equal(continued[n], resumed[n]) for n in continued)
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ pytest.importorskip("vllm")
 pytest.importorskip("megatron.core")
 
 import _megatron_ckpt as mc  # noqa: E402
+from _helpers import compare as compare_within  # noqa: E402
+from _helpers import greedy  # noqa: E402
 
 TOL = 1e-4
 VARIANTS = {
@@ -53,47 +55,13 @@ def checkpoints(tmp_path_factory):
 
 
 def serve(model, tp, vocab, **kwargs):
-    """First-step full log-softmax and greedy tokens from vLLM for mc.PROMPTS."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from parallel_bridge.serving import in_process_engine, llm_engine
-
-    with in_process_engine(tp), llm_engine(
-        model=str(model),
-        skip_tokenizer_init=True,
-        dtype="float32",
-        max_model_len=64,
-        enforce_eager=True,
-        tensor_parallel_size=tp,
-        max_logprobs=vocab,
-        **kwargs,
-    ) as llm:
-        prompts = [TokensPrompt(prompt_token_ids=p) for p in mc.PROMPTS]
-        first = llm.generate(
-            prompts,
-            SamplingParams(max_tokens=1, temperature=0, logprobs=vocab, detokenize=False),
-            use_tqdm=False,
-        )
-        greedy = llm.generate(
-            prompts, SamplingParams(max_tokens=mc.STEPS, temperature=0, detokenize=False), use_tqdm=False
-        )
-        dists = []
-        for o in first:
-            lp = o.outputs[0].logprobs[0]
-            dists.append([lp[t].logprob for t in range(vocab)])
-        return [(list(g.outputs[0].token_ids), d) for g, d in zip(greedy, dists)]
+    """Greedy tokens and the first step's full log-softmax over the vocabulary from vLLM for mc.PROMPTS."""
+    served = greedy(model, tp, mc.PROMPTS, mc.STEPS, logprobs=vocab, **kwargs)
+    return [(tokens, [steps[0][t] for t in range(vocab)]) for tokens, steps in served]
 
 
 def compare(served, reference, label):
-    worst = 0.0
-    for (tokens, dist), (ref_tokens, ref_dist) in zip(served, reference):
-        assert tokens == ref_tokens, (label, tokens, ref_tokens)
-        worst = max(
-            worst, (torch.tensor(dist, dtype=torch.float64) - torch.tensor(ref_dist)).abs().max().item()
-        )
-    print(f"\n[{label}] greedy tokens equal; max |d logprob| over the vocabulary = {worst:.2e}")
-    assert worst <= TOL, label
+    return compare_within(served, reference, label, TOL)
 
 
 @pytest.mark.slow

@@ -155,3 +155,20 @@ def test_unsupported_head_dim_on_cpu_lists_supported_sizes():
         r"head sizes are \[32, 64",
     ):
         TrainableAttention(4, 2, 16, layer_index=0, vllm_config=VllmConfig())
+
+
+def test_registrations_reach_vllm_processes_only_inside_the_scope(name, monkeypatch):
+    import os
+
+    from parallel_bridge.registry import MODULES_ENV, exported_to_vllm_processes
+
+    monkeypatch.delenv(MODULES_ENV, raising=False)
+    register_model(name, Complete)
+    assert MODULES_ENV not in os.environ  # registering writes nothing to the environment
+    with exported_to_vllm_processes() as value:
+        assert os.environ[MODULES_ENV] == value and __name__ in value.split(",")
+    assert MODULES_ENV not in os.environ
+    monkeypatch.setenv(MODULES_ENV, "users_own_module")
+    with exported_to_vllm_processes():
+        assert os.environ[MODULES_ENV].split(",")[:2] == ["users_own_module", __name__]
+    assert os.environ[MODULES_ENV] == "users_own_module"

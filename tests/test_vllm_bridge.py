@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from _helpers import compare, greedy
 
 from parallel_bridge.launch import context_from_torchrun
 from parallel_bridge.models.hybrid_llama import ARCHITECTURE, HybridLlama, HybridLlamaConfig
@@ -104,42 +105,17 @@ def _folder_for(trained_folder, tmp_path, arch):
     return folder
 
 
-def serve_greedy(folder, tp, prompts=PROMPTS, max_tokens=MAX_NEW, in_process=False, **kwargs):
+def serve_greedy(folder, tp, prompts=PROMPTS, max_tokens=MAX_NEW, in_process=False):
     """Greedy tokens and their logprobs from a vLLM engine on ``folder`` (default multiprocessing: the
     plugin must register the model in vLLM's own processes; ``in_process`` for a TP=1 engine here)."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from parallel_bridge.serving import in_process_engine, llm_engine
-
-    with in_process_engine(tp if in_process else 0), llm_engine(
-        model=str(folder),
-        skip_tokenizer_init=True,
-        dtype="float32",
-        max_model_len=64,
-        enforce_eager=True,
-        tensor_parallel_size=tp,
-        **kwargs,
-    ) as llm:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, detokenize=False)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [
-            (
-                list(o.outputs[0].token_ids),
-                [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)],
-            )
-            for o in outs
-        ]
+    return [
+        (tokens, [step[t] for t, step in zip(tokens, steps)])
+        for tokens, steps in greedy(folder, tp, prompts, max_tokens, in_process=in_process)
+    ]
 
 
 def _compare(served, reference, label):
-    worst = 0.0
-    for (tokens, lps), (ref_tokens, ref_lps) in zip(served, reference):
-        assert tokens == ref_tokens, label
-        worst = max(worst, max(abs(a - b) for a, b in zip(lps, ref_lps)))
-    print(f"\n[{label}] greedy tokens equal; max |d logprob| = {worst:.2e}")
-    assert worst <= LOGPROB_TOL, label
-    return worst
+    return compare(served, reference, label, LOGPROB_TOL)
 
 
 @pytest.mark.slow

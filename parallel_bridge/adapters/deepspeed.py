@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from parallel_bridge.context import ParallelContext
@@ -39,70 +39,46 @@ def import_deepspeed():
     return deepspeed
 
 
+def _getters(group: str) -> tuple[Callable[[Any], Any], Callable[[Any], int], Callable[[Any], int]]:
+    """DeepSpeed's (process group, world size, rank) getters for the context group ``group``."""
+    return (
+        lambda self: self.ctx.group(group),
+        lambda self: self.ctx.comm(group).size,
+        lambda self: self.ctx.comm(group).rank_in_group,
+    )
+
+
 class DeepSpeedMPU:
     """DeepSpeed's model-parallel unit over a ParallelContext.
 
     "Model parallel" is tensor x pipeline (the ``mp`` group), as in Megatron; the
     slice-parallel methods (Megatron-DeepSpeed's name for tensor parallelism) are
-    the tensor-parallel ones.
+    the tensor-parallel ones, the pipe-parallel ones the pipeline ones.
     """
 
     def __init__(self, ctx: ParallelContext) -> None:
         self.ctx = ctx
 
-    # data parallel
-    def get_data_parallel_group(self):
-        return self.ctx.group("dp")
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.ctx.dp
-
-    def get_data_parallel_rank(self) -> int:
-        return self.ctx.dp_rank
-
     def get_data_parallel_group_ranks(self) -> list[int]:
         return self.ctx.ranks("dp")
-
-    # model parallel (tensor x pipeline)
-    def get_model_parallel_group(self):
-        return self.ctx.group("mp")
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.ctx.tp * self.ctx.pp
-
-    def get_model_parallel_rank(self) -> int:
-        return self.ctx.comm("mp").rank_in_group
-
-    # tensor parallel
-    def get_tensor_model_parallel_group(self):
-        return self.ctx.group("tp")
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.ctx.tp
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.ctx.tp_rank
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         return self.ctx.ranks("tp")[0]
 
-    get_slice_parallel_group = get_tensor_model_parallel_group
-    get_slice_parallel_world_size = get_tensor_model_parallel_world_size
-    get_slice_parallel_rank = get_tensor_model_parallel_rank
-
-    # pipeline parallel
-    def get_pipeline_model_parallel_group(self):
-        return self.ctx.group("pp")
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.ctx.pp
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.ctx.pp_rank
-
-    get_pipe_parallel_group = get_pipeline_model_parallel_group
-    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
-    get_pipe_parallel_rank = get_pipeline_model_parallel_rank
+    get_data_parallel_group, get_data_parallel_world_size, get_data_parallel_rank = _getters("dp")
+    get_model_parallel_group, get_model_parallel_world_size, get_model_parallel_rank = _getters("mp")
+    (
+        get_tensor_model_parallel_group,
+        get_tensor_model_parallel_world_size,
+        get_tensor_model_parallel_rank,
+    ) = _getters("tp")
+    get_slice_parallel_group, get_slice_parallel_world_size, get_slice_parallel_rank = _getters("tp")
+    (
+        get_pipeline_model_parallel_group,
+        get_pipeline_model_parallel_world_size,
+        get_pipeline_model_parallel_rank,
+    ) = _getters("pp")
+    get_pipe_parallel_group, get_pipe_parallel_world_size, get_pipe_parallel_rank = _getters("pp")
 
 
 class DeepSpeedSequenceParallelMPU(DeepSpeedMPU):
@@ -111,23 +87,12 @@ class DeepSpeedSequenceParallelMPU(DeepSpeedMPU):
     ZeRO then shards over data x sequence ranks (the ``dp_cp`` group).
     """
 
-    def get_sequence_parallel_group(self):
-        return self.ctx.group("cp")
-
-    def get_sequence_parallel_world_size(self) -> int:
-        return self.ctx.cp
-
-    def get_sequence_parallel_rank(self) -> int:
-        return self.ctx.cp_rank
-
-    def get_sequence_data_parallel_group(self):
-        return self.ctx.group("dp_cp")
-
-    def get_sequence_data_parallel_world_size(self) -> int:
-        return self.ctx.dp * self.ctx.cp
-
-    def get_sequence_data_parallel_rank(self) -> int:
-        return self.ctx.comm("dp_cp").rank_in_group
+    get_sequence_parallel_group, get_sequence_parallel_world_size, get_sequence_parallel_rank = _getters("cp")
+    (
+        get_sequence_data_parallel_group,
+        get_sequence_data_parallel_world_size,
+        get_sequence_data_parallel_rank,
+    ) = _getters("dp_cp")
 
 
 class DeepSpeedUlyssesMPU(DeepSpeedSequenceParallelMPU):

@@ -29,25 +29,29 @@ def import_megatron():
     return mcore
 
 
-# context group name -> (parallel_state group global, its rank-list global or None).
+_STATE_TABLE = """
+tp        _TENSOR_MODEL_PARALLEL_GROUP                    _TENSOR_MODEL_PARALLEL_GLOBAL_RANKS
+pp        _PIPELINE_MODEL_PARALLEL_GROUP                  _PIPELINE_GLOBAL_RANKS
+mp        _MODEL_PARALLEL_GROUP                           _MODEL_PARALLEL_GLOBAL_RANKS
+dp        _DATA_PARALLEL_GROUP                            _DATA_PARALLEL_GLOBAL_RANKS
+dp_cp     _DATA_PARALLEL_GROUP_WITH_CP                    _DATA_PARALLEL_GLOBAL_RANKS_WITH_CP
+cp        _CONTEXT_PARALLEL_GROUP                         _CONTEXT_PARALLEL_GLOBAL_RANKS
+tp_cp     _TENSOR_AND_CONTEXT_PARALLEL_GROUP              -
+tp_dp     _TENSOR_AND_DATA_PARALLEL_GROUP                 -
+tp_dp_cp  _TENSOR_AND_DATA_PARALLEL_GROUP_WITH_CP         -
+embd      _EMBEDDING_GROUP                                _EMBEDDING_GLOBAL_RANKS
+pos_embd  _POSITION_EMBEDDING_GROUP                       _POSITION_EMBEDDING_GLOBAL_RANKS
+ep        _EXPERT_MODEL_PARALLEL_GROUP                    _EXPERT_MODEL_PARALLEL_RANKS
+expt_tp   _EXPERT_TENSOR_PARALLEL_GROUP                   -
+expt_dp   _EXPERT_DATA_PARALLEL_GROUP                     -
+tp_ep     _EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP         -
+tp_ep_pp  _EXPERT_TENSOR_MODEL_PIPELINE_PARALLEL_GROUP    -
+"""
 STATE_GLOBALS: dict[str, tuple[str, str | None]] = {
-    "tp": ("_TENSOR_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GLOBAL_RANKS"),
-    "pp": ("_PIPELINE_MODEL_PARALLEL_GROUP", "_PIPELINE_GLOBAL_RANKS"),
-    "mp": ("_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GLOBAL_RANKS"),
-    "dp": ("_DATA_PARALLEL_GROUP", "_DATA_PARALLEL_GLOBAL_RANKS"),
-    "dp_cp": ("_DATA_PARALLEL_GROUP_WITH_CP", "_DATA_PARALLEL_GLOBAL_RANKS_WITH_CP"),
-    "cp": ("_CONTEXT_PARALLEL_GROUP", "_CONTEXT_PARALLEL_GLOBAL_RANKS"),
-    "tp_cp": ("_TENSOR_AND_CONTEXT_PARALLEL_GROUP", None),
-    "tp_dp": ("_TENSOR_AND_DATA_PARALLEL_GROUP", None),
-    "tp_dp_cp": ("_TENSOR_AND_DATA_PARALLEL_GROUP_WITH_CP", None),
-    "embd": ("_EMBEDDING_GROUP", "_EMBEDDING_GLOBAL_RANKS"),
-    "pos_embd": ("_POSITION_EMBEDDING_GROUP", "_POSITION_EMBEDDING_GLOBAL_RANKS"),
-    "ep": ("_EXPERT_MODEL_PARALLEL_GROUP", "_EXPERT_MODEL_PARALLEL_RANKS"),
-    "expt_tp": ("_EXPERT_TENSOR_PARALLEL_GROUP", None),
-    "expt_dp": ("_EXPERT_DATA_PARALLEL_GROUP", None),
-    "tp_ep": ("_EXPERT_TENSOR_AND_MODEL_PARALLEL_GROUP", None),
-    "tp_ep_pp": ("_EXPERT_TENSOR_MODEL_PIPELINE_PARALLEL_GROUP", None),
+    name: (group, None if ranks == "-" else ranks)
+    for name, group, ranks in (row.split() for row in _STATE_TABLE.strip().splitlines())
 }
+"""Context group name -> (its ``parallel_state`` group global, its rank-list global or None)."""
 # Cached sizes/ranks that would shadow the bound groups; cleared while bound.
 _STATE_OVERRIDES = (
     "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",

@@ -68,16 +68,9 @@ def context_from_vllm(timeout_s: float = 600.0) -> ParallelContext:
     dp_group = vllm_ps.get_dp_group()
     tp, pp = tp_group.world_size, pp_group.world_size
     dp = world.world_size // (tp * pp * cp)
-    ctx = ParallelContext(
-        tp=tp,
-        pp=pp,
-        dp=dp,
-        cp=cp,
-        rank=world.rank,
-        order=VLLM_ORDER,
-        backend=_backend_of(tp_group.device_group),
-        timeout_s=timeout_s,
-    )
+    backend = _backend_of(tp_group.device_group)
+    degrees = {"tp": tp, "pp": pp, "dp": dp, "cp": cp}
+    ctx = ParallelContext(**degrees, rank=world.rank, order=VLLM_ORDER, backend=backend, timeout_s=timeout_s)
     groups = {"tp": tp_group.device_group, "pp": pp_group.device_group, "world": world.device_group}
     if dp_group.world_size == dp:  # no external data parallelism: vLLM's DP group is the context's
         groups["dp"] = dp_group.device_group

@@ -70,9 +70,9 @@ class MegatronCheckpoint:
             raise CheckpointError(f"checkpoint folder {root} does not exist")
         folder = mf.iteration_folder(root, iteration)
         if (folder / "metadata.json").exists() or (folder / ".metadata").exists():
-            ckpt: MegatronCheckpoint = _TorchDist(folder, root)
+            ckpt: MegatronCheckpoint = _TorchDist(folder)
         elif any(mf.RANK_DIR.match(p.name) for p in folder.iterdir() if p.is_dir()):
-            ckpt = _Legacy(folder, root)
+            ckpt = _Legacy(folder)
         else:
             raise CheckpointError(
                 f"{folder} is neither a torch_dist checkpoint (metadata.json) nor a legacy one "
@@ -182,7 +182,7 @@ class MegatronCheckpoint:
 class _TorchDist(MegatronCheckpoint):
     format = "torch_dist"
 
-    def __init__(self, folder: Path, root: Path) -> None:
+    def __init__(self, folder: Path) -> None:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = folder
@@ -202,13 +202,11 @@ class _TorchDist(MegatronCheckpoint):
         self._missing_files()
         self._stored: dict[str, tuple[str, int | None]] = {}  # per-layer name -> (stored key, layer index)
         self.tensors = {}
-        num_layers = None
         for key, md in self.metadata.state_dict_metadata.items():
             if not isinstance(md, TensorStorageMetadata):
                 continue
             shape = tuple(md.size)
             if key.startswith("decoder.layers."):
-                num_layers = shape[0]
                 rest = key[len("decoder.layers.") :]
                 for i in range(shape[0]):
                     name = canonical(f"decoder.layers.{i}.{rest}")
@@ -217,7 +215,7 @@ class _TorchDist(MegatronCheckpoint):
             else:
                 self._stored[key] = (key, None)
                 self.tensors[key] = TensorInfo(shape, md.properties.dtype)
-        self.source_tp, self.source_pp = self._source_layout(num_layers)
+        self.source_tp, self.source_pp = self._source_layout()
         common = folder / "common.pt"
         self._common = records.torch_load(common) if common.exists() else {}
 
@@ -237,7 +235,7 @@ class _TorchDist(MegatronCheckpoint):
                     f"shard file {self.path / f} is truncated: {have} bytes, metadata needs {need}"
                 )
 
-    def _source_layout(self, num_layers: int | None) -> tuple[int, int]:
+    def _source_layout(self) -> tuple[int, int]:
         """Source TP from the chunking of the embedding; PP is not recorded (global tensors): 1 unless known."""
         md = self.metadata.state_dict_metadata.get("embedding.word_embeddings.weight")
         tp = len(md.chunks) if md is not None and hasattr(md, "chunks") else 1
@@ -281,7 +279,7 @@ class _TorchDist(MegatronCheckpoint):
 class _Legacy(MegatronCheckpoint):
     format = "torch"
 
-    def __init__(self, folder: Path, root: Path) -> None:
+    def __init__(self, folder: Path) -> None:
         self.path = folder
         dirs = {}
         for p in folder.iterdir():

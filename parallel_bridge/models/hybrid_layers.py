@@ -5,6 +5,7 @@ vocab-parallel embedding. Parameter names are megatron-core GPTModel's; the kern
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any
 
@@ -23,62 +24,61 @@ if TYPE_CHECKING:
 INIT = functools.partial(nn.init.normal_, std=0.02)
 
 
-def column(ctx: ParallelContext, mcfg: Any, n_in: int, n_out: int) -> nn.Module:
-    """A megatron-core column-parallel linear (no bias, output left sharded) on the context's TP group."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear
+@dataclasses.dataclass(frozen=True)
+class Build:
+    """What every layer is built from: the model's sizes, the layout, megatron-core's parallel config,
+    the kernels backend, and vLLM's config when serving (None in training)."""
 
-    return ColumnParallelLinear(
-        n_in, n_out, config=mcfg, init_method=INIT, bias=False, gather_output=False, tp_group=ctx.tp_group
-    )
+    cfg: HybridLlamaConfig
+    ctx: ParallelContext
+    mcfg: Any
+    kernels: Kernels
+    vllm_config: Any = None
 
+    def column(self, n_in: int, n_out: int) -> nn.Module:
+        """A megatron-core column-parallel linear (no bias, output left sharded) on the context's TP group."""
+        from megatron.core.tensor_parallel import ColumnParallelLinear
 
-def row(ctx: ParallelContext, mcfg: Any, n_in: int, n_out: int) -> nn.Module:
-    """A megatron-core row-parallel linear (no bias, input already sharded) on the context's TP group."""
-    from megatron.core.tensor_parallel import RowParallelLinear
+        return ColumnParallelLinear(
+            n_in, n_out, config=self.mcfg, init_method=INIT, bias=False, gather_output=False, tp_group=self.ctx.tp_group
+        )
 
-    return RowParallelLinear(
-        n_in,
-        n_out,
-        config=mcfg,
-        init_method=INIT,
-        bias=False,
-        input_is_parallel=True,
-        skip_bias_add=False,
-        tp_group=ctx.tp_group,
-    )
+    def row(self, n_in: int, n_out: int) -> nn.Module:
+        """A megatron-core row-parallel linear (no bias, input already sharded) on the context's TP group."""
+        from megatron.core.tensor_parallel import RowParallelLinear
+
+        return RowParallelLinear(
+            n_in, n_out, config=self.mcfg, init_method=INIT, bias=False, input_is_parallel=True,
+            skip_bias_add=False, tp_group=self.ctx.tp_group,
+        )
+
+    def norm(self) -> nn.Module:
+        """The backend's RMSNorm over the hidden size."""
+        return self.kernels.norm(self.cfg.hidden_size, self.cfg.rms_norm_eps, self.mcfg.params_dtype)
 
 
 class SelfAttention(nn.Module):
     """Grouped QKV projection (column-parallel), trainable attention, output projection (row-parallel)."""
 
-    def __init__(
-        self,
-        cfg: HybridLlamaConfig,
-        ctx: ParallelContext,
-        mcfg: Any,
-        kernels: Kernels,
-        index: int,
-        vllm_config: Any,
-        prefix: str,
-    ) -> None:
+    def __init__(self, b: Build, index: int, prefix: str) -> None:
         super().__init__()
-        d = cfg.head_dim
-        self.kernels = kernels
+        cfg, d = b.cfg, b.cfg.head_dim
+        self.kernels = b.kernels
         attention = TrainableAttention(
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             d,
             layer_index=index,
-            ctx=ctx,
+            ctx=b.ctx,
             rope_theta=cfg.rope_theta,
             max_positions=cfg.max_position_embeddings,
-            vllm_config=vllm_config,
+            vllm_config=b.vllm_config,
             prefix=f"{prefix}.core_attention",
         )
         heads, kv = attention.num_heads, attention.num_kv_heads  # this rank's
-        self.linear_qkv = column(ctx, mcfg, cfg.hidden_size, ctx.tp * (heads + 2 * kv) * d)
+        self.linear_qkv = b.column(cfg.hidden_size, b.ctx.tp * (heads + 2 * kv) * d)
         self.core_attention = attention
-        self.linear_proj = row(ctx, mcfg, cfg.num_attention_heads * d, cfg.hidden_size)
+        self.linear_proj = b.row(cfg.num_attention_heads * d, cfg.hidden_size)
         self.groups, self.per_group, self.head_dim = kv, heads // kv, d
 
     def forward(
@@ -97,11 +97,11 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: fc1 holds [gate ; up] per rank (column-parallel), fc2 row-parallel."""
 
-    def __init__(self, cfg: HybridLlamaConfig, ctx: ParallelContext, mcfg: Any, kernels: Kernels) -> None:
+    def __init__(self, b: Build) -> None:
         super().__init__()
-        self.kernels = kernels
-        self.linear_fc1 = column(ctx, mcfg, cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.linear_fc2 = row(ctx, mcfg, cfg.intermediate_size, cfg.hidden_size)
+        self.kernels = b.kernels
+        self.linear_fc1 = b.column(b.cfg.hidden_size, 2 * b.cfg.intermediate_size)
+        self.linear_fc2 = b.row(b.cfg.intermediate_size, b.cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.kernels.linear(self.linear_fc1, x, reduce=False).chunk(2, dim=-1)
@@ -109,22 +109,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(
-        self,
-        cfg: HybridLlamaConfig,
-        ctx: ParallelContext,
-        mcfg: Any,
-        kernels: Kernels,
-        index: int,
-        vllm_config: Any,
-        prefix: str,
-    ) -> None:
+    def __init__(self, b: Build, index: int, prefix: str) -> None:
         super().__init__()
-        dtype = mcfg.params_dtype
-        self.input_layernorm = kernels.norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attention = SelfAttention(cfg, ctx, mcfg, kernels, index, vllm_config, f"{prefix}.self_attention")
-        self.pre_mlp_layernorm = kernels.norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, ctx, mcfg, kernels)
+        self.input_layernorm = b.norm()
+        self.self_attention = SelfAttention(b, index, f"{prefix}.self_attention")
+        self.pre_mlp_layernorm = b.norm()
+        self.mlp = MLP(b)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
@@ -134,24 +124,19 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg, ctx, mcfg, kernels: Kernels, vllm_config, prefix: str) -> None:
+    def __init__(self, b: Build, prefix: str) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, ctx, mcfg, kernels, i, vllm_config, f"{prefix}.layers.{i}")
-            for i in range(cfg.num_hidden_layers)
+            DecoderLayer(b, i, f"{prefix}.layers.{i}") for i in range(b.cfg.num_hidden_layers)
         )
-        self.final_layernorm = kernels.norm(cfg.hidden_size, cfg.rms_norm_eps, mcfg.params_dtype)
+        self.final_layernorm = b.norm()
 
 
 class Embedding(nn.Module):
-    def __init__(self, cfg, ctx, mcfg, padded_vocab: int) -> None:
+    def __init__(self, b: Build, padded_vocab: int) -> None:
         super().__init__()
         from megatron.core.tensor_parallel import VocabParallelEmbedding
 
         self.word_embeddings = VocabParallelEmbedding(
-            padded_vocab,
-            cfg.hidden_size,
-            init_method=INIT,
-            config=mcfg,
-            tp_group=ctx.tp_group,
+            padded_vocab, b.cfg.hidden_size, init_method=INIT, config=b.mcfg, tp_group=b.ctx.tp_group
         )

@@ -27,7 +27,7 @@ from torch import nn
 from parallel_bridge import megatron_layout as ml
 from parallel_bridge.adapters import megatron as pm
 from parallel_bridge.context import ParallelContext
-from parallel_bridge.models.hybrid_layers import Decoder, Embedding, column
+from parallel_bridge.models.hybrid_layers import Build, Decoder, Embedding
 from parallel_bridge.models.kernels import kernels_for
 from parallel_bridge.tp_split import HF_NAMES, split_for_tp
 
@@ -118,10 +118,11 @@ class HybridLlama(nn.Module):
         self.padded_vocab = split.padded_vocab
         self.kernels = kernels_for(ctx, serving)
         mcfg = pm.model_parallel_config(ctx, params_dtype=params_dtype, perform_initialization=not serving)
-        self.embedding = Embedding(cfg, ctx, mcfg, self.padded_vocab)
-        self.decoder = Decoder(cfg, ctx, mcfg, self.kernels, vllm_config, f"{prefix}.decoder")
+        build = Build(cfg, ctx, mcfg, self.kernels, vllm_config)
+        self.embedding = Embedding(build, self.padded_vocab)
+        self.decoder = Decoder(build, f"{prefix}.decoder")
         if not cfg.tie_word_embeddings:
-            self.output_layer = column(ctx, mcfg, cfg.hidden_size, self.padded_vocab)
+            self.output_layer = build.column(cfg.hidden_size, self.padded_vocab)
         for name, param in self.named_parameters():
             param.weight_loader = functools.partial(self._load_full, name)
 

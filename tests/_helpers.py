@@ -1,0 +1,75 @@
+"""Helpers the test modules share: greedy generation through a real vLLM engine, the parity comparison
+against a reference, and one forward/backward step through a pipeline stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def greedy(model, tp, prompts, max_tokens, *, logprobs=0, in_process=True, **engine_kwargs):
+    """Per prompt: vLLM's greedy tokens and, per step, the logprobs it returned ({token: logprob}; the chosen
+    token's with ``logprobs=0``, the top ``logprobs`` otherwise). ``in_process``: a TP=1 engine runs in this
+    process; otherwise vLLM's own processes build the model (the plugin must register it there)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from parallel_bridge.serving import in_process_engine, llm_engine
+
+    engine_kwargs.setdefault("max_logprobs", max(logprobs, 20))
+    with in_process_engine(tp if in_process else 0), llm_engine(
+        model=str(model),
+        skip_tokenizer_init=True,
+        dtype="float32",
+        max_model_len=64,
+        enforce_eager=True,
+        tensor_parallel_size=tp,
+        **engine_kwargs,
+    ) as llm:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=logprobs, detokenize=False)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [
+            (list(o.outputs[0].token_ids), [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])
+            for o in outs
+        ]
+
+
+def compare(served, reference, label: str, tol: float) -> float:
+    """Assert, prompt by prompt, equal greedy tokens and logprob values within ``tol``; return the worst gap.
+
+    ``served`` and ``reference``: lists of (tokens, values) with values compared element by element.
+    """
+    worst = 0.0
+    for (tokens, values), (ref_tokens, ref_values) in zip(served, reference, strict=True):
+        assert tokens == ref_tokens, (label, tokens, ref_tokens)
+        gap = (torch.tensor(values, dtype=torch.float64) - torch.tensor(ref_values, dtype=torch.float64)).abs()
+        worst = max(worst, gap.max().item())
+    print(f"\n[{label}] greedy tokens equal; max |d logprob| = {worst:.2e}")
+    assert worst <= tol, (label, worst)
+    return worst
+
+
+def pipeline_step(
+    ctx,
+    first_input: torch.Tensor | None,
+    input_shape: tuple[int, ...],
+    stage: Callable[[torch.Tensor | None], torch.Tensor],
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor | None:
+    """One forward and backward through this rank's pipeline stage over the context's pp group: receive
+    the activation (``input_shape``) from the previous stage (the first takes ``first_input``), run ``stage``,
+    send its output on, and send the input's gradient back. Returns the loss on the last stage."""
+    pp = ctx.comm("pp")
+    x = first_input if pp.is_first else pp.recv_prev(torch.empty(input_shape)).requires_grad_(True)
+    out = stage(x)
+    loss = None
+    if pp.is_last:
+        loss = loss_of(out)
+        loss.backward()
+    else:
+        pp.send_next(out.detach())
+        out.backward(pp.recv_next(torch.empty_like(out)))
+    if not pp.is_first:
+        pp.send_prev(x.grad)
+    return loss
