@@ -69,10 +69,14 @@ def split_for_tp(
     if heads % kv:
         raise TPSplitError(f"{names['kv_heads']}={kv} does not divide {names['heads']}={heads}")
     replicated = replicate_kv and kv < tp
-    sizes = {"heads": heads, "kv_heads": None if replicated else kv, "ffn": ffn, "vocab": None if pad_vocab else vocab}
-    wrong = [f"{names[k]}={v}" for k, v in sizes.items() if v is not None and v % tp]
-    if wrong:
-        raise TPSplitError(f"tensor-parallel size {tp} does not divide {', '.join(wrong)}")
+    # attention first, then the rest: each message names every size of its stage that tp does not divide
+    for sizes in (
+        {"heads": heads, "kv_heads": None if replicated else kv},
+        {"ffn": ffn, "vocab": None if pad_vocab else vocab},
+    ):
+        wrong = [f"{names[k]}={v}" for k, v in sizes.items() if v is not None and v % tp]
+        if wrong:
+            raise TPSplitError(f"tensor-parallel size {tp} does not divide {', '.join(wrong)}")
     if replicated and tp % kv:
         raise TPSplitError(
             f"{names['kv_heads']}={kv} is below tensor-parallel size {tp} and does not divide it, "
