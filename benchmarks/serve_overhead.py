@@ -34,20 +34,22 @@ def _save_hybrid(folder: str, sizes: dict) -> None:
 
 def convert_to_hf(src: Path, dst: Path) -> None:
     """The hybrid folder as a stock Llama folder (HF names, LlamaForCausalLM)."""
+    from types import SimpleNamespace
+
     from safetensors.torch import load_file, save_file
 
-    from parallel_bridge.checkpoint.hf_names import GPTShape, megatron_to_hf
+    from parallel_bridge.schema import to_hf
 
     cfg = json.loads((src / "config.json").read_text())
-    shape = GPTShape(
-        cfg["num_attention_heads"],
-        cfg["num_key_value_heads"],
-        cfg["hidden_size"] // cfg["num_attention_heads"],
-        cfg["vocab_size"],
+    shape = SimpleNamespace(  # what the schema's HF mapping reads
+        num_attention_heads=cfg["num_attention_heads"],
+        num_query_groups=cfg["num_key_value_heads"],
+        head_dim=cfg["hidden_size"] // cfg["num_attention_heads"],
+        vocab_size=cfg["vocab_size"],
     )
     out = {}
     for name, tensor in load_file(str(src / "model.safetensors")).items():
-        out.update({k: v.contiguous() for k, v in megatron_to_hf(name, tensor, shape)})
+        out.update({k: v.contiguous() for k, v in to_hf(name, tensor, shape)})
     dst.mkdir(parents=True)
     save_file(out, str(dst / "model.safetensors"))
     cfg["architectures"] = ["LlamaForCausalLM"]

@@ -41,14 +41,13 @@ PUSHES = 3
 
 def _hf_state(model):
     """Full Hugging Face tensors (gathered over TP: the checkpoint path's cost) on every rank."""
-    from parallel_bridge.checkpoint import hf_names
+    from parallel_bridge.schema import to_hf
     from parallel_bridge.sync.source import config_of
 
     cfg = config_of(model)
-    shape = hf_names.GPTShape(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, cfg.vocab_size)
     out = {}
     for name, t in model.full_state_dict().items():
-        for hf, part in hf_names.megatron_to_hf(name, t, shape):
+        for hf, part in to_hf(name, t, cfg):
             out[hf] = part.contiguous()
     return out
 

@@ -162,7 +162,7 @@ def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
         gpt = gpt_config_of(config, len(tokenizer), sizes.vocab_size, sizes.max_sequence_length, False)
         save_torch_dist(ctx, model, out / "checkpoint", args.steps, gpt)
         if rank0:  # a config.json makes the tokenizer folder one vLLM and transformers read without complaint
-            (out / "tokenizer" / "config.json").write_text(json.dumps(gpt.to_hf_llama(), indent=2))
+            (out / "tokenizer" / "config.json").write_text(json.dumps(gpt.to_hf(), indent=2))
         model.eval()
         cases = eval_cases(args.eval)
         outs, lps = greedy_complete(ctx, model, tokenizer, [p for p, _ in cases], MAX_NEW, len(tokenizer))

@@ -1,14 +1,10 @@
-"""How megatron-core's GPT tensors are split across tensor-parallel ranks and pipeline stages.
+"""How megatron-core's GPT tensors are split across tensor-parallel ranks and pipeline stages: shard, merge,
+and the pieces of a slice, for the split each tensor kind has in :mod:`parallel_bridge.schema`.
 
-Verified against megatron-core 0.16.1's layers (see tests/test_megatron_adapter.py,
-which moves a GPTModel's weights between TP sizes with these functions and
-checks the loss is unchanged):
-- column-parallel (split on dim 0): ``embedding.word_embeddings``, ``output_layer``,
-  ``linear_qkv`` (rows grouped per query group, so a chunk holds whole groups);
-- gated ``linear_fc1`` (SwiGLU): each rank holds ``[gate_shard ; up_shard]``, so the
-  full tensor ``[gate ; up]`` is split half by half;
-- row-parallel (split on dim 1): ``linear_proj``, ``linear_fc2`` weights;
-- replicated: norms, row-parallel biases.
+Verified against megatron-core 0.16.1's layers (see tests/test_megatron_adapter.py, which moves a
+GPTModel's weights between TP sizes with these functions and checks the loss is unchanged). A gated
+``linear_fc1`` rank holds ``[gate_shard ; up_shard]``; a grouped ``linear_qkv`` rank holds whole query
+groups (kv replication for serving is :meth:`parallel_bridge.schema.GroupedQKV.shard`).
 """
 
 from __future__ import annotations
@@ -19,27 +15,29 @@ from typing import Literal
 
 import torch
 
+from parallel_bridge.schema import Split, split_of
+
 SplitKind = Literal["column", "glu", "row", "replicated"]
 
 _LAYER = re.compile(r"^(?P<prefix>.*?layers\.)(?P<index>\d+)(?P<rest>\..*)$")
+_KINDS: dict[Split, SplitKind] = {
+    Split.COLUMN: "column",
+    Split.QKV: "column",
+    Split.VOCAB: "column",
+    Split.GLU: "glu",
+    Split.ROW: "row",
+    Split.REPLICATED: "replicated",
+}
 
 
-def split_kind(name: str, gated_linear_unit: bool = True) -> SplitKind:
-    """How the tensor called ``name`` is divided across tensor-parallel ranks."""
-    if name.endswith("layer_norm_weight") or name.endswith("layer_norm_bias") or "layernorm" in name:
-        return "replicated"
-    if "linear_fc1." in name:
-        return "glu" if gated_linear_unit else "column"
-    if "word_embeddings." in name or "output_layer." in name or "linear_qkv." in name:
-        return "column"
-    if "linear_proj." in name or "linear_fc2." in name:
-        return "row" if name.endswith(".weight") else "replicated"
-    return "replicated"
+def split_kind(name: str) -> SplitKind:
+    """How the tensor called ``name`` is divided across tensor-parallel ranks (from the schema)."""
+    return _KINDS[split_of(name)]
 
 
-def shard(name: str, full: torch.Tensor, tp: int, rank: int, gated_linear_unit: bool = True) -> torch.Tensor:
+def shard(name: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     """This TP rank's part of the full tensor ``name``."""
-    kind = split_kind(name, gated_linear_unit)
+    kind = split_kind(name)
     if kind == "replicated" or tp == 1:
         return full
     if kind == "row":
@@ -50,9 +48,9 @@ def shard(name: str, full: torch.Tensor, tp: int, rank: int, gated_linear_unit: 
     return torch.cat([_chunk(name, gate, tp, 0)[rank], _chunk(name, up, tp, 0)[rank]], dim=0)
 
 
-def merge(name: str, shards: Sequence[torch.Tensor], gated_linear_unit: bool = True) -> torch.Tensor:
+def merge(name: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
     """The full tensor ``name`` from its TP shards (rank order)."""
-    kind = split_kind(name, gated_linear_unit)
+    kind = split_kind(name)
     if kind == "replicated" or len(shards) == 1:
         return shards[0]
     if kind == "row":
@@ -82,34 +80,6 @@ def to_global_name(name: str, offset: int) -> str:
     """A stage-local name (``decoder.layers.0...``) with the layer index made global."""
     m = _LAYER.match(name)
     return name if m is None else f"{m['prefix']}{int(m['index']) + offset}{m['rest']}"
-
-
-def qkv_shard(
-    name: str, full: torch.Tensor, num_heads: int, num_groups: int, head_dim: int, tp: int, rank: int
-) -> torch.Tensor:
-    """This rank's rows of a grouped ``linear_qkv`` tensor, kv groups replicated when fewer than tp.
-
-    With ``num_groups >= tp`` this is the plain column split (whole groups per
-    rank). With fewer groups than ranks (which Megatron cannot train, but vLLM
-    serves by replicating kv heads), each rank keeps one group's k and v and its
-    own slice of that group's query heads, still in grouped order.
-    """
-    per = num_heads // num_groups
-    rows = num_groups * (per + 2) * head_dim
-    if full.shape[0] != rows:
-        raise ValueError(
-            f"tensor {name} has {full.shape[0]} rows, but {num_heads} heads in {num_groups} query groups "
-            f"of head_dim {head_dim} need {rows}"
-        )
-    if num_groups >= tp:
-        return _chunk(name, full, tp, dim=0)[rank]
-    grouped = full.view(num_groups, per + 2, head_dim, *full.shape[1:])
-    sharing = tp // num_groups
-    group, j = rank // sharing, rank % sharing
-    q_local = per // sharing
-    q = grouped[group, j * q_local : (j + 1) * q_local]
-    kv = grouped[group, per:]
-    return torch.cat([q, kv], dim=0).reshape(-1, *full.shape[1:])
 
 
 def split_dim(kind: SplitKind) -> int | None:

@@ -165,7 +165,7 @@ def start_engine(out: Path, tokenizer_dir: Path, gpt, serve_tp: int):
 
     folder = out / "engine"
     folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(gpt.to_hf_llama(), indent=2))
+    (folder / "config.json").write_text(json.dumps(gpt.to_hf(), indent=2))
     return LLM(
         model=str(folder),
         tokenizer=str(tokenizer_dir),
@@ -208,7 +208,7 @@ def run(args, ctx: ParallelContext, out: Path) -> dict | None:
         llm = None
         if rank0:
             print(f"[2/3] vLLM engine at TP={args.serve_tp}; first weight push")
-            (tok_dir / "config.json").write_text(json.dumps(gpt.to_hf_llama(), indent=2))
+            (tok_dir / "config.json").write_text(json.dumps(gpt.to_hf(), indent=2))
             llm = start_engine(out, tok_dir, gpt, args.serve_tp)
         try:
             sync = WeightSync(ctx, model, llm, vocab_size=len(tokenizer), timeout_s=120)

@@ -35,6 +35,12 @@ def greedy(model, tp, prompts, max_tokens, *, logprobs=0, in_process=True, **eng
         ]
 
 
+def first_step_and_tokens(model, tp, vocab, prompts, steps, **engine_kwargs):
+    """Per prompt: vLLM's greedy tokens and its full first-step log-softmax over ``vocab`` tokens."""
+    served = greedy(model, tp, prompts, steps, logprobs=vocab, **engine_kwargs)
+    return [(tokens, [steps_[0][t] for t in range(vocab)]) for tokens, steps_ in served]
+
+
 def compare(served, reference, label: str, tol: float) -> float:
     """Assert, prompt by prompt, equal greedy tokens and logprob values within ``tol``; return the worst gap.
 

@@ -27,6 +27,7 @@ def build(ctx, variant):
         vocab_size=variant["padded"],
         init_method_std=0.2,
         **extra,
+        **variant.get("config", {}),  # family settings: add_qkv_bias, qk_layernorm
     )
     model = pm.build_gpt_model(
         ctx,
@@ -34,8 +35,24 @@ def build(ctx, variant):
         vocab_size=variant["padded"],
         max_sequence_length=SEQ,
         share_embeddings_and_output_weights=variant["tied"],
+        rotary_base=variant.get("rotary_base", 10000),
+        rope_scaling_factor=variant.get("rope_scaling_factor"),
     )
+    _perturb_family_tensors(ctx, model)
     return config, model
+
+
+@torch.no_grad()
+def _perturb_family_tensors(ctx, model):
+    """Megatron starts QKV biases at zero and QK layernorm weights at one, where a mapping that drops or
+    misplaces them would still pass; give them values (replicated ones equal on every TP rank)."""
+    for name, p in model.named_parameters():
+        if name.endswith("linear_qkv.bias"):
+            g = torch.Generator().manual_seed(100 + ctx.tp_rank)  # a TP shard: each rank its own rows
+            p.copy_(torch.randn(p.shape, generator=g))
+        elif "q_layernorm" in name or "k_layernorm" in name:
+            g = torch.Generator().manual_seed(200 + int("k_layernorm" in name))
+            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
 
 
 @torch.no_grad()
@@ -60,7 +77,11 @@ def save_dist(root, tp, pp, variant):
     with pm.cpu_compat(), pm.bind_parallel_state(ctx):
         pm.model_parallel_manual_seed(ctx, variant["seed"])
         config, model = build(ctx, variant)
-        gpt = gpt_config_of(config, variant["vocab"], variant["padded"], SEQ, variant["tied"])
+        gpt = gpt_config_of(
+            config, variant["vocab"], variant["padded"], SEQ, variant["tied"],
+            rotary_base=variant.get("rotary_base", 10000),
+            rope_scaling_factor=variant.get("rope_scaling_factor"),
+        )
         save_torch_dist(ctx, model, root, 10, gpt)
 
 
@@ -92,12 +113,15 @@ def megatron_lm_args(config, variant):
         max_position_embeddings=SEQ,
         seq_length=SEQ,
         position_embedding_type="rope",
-        rotary_base=10000,
+        rotary_base=variant.get("rotary_base", 10000),
         normalization="RMSNorm",
         norm_epsilon=config.layernorm_epsilon,
         swiglu=True,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=config.add_qkv_bias,
+        qk_layernorm=config.qk_layernorm,
+        use_rope_scaling=variant.get("rope_scaling_factor") is not None,
+        rope_scaling_factor=variant.get("rope_scaling_factor") or 8.0,
         untie_embeddings_and_output_weights=not variant["tied"],
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,

@@ -84,7 +84,7 @@ def test_trainable_attention_training_path_on_cuda():
 
 def test_layout_code_on_device_tensors():
     from parallel_bridge import megatron_layout as ml
-    from parallel_bridge.checkpoint.vllm_format import qkv_rows_for_rank
+    from parallel_bridge.schema import GroupedQKV
 
     g = torch.Generator().manual_seed(1)
     names = ("decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.0.mlp.linear_fc1.weight",
@@ -98,6 +98,6 @@ def test_layout_code_on_device_tensors():
                 assert torch.equal(s.cpu(), ml.shard(name, full, tp, r)), (name, tp, r)
             assert torch.equal(ml.merge(name, shards).cpu(), full), (name, tp)
     qkv = torch.randn((8 + 2 * 2) * 16, 32, generator=g)
-    rows = qkv_rows_for_rank(8, 2, 16, 2, 1)
+    rows = GroupedQKV(8, 2, 16).rank_rows(2, 1, order="qkv")
     on_device = torch.cat([qkv.cuda()[s : s + n] for s, n in rows])
     assert torch.equal(on_device.cpu(), torch.cat([qkv[s : s + n] for s, n in rows]))

@@ -19,7 +19,7 @@ pytest.importorskip("megatron.core")
 
 import _megatron_ckpt as mc  # noqa: E402
 from _helpers import compare as compare_within  # noqa: E402
-from _helpers import greedy  # noqa: E402
+from _helpers import first_step_and_tokens  # noqa: E402
 
 TOL = 1e-4
 VARIANTS = {
@@ -56,8 +56,7 @@ def checkpoints(tmp_path_factory):
 
 def serve(model, tp, vocab, **kwargs):
     """Greedy tokens and the first step's full log-softmax over the vocabulary from vLLM for mc.PROMPTS."""
-    served = greedy(model, tp, mc.PROMPTS, mc.STEPS, logprobs=vocab, **kwargs)
-    return [(tokens, [steps[0][t] for t in range(vocab)]) for tokens, steps in served]
+    return first_step_and_tokens(model, tp, vocab, mc.PROMPTS, mc.STEPS, **kwargs)
 
 
 def compare(served, reference, label):
@@ -225,13 +224,14 @@ def test_convert_refuses_existing_output_and_leaves_nothing_on_failure(checkpoin
 
 def test_tp_that_does_not_divide_heads():
     from parallel_bridge.checkpoint.megatron_reader import GPTConfig
-    from parallel_bridge.checkpoint.vllm_format import check_serving_tp, qkv_rows_for_rank
+    from parallel_bridge.checkpoint.vllm_format import check_serving_tp
+    from parallel_bridge.schema import GroupedQKV
 
     cfg = GPTConfig(2, 128, 4, 2, 256, 100, 128)
     with pytest.raises(CheckpointError, match="tensor-parallel size 3 does not divide num_attention_heads=4"):
         check_serving_tp(cfg, 3)
     # kv replication: 4 heads in 1 group at TP=2 -> each rank keeps its 2 query heads and the one kv head
-    assert qkv_rows_for_rank(4, 1, 32, 2, 1) == [(64, 64), (128, 32), (160, 32)]
+    assert GroupedQKV(4, 1, 32).rank_rows(2, 1, order="qkv") == [(64, 64), (128, 32), (160, 32)]
 
 
 def test_cli_errors_are_one_line(tmp_path):

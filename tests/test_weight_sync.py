@@ -319,7 +319,7 @@ def _pp_push(root):
         if ctx.rank == 0:
             os.makedirs(os.path.join(root, "serve"))
             with open(os.path.join(root, "serve", "config.json"), "w") as f:
-                json.dump(gpt.to_hf_llama(), f)
+                json.dump(gpt.to_hf(), f)
         with _serving(ctx.rank == 0, os.path.join(root, "serve"), 2, vocab=v["vocab"]) as llm:
             sync = WeightSync(ctx, model, llm, vocab_size=v["vocab"], timeout_s=60)
             report = sync.push()
@@ -545,7 +545,7 @@ def test_push_into_a_vllm_server_while_it_serves(server):
 
 
 def _iterate_source(root):
-    from parallel_bridge.checkpoint import hf_names
+    from parallel_bridge.schema import to_hf
     from parallel_bridge.sync import MegatronWeightSource
     from parallel_bridge.sync.source import config_of
 
@@ -557,10 +557,9 @@ def _iterate_source(root):
     meta = [(m.name, m.shape) for m in source.metadata()]
     got = {name: t for name, t in source}
     cfg = config_of(model)
-    shape = hf_names.GPTShape(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, cfg.vocab_size)
     want = {}
     for name, t in model.full_state_dict().items():  # the gathered reference
-        want.update(dict(hf_names.megatron_to_hf(name, t, shape)))
+        want.update(dict(to_hf(name, t, cfg)))
     if ctx.rank != 0:
         return got == {}
     return (
@@ -578,12 +577,9 @@ def test_source_yields_full_hf_tensors_for_vllms_nccl_backend(tmp_path):
     assert run_distributed(_iterate_source, 2, str(tmp_path / "shm"), timeout_s=120) == [True, True]
 
 
-@pytest.mark.parametrize(
-    "field,value",
-    [("qk_layernorm", True), ("rotary_interleaved", True), ("add_qkv_bias", True), ("window_size", (64, 0))],
-)
+@pytest.mark.parametrize("field,value", [("rotary_interleaved", True), ("window_size", (64, 0))])
 def test_math_changing_megatron_settings_are_refused(field, value):
-    """A GPTModel whose config changes the math vLLM's Llama computes is refused by name, not synced."""
+    """A GPTModel whose config changes the math vLLM's Llama family computes is refused by name, not synced."""
     pytest.importorskip("megatron.core")
     import types
 
@@ -606,6 +602,28 @@ def test_math_changing_megatron_settings_are_refused(field, value):
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
     )
     assert config_of(types.SimpleNamespace(**{**vars(model), "config": ok})).num_layers == 2
+
+
+@pytest.mark.parametrize("field,family", [("qk_layernorm", "qwen3"), ("add_qkv_bias", "qwen2")])
+def test_qwen_settings_map_to_their_family(field, family):
+    """QK layernorm (Qwen3) and QKV biases (Qwen2) are mapped, so the sync serves vLLM's model of that family."""
+    pytest.importorskip("megatron.core")
+    import types
+
+    from megatron.core.transformer import TransformerConfig
+
+    from parallel_bridge.sync.source import config_of
+
+    config = TransformerConfig(
+        num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        **{field: True},
+    )
+    model = types.SimpleNamespace(
+        config=config, vocab_size=96, max_sequence_length=64, share_embeddings_and_output_weights=False
+    )
+    cfg = config_of(model)
+    assert getattr(cfg, field) is True and cfg.family[0] == family
 
 
 def _world_mismatch():

@@ -169,13 +169,14 @@ def build_gpt_model(
     max_sequence_length: int,
     share_embeddings_and_output_weights: bool = False,
     rotary_base: int = 10000,
+    rope_scaling_factor: float | None = None,
 ):
     """A megatron-core ``GPTModel`` (local spec: no Transformer Engine) on the context's groups.
 
     RoPE positions, this rank's pipeline stage (pre/post-processing) and every
     process group come from the context. Run it inside :func:`cpu_compat` (which
     also provides Megatron's activation buffer) or :func:`bind_parallel_state`;
-    megatron-core 0.16's vocab-parallel loss still reads ``parallel_state``, so
+    ``rope_scaling_factor``: Llama-3.1 rope scaling (None: none). megatron-core 0.16's vocab-parallel loss still reads ``parallel_state``, so
     training with labels needs the binding.
     """
     import_megatron()
@@ -190,7 +191,7 @@ def build_gpt_model(
         replicate_kv=False,
         pad_vocab=False,
     )
-    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -201,6 +202,8 @@ def build_gpt_model(
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=rotary_base,
+        rope_scaling=rope_scaling_factor is not None,
+        rope_scaling_factor=rope_scaling_factor or 8.0,
         pg_collection=process_groups(ctx),
     )
 

@@ -1,6 +1,6 @@
 """The shape of a Llama-family megatron-core GPT as checkpoint readers, exporters and the weight sync
-see it: :class:`GPTConfig` (read from Megatron-LM's ``args`` or the side file) and the full shape of
-every tensor it implies (:func:`expected_shapes`)."""
+see it: :class:`GPTConfig`, read from Megatron-LM's ``args`` or the side file, written as the Hugging Face
+config of its family (Llama, Qwen2, Qwen3). The tensors it implies are :mod:`parallel_bridge.schema`'s."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ class GPTConfig:
     swiglu: bool = True
     position_embedding_type: str = "rope"
     kv_channels: int | None = None
+    qk_layernorm: bool = False
+    rope_scaling_factor: float | None = None
+    """Llama-3.1 rope scaling (megatron-core's: low/high frequency factors 1 and 4, original context 8192)."""
 
     def __post_init__(self) -> None:
         """Types and ranges of every field, named, before anything reads a tensor with them."""
@@ -121,6 +124,8 @@ class GPTConfig:
             "swiglu": bool(get("swiglu", get("gated_linear_unit", True))),
             "position_embedding_type": get("position_embedding_type", "rope") or "rope",
             "kv_channels": get("kv_channels"),
+            "qk_layernorm": bool(get("qk_layernorm", False)),
+            "rope_scaling_factor": _rope_scaling_factor(get),
         }
         for name, value in (overrides or {}).items():
             check_field(name, value, "override")
@@ -150,11 +155,26 @@ class GPTConfig:
                 + ". Serving it as one would give wrong numbers, so it is refused"
             )
 
-    def to_hf_llama(self, architecture: str = "LlamaForCausalLM") -> dict[str, Any]:
-        """A Hugging Face LlamaConfig body for this model."""
-        return {
-            "architectures": [architecture],
-            "model_type": "llama",
+    @property
+    def family(self) -> tuple[str, str]:
+        """(Hugging Face model_type, vLLM architecture) of the family that computes this model."""
+        if self.qk_layernorm:
+            return "qwen3", "Qwen3ForCausalLM"
+        if self.add_qkv_bias:
+            return "qwen2", "Qwen2ForCausalLM"
+        return "llama", "LlamaForCausalLM"
+
+    def to_hf(self, architecture: str | None = None) -> dict[str, Any]:
+        """The Hugging Face config.json body of this model's family (``architecture`` overrides the name)."""
+        model_type, default = self.family
+        if model_type == "qwen2" and self.head_dim * self.num_attention_heads != self.hidden_size:
+            raise CheckpointError(
+                f"kv_channels={self.kv_channels} with hidden_size={self.hidden_size} and "
+                f"num_attention_heads={self.num_attention_heads}: Qwen2 derives head_dim from them"
+            )
+        body: dict[str, Any] = {
+            "architectures": [architecture or default],
+            "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.ffn_hidden_size,
@@ -166,11 +186,31 @@ class GPTConfig:
             "rope_theta": float(self.rotary_base),
             "rms_norm_eps": float(self.norm_epsilon),
             "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": self.add_qkv_bias,
-            "mlp_bias": False,
             "hidden_act": "silu",
             "torch_dtype": "float32",
         }
+        if model_type != "qwen2":  # Qwen2 always has QKV biases and never an o_proj bias
+            body.update(attention_bias=self.add_qkv_bias, mlp_bias=False)
+        if self.rope_scaling_factor is not None:
+            body["rope_scaling"] = {
+                "rope_type": "llama3",
+                "factor": self.rope_scaling_factor,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+                "rope_theta": float(self.rotary_base),
+            }
+        return body
+
+
+def _rope_scaling_factor(get: Any) -> float | None:
+    """Megatron-LM's ``use_rope_scaling`` (or ``rope_scaling``) switches ``rope_scaling_factor`` (default 8) on;
+    the side file holds the factor itself (None: no scaling)."""
+    switched = get("use_rope_scaling", get("rope_scaling", None))
+    factor = get("rope_scaling_factor", None)
+    if switched is None:
+        return factor
+    return float(factor or 8.0) if switched else None
 
 
 def check_field(name: str, value: Any, what: str = "model config field") -> None:
@@ -193,27 +233,3 @@ _HINTS = typing.get_type_hints(GPTConfig)
 _FIELD_TYPES = {n: next(t for t in typing.get_args(h) or (h,) if t is not type(None)) for n, h in _HINTS.items()}
 """Each field's type, from GPTConfig's annotations (``int | None`` is int)."""
 _OPTIONAL = frozenset(n for n, h in _HINTS.items() if type(None) in typing.get_args(h))
-
-
-def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Llama-family megatron-core GPT and its full shape (local-spec names)."""
-    d, heads, groups, h = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.hidden_size
-    expected = {
-        "embedding.word_embeddings.weight": (cfg.padded_vocab_size, h),
-        "decoder.final_layernorm.weight": (h,),
-    }
-    if not cfg.tie_embeddings:
-        expected["output_layer.weight"] = (cfg.padded_vocab_size, h)
-    for i in range(cfg.num_layers):
-        p = f"decoder.layers.{i}."
-        expected.update(
-            {
-                p + "input_layernorm.weight": (h,),
-                p + "self_attention.linear_qkv.weight": ((heads + 2 * groups) * d, h),
-                p + "self_attention.linear_proj.weight": (h, heads * d),
-                p + "pre_mlp_layernorm.weight": (h,),
-                p + "mlp.linear_fc1.weight": (2 * cfg.ffn_hidden_size, h),
-                p + "mlp.linear_fc2.weight": (h, cfg.ffn_hidden_size),
-            }
-        )
-    return expected

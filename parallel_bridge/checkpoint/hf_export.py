@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from parallel_bridge.checkpoint.hf_names import GPTShape, megatron_to_hf
+from parallel_bridge import schema
 from parallel_bridge.checkpoint.megatron_reader import CheckpointError, MegatronCheckpoint
 from parallel_bridge.errors import OutputError
 
@@ -96,7 +96,6 @@ def export_hf(
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
     cfg = ckpt.config
-    shape = GPTShape(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, cfg.vocab_size, cfg.swiglu)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
@@ -112,14 +111,14 @@ def export_hf(
             shards.append({})
             sizes.append(0)
 
-        names = list(ckpt.tensors)
+        names = list(schema.expected_shapes(cfg))
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(names), desc="export", unit="tensor", ncols=80)
         for name in names:
-            for hf_name, tensor in megatron_to_hf(name, ckpt.read(name), shape):
+            for hf_name, tensor in schema.to_hf(name, ckpt.read(name), cfg):
                 nbytes = tensor.numel() * tensor.element_size()
                 if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
                     flush()
@@ -143,7 +142,7 @@ def export_hf(
                 "weight_map": {k: final[v] for k, v in sorted(weight_map.items())},
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config = cfg.to_hf_llama()
+        config = cfg.to_hf()
         config["torch_dtype"] = str(ckpt.dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer is not None:

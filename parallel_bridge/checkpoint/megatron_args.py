@@ -18,9 +18,11 @@ from typing import Any
 MAPPED = frozenset(
     """num_layers hidden_size num_attention_heads num_query_groups group_query_attention ffn_hidden_size
     kv_channels vocab_size padded_vocab_size true_vocab_size max_position_embeddings seq_length rotary_base
-    norm_epsilon layernorm_epsilon untie_embeddings_and_output_weights tie_embeddings activation_func""".split()
+    norm_epsilon layernorm_epsilon untie_embeddings_and_output_weights tie_embeddings activation_func
+    add_qkv_bias qk_layernorm use_rope_scaling rope_scaling rope_scaling_factor""".split()
 )
-"""Read into GPTConfig (``activation_func`` is checked to be SiLU under a gated unit)."""
+"""Read into GPTConfig (``activation_func`` is checked to be SiLU under a gated unit): QKV biases (Qwen2),
+QK layernorm (Qwen3) and Llama-3.1 rope scaling are mapped to the vLLM family that computes them."""
 
 _NONE = (None, 0, False)
 NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -29,17 +31,13 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "layernorm_zero_centered_gamma": ((False, None), "zero-centred norm weights"),
     "apply_residual_connection_post_layernorm": ((False, None), "residual taken after the norm"),
     "position_embedding_type": (("rope",), "position embeddings other than rope"),
-    "use_rope_scaling": ((False, None), "Llama-3.1 rope scaling"),
-    "rope_scaling": ((False, None), "Llama-3.1 rope scaling"),
     "rotary_percent": ((1.0, None), "partial rotary embedding"),
     "rotary_interleaved": ((False, None), "interleaved rotary embedding"),
     "rotary_seq_len_interpolation_factor": ((None, 1, 1.0), "rotary position interpolation"),
     "seq_len_interpolation_factor": ((None, 1, 1.0), "rotary position interpolation"),
     "mrope_section": ((None,), "multimodal rope"),
     "no_rope_freq": ((None,), "layers without rope"),
-    "qk_layernorm": ((False, None), "QK layernorm"),
     "qk_l2_norm": ((False, None), "QK L2 norm"),
-    "add_qkv_bias": ((False, None), "QKV biases"),
     "add_bias_linear": ((False, None), "biases on linear layers"),
     "softmax_scale": ((None,), "a custom softmax scale"),
     "softmax_type": (("vanilla", None), "a non-standard softmax"),
@@ -67,7 +65,7 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "fp8_param": ((False, None), "FP8 parameters"),
     "fp4_param": ((False, None), "FP4 parameters"),
 }
-"""Argument -> (values at which vLLM's Llama computes the same thing, what any other value means)."""
+"""Argument -> (values at which vLLM's Llama-family models compute the same thing, what any other value means)."""
 
 NO_MATH = frozenset(
     """mtp_loss_scaling_factor num_layers_in_first_pipeline_stage num_layers_in_last_pipeline_stage
@@ -101,10 +99,10 @@ NO_MATH = frozenset(
     inference_sampling_seed symmetric_ar_type use_inference_optimized_layers inference_fuse_tp_communication
     mamba_state_dim mamba_head_dim mamba_num_groups mamba_num_heads use_mamba_mem_eff_path mlp_chunks_for_prefill
     hetereogenous_dist_checkpoint quant_recipe transformer_impl fine_grained_activation_offloading
-    offload_modules min_offloaded_tensor_size rope_scaling_factor make_vocab_size_divisible_by""".split()
+    offload_modules min_offloaded_tensor_size make_vocab_size_divisible_by""".split()
 )
 """No effect on the math of a served forward: training, kernels, precision recipes, initialisation,
-and fields that only matter under a feature refused above (MoE, Mamba, MLA, rope scaling)."""
+and fields that only matter under a feature refused above (MoE, Mamba, MLA)."""
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -28,8 +28,9 @@ import torch
 from parallel_bridge import megatron_layout as ml
 from parallel_bridge.checkpoint import dcp, records
 from parallel_bridge.checkpoint import megatron_files as mf
-from parallel_bridge.checkpoint.gpt_config import CONFIG_FILE, CheckpointError, GPTConfig, expected_shapes
+from parallel_bridge.checkpoint.gpt_config import CONFIG_FILE, CheckpointError, GPTConfig
 from parallel_bridge.checkpoint.megatron_files import canonical
+from parallel_bridge.schema import expected_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +129,11 @@ class MegatronCheckpoint:
                 raise CheckpointError(
                     f"{self.path}: tensor {name} has shape {self.tensors[name].shape} but the config implies {shape}"
                 )
-        extra = sorted(
-            n
-            for n in self.tensors
-            if n not in expected and not n.endswith("_extra_state") and not n.endswith("bias")
-        )
+        extra = sorted(n for n in self.tensors if n not in expected and not n.endswith("_extra_state"))
         if extra:
             raise CheckpointError(
-                f"{self.path}: tensors {extra[:4]} have no place in a Llama-family GPT (MoE, MLA or another "
-                f"architecture?); the mapping does not know them"
+                f"{self.path}: tensors {extra[:4]} have no place in a Llama-family GPT of this config (MoE, MLA, "
+                f"biases the config does not declare, or another architecture?); the schema does not know them"
             )
 
     # ------------------------------------------------------------------ reads

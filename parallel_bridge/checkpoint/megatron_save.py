@@ -25,8 +25,10 @@ def gpt_config_of(
     max_position_embeddings: int,
     tie_embeddings: bool,
     rotary_base: float = 10000.0,
+    rope_scaling_factor: float | None = None,
 ) -> GPTConfig:
-    """The reader's GPTConfig for a megatron-core TransformerConfig and the model's vocabulary."""
+    """The reader's GPTConfig for a megatron-core TransformerConfig and the model's vocabulary (and the
+    GPTModel's rope scaling factor, which the config does not hold)."""
     return GPTConfig(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
@@ -44,6 +46,8 @@ def gpt_config_of(
         normalization=config.normalization,
         swiglu=config.gated_linear_unit,
         kv_channels=config.kv_channels,
+        qk_layernorm=bool(config.qk_layernorm),
+        rope_scaling_factor=rope_scaling_factor,
     )
 
 

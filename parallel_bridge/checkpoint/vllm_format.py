@@ -6,10 +6,13 @@ Registered in every vLLM process by the package's plugin, so these work:
     LLM(model=CKPT, load_format="megatron", config_format="megatron", tokenizer=TOK)
 
 The config parser turns the checkpoint's Megatron-LM ``args`` (or
-``megatron_gpt_config.json``) into a Llama config. The loader fills the model:
+``megatron_gpt_config.json``) into the Hugging Face config of its family (Llama,
+Qwen2 with QKV biases, Qwen3 with QK layernorm; Llama-3.1 rope scaling). The
+loader fills the model:
 
-- vLLM's own ``LlamaForCausalLM`` (the default architecture, the fast path):
-  each rank reads only the rows/columns of each tensor it keeps (its query and
+- vLLM's own model of the family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+  ``Qwen3ForCausalLM``; the fast path): each rank reads only the rows/columns of
+  each tensor it keeps, as :mod:`parallel_bridge.schema` splits them (its query and
   kv heads in vLLM's ``qkv_proj`` order, kv heads replicated when fewer than TP,
   its ``[gate | up]`` rows, its input columns of row-parallel weights, its
   vocabulary rows) and copies them into its parameters.
@@ -27,7 +30,9 @@ from typing import Any
 
 import torch
 
+from parallel_bridge import schema
 from parallel_bridge.checkpoint.megatron_reader import CheckpointError, MegatronCheckpoint
+from parallel_bridge.schema import Split
 from parallel_bridge.tp_split import TPSplit, TPSplitError, split_for_tp
 
 logger = logging.getLogger(__name__)
@@ -35,36 +40,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "megatron"
 VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")
 """vLLM's vocabulary-parallel parameters: real rows first, vLLM's own padding after them."""
-DEFAULT_ARCHITECTURE = "LlamaForCausalLM"
-"""The architecture the config parser names; serve another with ``hf_overrides={"architectures": [name]}``."""
-
-
-def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for start, n in ranges:
-        if out and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((start, n))
-    return out
-
-
-def qkv_rows_for_rank(heads: int, groups: int, d: int, tp: int, rank: int) -> list[tuple[int, int]]:
-    """Row ranges of Megatron's grouped ``linear_qkv`` that form vLLM's per-rank ``qkv_proj``
-    (``[q heads of this rank ; k ; v]``), kv heads replicated when fewer than tp."""
-    per = heads // groups
-    q_local = heads // tp
-    if groups >= tp:
-        kv_heads = list(range(rank * groups // tp, (rank + 1) * groups // tp))
-    else:
-        kv_heads = [rank * groups // tp]
-    q_rows = []
-    for j in range(rank * q_local, (rank + 1) * q_local):
-        g, i = divmod(j, per)
-        q_rows.append(((g * (per + 2) + i) * d, d))
-    k_rows = [((g * (per + 2) + per) * d, d) for g in kv_heads]
-    v_rows = [((g * (per + 2) + per + 1) * d, d) for g in kv_heads]
-    return _merge_ranges(q_rows) + _merge_ranges(k_rows) + _merge_ranges(v_rows)
 
 
 def check_serving_tp(cfg: Any, tp: int) -> TPSplit:
@@ -79,45 +54,35 @@ def check_serving_tp(cfg: Any, tp: int) -> TPSplit:
 def rank_parts(
     ckpt: MegatronCheckpoint, tp: int, rank: int, vocab_range: tuple[int, int] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors vLLM's LlamaForCausalLM keeps on TP rank ``rank``, under vLLM's names, read
-    slice by slice: only what the rank keeps is read. ``vocab_range`` is the rank's
-    [start, end) of real vocabulary rows (vLLM pads the vocabulary its own way)."""
+    """The tensors vLLM's own model of the checkpoint's family keeps on TP rank ``rank``, under vLLM's names,
+    read slice by slice as the schema splits them: only what the rank keeps is read. ``vocab_range`` is the
+    rank's [start, end) of real vocabulary rows (vLLM pads the vocabulary its own way)."""
     cfg = ckpt.config
-    split = check_serving_tp(cfg, tp)
-    heads, groups, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
+    check_serving_tp(cfg, tp)
     if vocab_range is None:
         per = -(-cfg.vocab_size // tp)
         vocab_range = (min(rank * per, cfg.vocab_size), min((rank + 1) * per, cfg.vocab_size))
-    start, end = vocab_range
-    vocab = [("embedding.word_embeddings.weight", "model.embed_tokens.weight")]
-    if not cfg.tie_embeddings:
-        vocab.append(("output_layer.weight", "lm_head.weight"))
-    for src, dst in vocab:
-        yield dst, ckpt.read(src, 0, start, end - start)
-    yield "model.norm.weight", ckpt.read("decoder.final_layernorm.weight")
-    f_local, q_cols = split.ffn, split.heads * d
-    for i in range(cfg.num_layers):
-        p, q = f"decoder.layers.{i}.", f"model.layers.{i}."
-        yield q + "input_layernorm.weight", ckpt.read(p + "input_layernorm.weight")
-        yield q + "post_attention_layernorm.weight", ckpt.read(p + "pre_mlp_layernorm.weight")
-        yield (
-            q + "self_attn.qkv_proj.weight",
-            ckpt.read_rows(
-                p + "self_attention.linear_qkv.weight", qkv_rows_for_rank(heads, groups, d, tp, rank)
-            ),
-        )
-        yield (
-            q + "self_attn.o_proj.weight",
-            ckpt.read(p + "self_attention.linear_proj.weight", 1, rank * q_cols, q_cols),
-        )
-        yield (
-            q + "mlp.gate_up_proj.weight",
-            ckpt.read_rows(
-                p + "mlp.linear_fc1.weight",
-                [(rank * f_local, f_local), (cfg.ffn_hidden_size + rank * f_local, f_local)],
-            ),
-        )
-        yield q + "mlp.down_proj.weight", ckpt.read(p + "mlp.linear_fc2.weight", 1, rank * f_local, f_local)
+    for name, kind, layer in schema.tensors(cfg):
+        yield kind.name("vllm", layer), _rank_slice(ckpt, name, kind, tp, rank, vocab_range)
+
+
+def _rank_slice(
+    ckpt: MegatronCheckpoint, name: str, kind: schema.TensorKind, tp: int, rank: int, vocab: tuple[int, int]
+) -> torch.Tensor:
+    """Rank ``rank``'s part of tensor ``name`` in vLLM's layout (kv heads replicated, ``[gate ; up]`` halves)."""
+    split, full = kind.split, kind.shape(ckpt.config)
+    if split is Split.VOCAB:
+        return ckpt.read(name, 0, vocab[0], vocab[1] - vocab[0])
+    if split is Split.QKV:
+        return ckpt.read_rows(name, schema.qkv_of(ckpt.config).rank_rows(tp, rank, order="qkv"))
+    if split is Split.GLU:
+        half = full[0] // 2 // tp
+        return ckpt.read_rows(name, [(rank * half, half), (full[0] // 2 + rank * half, half)])
+    if split is Split.REPLICATED:
+        return ckpt.read(name)
+    dim = 1 if split is Split.ROW else 0
+    local = full[dim] // tp
+    return ckpt.read(name, dim, rank * local, local)
 
 
 def fill_parameters(
@@ -153,8 +118,8 @@ def fill_parameters(
         )
 
 
-def load_into_vllm_llama(model: Any, ckpt: MegatronCheckpoint) -> None:
-    """Fill vLLM's LlamaForCausalLM on this TP rank, reading only this rank's parts."""
+def load_into_vllm_model(model: Any, ckpt: MegatronCheckpoint) -> None:
+    """Fill vLLM's own model of the checkpoint's family on this TP rank, reading only this rank's parts."""
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
     idx = model.model.embed_tokens.shard_indices
@@ -169,7 +134,7 @@ def load_into_vllm_llama(model: Any, ckpt: MegatronCheckpoint) -> None:
 
 def register_vllm_formats() -> None:
     """Register the ``megatron`` load format and config format with vLLM (idempotent)."""
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
     from vllm.model_executor.model_loader import register_model_loader
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.transformers_utils.config import register_config_parser
@@ -180,8 +145,8 @@ def register_vllm_formats() -> None:
         """config.json from the Megatron checkpoint's own args (or megatron_gpt_config.json)."""
 
         def parse(self, model, trust_remote_code, revision=None, code_revision=None, **kwargs):
-            config_dict = MegatronCheckpoint.opened(model).config.to_hf_llama(DEFAULT_ARCHITECTURE)
-            return config_dict, LlamaConfig(**config_dict)
+            config_dict = MegatronCheckpoint.opened(model).config.to_hf()
+            return config_dict, AutoConfig.for_model(**config_dict)
 
     @register_model_loader(FORMAT)
     class MegatronModelLoader(BaseModelLoader):
@@ -191,11 +156,9 @@ def register_vllm_formats() -> None:
             MegatronCheckpoint.opened(model_config.model)
 
         def load_weights(self, model, model_config) -> None:
-            from vllm.model_executor.models.llama import LlamaForCausalLM
-
             ckpt = MegatronCheckpoint.opened(model_config.model)
-            if isinstance(model, LlamaForCausalLM):
-                load_into_vllm_llama(model, ckpt)
+            if type(model).__module__.startswith("vllm.model_executor.models."):  # vLLM's own class
+                load_into_vllm_model(model, ckpt)
             else:
                 loaded = model.load_weights(ckpt.iter_full())
                 expected = {n for n, _ in model.named_parameters()}

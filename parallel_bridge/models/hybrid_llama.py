@@ -25,10 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel_bridge import megatron_layout as ml
+from parallel_bridge import schema
 from parallel_bridge.adapters import megatron as pm
 from parallel_bridge.context import ParallelContext
 from parallel_bridge.models.hybrid_layers import Build, Decoder, Embedding
 from parallel_bridge.models.kernels import kernels_for
+from parallel_bridge.schema import Split
 from parallel_bridge.tp_split import HF_NAMES, split_for_tp
 
 logger = logging.getLogger(__name__)
@@ -172,24 +174,19 @@ class HybridLlama(nn.Module):
 
     # ------------------------------------------------------------ weights
     def _shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the full tensor ``name``, as the schema splits its kind."""
         cfg, ctx = self.cfg, self.ctx
-        if "word_embeddings" in name or name.startswith("output_layer"):
+        split = schema.split_of(name)
+        if split is Split.VOCAB:
             if full.shape[0] < cfg.vocab_size:
                 raise ValueError(
                     f"tensor {name} has {full.shape[0]} vocabulary rows; the model has vocab_size={cfg.vocab_size}"
                 )
             # rows past the vocabulary are the saver's padding; pad again for this TP size
             full = F.pad(full[: cfg.vocab_size], (0, 0, 0, self.padded_vocab - cfg.vocab_size))
-        if "linear_qkv" in name:
-            return ml.qkv_shard(
-                name,
-                full,
-                cfg.num_attention_heads,
-                cfg.num_key_value_heads,
-                cfg.head_dim,
-                ctx.tp,
-                ctx.tp_rank,
-            )
+        if split is Split.QKV:
+            qkv = schema.GroupedQKV(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+            return qkv.shard(name, full, ctx.tp, ctx.tp_rank)
         return ml.shard(name, full, ctx.tp, ctx.tp_rank)
 
     def _load_full(self, name: str, param: nn.Parameter, full: torch.Tensor) -> None:

@@ -34,8 +34,9 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from parallel_bridge.checkpoint.gpt_config import GPTConfig, expected_shapes
+from parallel_bridge.checkpoint.gpt_config import GPTConfig
 from parallel_bridge.checkpoint.vllm_format import VOCAB_PARAMS, rank_parts
+from parallel_bridge.schema import expected_shapes
 from parallel_bridge.sync.shards import BufferPool, RoundReader
 
 logger = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ import torch
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
 from parallel_bridge import megatron_layout as ml
-from parallel_bridge.checkpoint import hf_names
 from parallel_bridge.checkpoint import megatron_args as ma
-from parallel_bridge.checkpoint.gpt_config import GPTConfig, expected_shapes
+from parallel_bridge.checkpoint.gpt_config import GPTConfig
 from parallel_bridge.checkpoint.megatron_files import canonical
 from parallel_bridge.context import ParallelContext
+from parallel_bridge.schema import expected_shapes, to_hf
 from parallel_bridge.sync.shards import LocalTensor, RoundError, RoundReader, ShardWriter
 
 
@@ -64,8 +64,12 @@ def config_of(model: torch.nn.Module, vocab_size: int | None = None) -> GPTConfi
         )
     from parallel_bridge.checkpoint.megatron_save import gpt_config_of
 
-    attrs = {"rope_scaling": getattr(model, "rope_scaling", False),
-             "position_embedding_type": getattr(model, "position_embedding_type", "rope")}
+    if getattr(model, "rotary_scaling", False):
+        raise ValueError(
+            "the GPTModel uses rope scaling, whose factor megatron-core does not keep on the model; pass "
+            "config=GPTConfig(..., rope_scaling_factor=F) to describe it"
+        )
+    attrs = {"position_embedding_type": getattr(model, "position_embedding_type", "rope")}
     changed = ma.refused_features(lambda k, d: attrs[k] if k in attrs else getattr(config, k, d))
     changed += ma.unclassified_changes(config)
     if changed:
@@ -159,16 +163,12 @@ class MegatronWeightSource(WeightSource):
         return sent
 
     # ------------------------------------------------------------ vLLM WeightSource
-    def _hf_shape(self) -> hf_names.GPTShape:
-        c = self.config
-        return hf_names.GPTShape(c.num_attention_heads, c.num_query_groups, c.head_dim, c.vocab_size)
-
     def metadata(self) -> list[ParamMeta]:
         """Hugging Face names and full shapes of everything iteration yields (no transfer)."""
         dtype = self.layout[0].dtype if self.layout else torch.float32
         out = []
         for name, shape in expected_shapes(self.config).items():
-            for hf, t in hf_names.megatron_to_hf(name, torch.empty(shape, device="meta"), self._hf_shape()):
+            for hf, t in to_hf(name, torch.empty(shape, device="meta"), self.config):
                 out.append(ParamMeta(hf, dtype, tuple(t.shape)))
         return out
 
@@ -205,7 +205,7 @@ class MegatronWeightSource(WeightSource):
             return
         reader = RoundReader(self.published[0], self.published[1], self.ctx.tp, self.ctx.pp)
         for name in expected_shapes(self.config):
-            yield from hf_names.megatron_to_hf(name, reader.read(name), self._hf_shape())
+            yield from to_hf(name, reader.read(name), self.config)
 
 
 def _layer(name: str) -> int:
