@@ -62,11 +62,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Export a Megatron checkpoint to a Hugging Face folder."""
+    """Export a Megatron checkpoint to a Hugging Face folder, or import a Hugging Face folder as Megatron's."""
     from parallel_bridge.checkpoint.hf_export import export_hf
 
-    if args.to != "hf":
-        raise CliError(f"unknown target format {args.to!r}; supported: hf")
+    if args.to not in ("hf", "megatron"):
+        raise CliError(f"unknown target format {args.to!r}; supported: hf, megatron")
+    if args.to == "megatron":
+        from parallel_bridge.checkpoint.hf_import import import_hf
+
+        if args.format != "torch_dist":
+            raise CliError(
+                f"--format {args.format}: importing writes megatron-core's torch_dist format only (Megatron-LM "
+                "loads it at any TP x PP); the legacy per-rank format is not written"
+            )
+        if args.iteration is not None or args.config_overrides is not None or args.tokenizer is not None:
+            raise CliError("--iteration, --config-overrides and --tokenizer apply to exports (--to hf) only")
+        print(f"wrote {import_hf(args.checkpoint, args.out, tp=args.tp, pp=args.pp, overwrite=args.force)}")
+        return EXIT_OK
     out = export_hf(
         _open_checkpoint(args),
         args.out,

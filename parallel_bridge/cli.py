@@ -252,10 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="export a Megatron checkpoint to a Hugging Face folder")
+    p = sub.add_parser(
+        "convert",
+        help="export a Megatron checkpoint to a Hugging Face folder (--to hf), or import one (--to megatron)",
+    )
     _checkpoint_args(p)
     p.add_argument("out", help="output folder (must not exist unless --force)")
-    p.add_argument("--to", default="hf", help="target format (hf)")
+    p.add_argument("--to", default="hf", help="target format: hf (export) or megatron (import a HF folder)")
+    p.add_argument("--tp", type=int, default=1, help="--to megatron: tensor-parallel size to train at")
+    p.add_argument("--pp", type=int, default=1, help="--to megatron: pipeline-parallel size to train at")
+    p.add_argument("--format", default="torch_dist", help="--to megatron: checkpoint format (torch_dist)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder whose files to copy into the output")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

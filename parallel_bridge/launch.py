@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +108,27 @@ def context_from_torchrun(
             f"{dist.get_world_size()}, but RANK={rank} WORLD_SIZE={world}"
         )
     return ctx
+
+
+@contextlib.contextmanager
+def single_process_world(backend: str = "gloo", timeout_s: float = 600.0) -> Iterator[ParallelContext]:
+    """A torch.distributed world of this process alone, for code that needs one (megatron-core's save), torn
+    down on exit; when a world already exists it must be of one rank and is left as it is."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(f"a single-process step runs inside a world of {dist.get_world_size()} ranks")
+        yield ParallelContext(timeout_s=timeout_s)
+        return
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    try:
+        yield ParallelContext(backend=backend, timeout_s=timeout_s)
+    finally:
+        dist.destroy_process_group()
 
 
 def context_from_device_mesh(mesh: DeviceMesh, **kwargs: Any) -> ParallelContext:

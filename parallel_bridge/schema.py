@@ -305,6 +305,20 @@ def to_hf(name: str, tensor: torch.Tensor, cfg: Any) -> Iterator[tuple[str, torc
         yield names[0], tensor
 
 
+def hf_shapes(kind: TensorKind, cfg: Any) -> list[tuple[int, ...]]:
+    """The shapes of the kind's Hugging Face parts (in ``kind.hf`` order; the vocabulary unpadded)."""
+    full = kind.shape(cfg)
+    rest = full[1:]
+    if kind.split is Split.QKV:
+        kv = cfg.num_query_groups * cfg.head_dim
+        return [(cfg.num_attention_heads * cfg.head_dim, *rest), (kv, *rest), (kv, *rest)]
+    if kind.split is Split.GLU:
+        return [(full[0] // 2, *rest)] * 2
+    if kind.split is Split.VOCAB:
+        return [(cfg.vocab_size, *rest)]
+    return [full]
+
+
 def from_hf(kind: TensorKind, layer: int | None, parts: list[torch.Tensor], cfg: Any) -> torch.Tensor:
     """The full megatron-core tensor of ``kind`` from its Hugging Face parts (in ``kind.hf`` order),
     the vocabulary padded with zero rows to ``padded_vocab_size``."""

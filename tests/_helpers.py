@@ -41,6 +41,21 @@ def first_step_and_tokens(model, tp, vocab, prompts, steps, **engine_kwargs):
     return [(tokens, [steps_[0][t] for t in range(vocab)]) for tokens, steps_ in served]
 
 
+def hf_decode(model, prompts, steps, vocab):
+    """transformers' forward: per prompt, greedy tokens and the first-step log-softmax over ``vocab`` tokens."""
+    out = []
+    for prompt in prompts:
+        ids, first = list(prompt), None
+        for step in range(steps):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1, :vocab].double()
+            lp = torch.log_softmax(logits, -1)
+            first = lp if step == 0 else first
+            ids.append(int(lp.argmax()))
+        out.append((ids[len(prompt) :], first.tolist()))
+    return out
+
+
 def compare(served, reference, label: str, tol: float) -> float:
     """Assert, prompt by prompt, equal greedy tokens and logprob values within ``tol``; return the worst gap.
 

@@ -85,15 +85,15 @@ def save_dist(root, tp, pp, variant):
         save_torch_dist(ctx, model, root, 10, gpt)
 
 
-def reference_from_dist(root, variant):
-    """Megatron loads the checkpoint itself (resharding to TP=1) and runs its forward."""
+def reference_from_dist(root, variant, tp=1, iteration=10):
+    """Megatron loads the checkpoint itself (resharding to ``tp``) and runs its forward."""
     from megatron.core import dist_checkpointing
 
-    ctx = context_from_torchrun(timeout_s=120)
+    ctx = context_from_torchrun(tp=tp, timeout_s=120)
     with pm.cpu_compat(), pm.bind_parallel_state(ctx):
         pm.model_parallel_manual_seed(ctx, 999)
         _, model = build(ctx, variant)
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(root) / "iter_0000010"))
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(root) / f"iter_{iteration:07d}"))
         model.load_state_dict(state)
         return megatron_decode(ctx, model, variant["vocab"])
 

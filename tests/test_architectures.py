@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 pytest.importorskip("megatron.core")
 
 import _megatron_ckpt as mc  # noqa: E402
-from _helpers import compare, first_step_and_tokens  # noqa: E402
+from _helpers import compare, first_step_and_tokens, hf_decode  # noqa: E402
 
 TOL = 1e-4
 FAMILIES = {
@@ -80,18 +80,7 @@ def test_vllm_serves_the_legacy_checkpoint(written, family):
 
 
 def _hf_decode(model, vocab):
-    """transformers' forward: greedy tokens and the first-step log-softmax, as _megatron_ckpt decodes."""
-    out = []
-    for prompt in mc.PROMPTS:
-        ids, first = list(prompt), None
-        for step in range(mc.STEPS):
-            with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0, -1, :vocab].double()
-            lp = torch.log_softmax(logits, -1)
-            first = lp if step == 0 else first
-            ids.append(int(lp.argmax()))
-        out.append((ids[len(prompt) :], first.tolist()))
-    return out
+    return hf_decode(model, mc.PROMPTS, mc.STEPS, vocab)
 
 
 def _gap(a, b):

@@ -22,7 +22,7 @@ from torch import nn
 from parallel_bridge import ParallelContext
 from parallel_bridge.checkpoint import megatron_args as ma
 from parallel_bridge.checkpoint.gpt_config import CheckpointError, GPTConfig
-from parallel_bridge.checkpoint.hf_export import MARKER
+from parallel_bridge.checkpoint.outputs import MARKER
 from parallel_bridge.cli import main
 from parallel_bridge.sync.shards import RoundError, RoundReader
 from parallel_bridge.testing import run_distributed

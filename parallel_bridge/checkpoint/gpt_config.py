@@ -144,6 +144,54 @@ class GPTConfig:
         cfg.check_supported(refused)
         return cfg
 
+    @classmethod
+    def from_hf(cls, config: dict[str, Any], padded_vocab_size: int | None = None) -> GPTConfig:
+        """From a Hugging Face config.json body of a family the schema knows (llama, qwen2, qwen3, mistral);
+        anything that family computes and megatron-core's GPT cannot is refused by name."""
+        model_type = config.get("model_type")
+        if model_type not in HF_FAMILIES:
+            raise CheckpointError(
+                f"config.json has model_type {model_type!r}; the schema knows {sorted(HF_FAMILIES)}"
+            )
+        heads = config.get("num_attention_heads")
+        refused = [f"{k}={config[k]!r} ({meaning})" for k, (ok, meaning) in _HF_REFUSED.items()
+                   if k in config and config[k] not in ok]
+        if model_type == "mistral" and config.get("sliding_window") is not None:
+            refused.append(f"sliding_window={config['sliding_window']} (sliding-window attention)")
+        rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        factor = None
+        if rope_type == "llama3":
+            fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+            off = [f"{k}={rope.get(k)}" for k, v in fixed.items() if rope.get(k) != v]
+            if off:
+                refused.append(f"rope_scaling {', '.join(off)} (megatron-core's Llama-3.1 scaling fixes {fixed})")
+            factor = float(rope.get("factor", 8.0))
+        elif rope_type != "default":
+            refused.append(f"rope_type={rope_type!r} (rope scaling other than Llama-3.1's)")
+        if refused:
+            raise CheckpointError(
+                f"this {model_type} model uses " + "; ".join(refused) + ", which parallel_bridge does not map to megatron-core's GPT; refused rather than converted wrong"
+            )
+        vocab = config.get("vocab_size")
+        return cls(
+            num_layers=config.get("num_hidden_layers"),
+            hidden_size=config.get("hidden_size"),
+            num_attention_heads=heads,
+            num_query_groups=config.get("num_key_value_heads") or heads,
+            ffn_hidden_size=config.get("intermediate_size"),
+            vocab_size=vocab,
+            padded_vocab_size=padded_vocab_size or vocab,
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            rotary_base=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            add_qkv_bias=model_type == "qwen2",
+            kv_channels=config.get("head_dim"),
+            qk_layernorm=model_type == "qwen3",
+            rope_scaling_factor=factor,
+        )
+
     def check_supported(self, refused: list[str] | None = None) -> None:
         """Raise for architectures the Llama mapping does not cover, naming each argument at fault."""
         own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -201,6 +249,18 @@ class GPTConfig:
                 "rope_theta": float(self.rotary_base),
             }
         return body
+
+
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""Hugging Face model types whose tensors the schema maps (Mistral without a sliding window)."""
+_HF_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "attention_bias": ((False,), "biases on q, k, v and o projections"),
+    "mlp_bias": ((False,), "MLP biases"),
+    "hidden_act": (("silu",), "an activation other than SiLU"),
+    "partial_rotary_factor": ((1.0, 1), "partial rotary embedding"),
+    "use_sliding_window": ((False,), "sliding-window attention"),
+}
+"""Hugging Face config fields -> (values megatron-core's GPT computes, what another value means)."""
 
 
 def _rope_scaling_factor(get: Any) -> float | None:

@@ -1,4 +1,4 @@
-"""Export a Megatron GPT checkpoint to a Hugging Face Llama folder that transformers and stock vLLM load.
+"""Export a Megatron GPT checkpoint to a Hugging Face folder of its family that transformers and stock vLLM load.
 
 Streams tensor by tensor (memory: one safetensors shard plus the largest tensor),
 writes into a hidden temporary folder beside the target and renames it at the
@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from parallel_bridge import schema
 from parallel_bridge.checkpoint.megatron_reader import CheckpointError, MegatronCheckpoint
-from parallel_bridge.errors import OutputError
+from parallel_bridge.checkpoint.outputs import atomic_output, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -33,50 +31,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "added_tokens.json",
 )
-
-
-MARKER = ".parallel-bridge-export.json"
-"""Written into every export: ``--force`` replaces only folders that carry it."""
-
-
-def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Raise before anything is written when ``out`` would touch an input or a folder this tool did not write."""
-    target = out.resolve()
-    for given in inputs:
-        source = given.resolve()
-        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-            where = "is" if target == source else "contains" if source.is_relative_to(target) else "lies inside"
-            raise OutputError(f"output folder {out} {where} the input {given}; choose an output outside it")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or out.is_symlink():
-            raise OutputError(f"output {out} exists and is not a folder; choose another output")
-        if not overwrite:
-            raise OutputError(f"output folder {out} exists; pass overwrite (--force) to replace it")
-        if not (out / MARKER).exists():
-            raise OutputError(
-                f"output folder {out} exists and was not written by parallel-bridge convert (no {MARKER}); "
-                f"--force replaces only an earlier export: remove it yourself or choose another output"
-            )
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Temporary folders of earlier exports to ``out`` whose process is gone (killed mid-way)."""
-    for partial in out.parent.glob(f".{out.name}.partial-*"):
-        pid = partial.name[len(f".{out.name}.partial-") :].split("-")[0]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        logger.info("removing %s, left by an interrupted export", partial)
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def export_hf(
@@ -96,10 +50,7 @@ def export_hf(
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
     cfg = ckpt.config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-    try:
+    with atomic_output(out, str(ckpt.path)) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         sizes = [0]
         weight_map: dict[str, int] = {}
@@ -151,14 +102,5 @@ def export_hf(
                 raise CheckpointError(f"tokenizer folder {tokenizer} holds none of {list(TOKENIZER_FILES)}")
             for f in copied:
                 shutil.copy2(Path(tokenizer) / f, tmp / f)
-        (tmp / MARKER).write_text(json.dumps({"tool": "parallel-bridge convert", "source": str(ckpt.path)}))
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        if out.exists():
-            out.rename(old)  # checked above: an earlier export of this tool
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("exported %s -> %s", ckpt.path, out)
     return out

@@ -1,0 +1,155 @@
+"""Import a Hugging Face folder (Llama, Qwen2, Qwen3, Mistral without a sliding window) as a Megatron checkpoint.
+
+Everything is checked before anything is written: config.json and its family (:meth:`GPTConfig.from_hf`),
+that the target TP x PP splits heads, query groups, FFN, layers and the padded vocabulary, and that every
+safetensors tensor has its place and shape in :mod:`parallel_bridge.schema`. The checkpoint is then written by
+megatron-core's own code (``dist_checkpointing.save``, the ``torch_dist`` format, whose tensors are global, so
+it loads at the TP x PP asked for and at any other): a megatron-core GPTModel is built on one process, filled
+tensor by tensor through safetensors' own ``safe_open`` and saved, into a temporary folder renamed into place.
+Memory: the model once (megatron-core saves a whole model), plus the largest tensor being read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel_bridge import schema
+from parallel_bridge.checkpoint.gpt_config import CheckpointError, GPTConfig
+from parallel_bridge.checkpoint.outputs import atomic_output, check_output
+from parallel_bridge.tp_split import TPSplitError, split_for_tp
+
+logger = logging.getLogger(__name__)
+
+VOCAB_DIVISOR = 128
+"""Megatron-LM's ``make_vocab_size_divisible_by``: the vocabulary is padded to a multiple of this times TP."""
+
+
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    """The vocabulary Megatron-LM trains at ``tp``: padded up to a multiple of 128 x tp."""
+    step = VOCAB_DIVISOR * tp
+    return -(-vocab_size // step) * step
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """config.json of a Hugging Face folder, as a dict."""
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise CheckpointError(f"Hugging Face folder {folder} does not exist")
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no config.json; give the folder of a Hugging Face model")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return config
+
+
+def hf_tensor_files(folder: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file that holds it (index or single file)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors files (only safetensors weights are imported)")
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                where[name] = f
+    return where
+
+
+def plan_import(folder: Path, tp: int, pp: int) -> tuple[GPTConfig, dict[str, list[tuple[str, Path]]]]:
+    """The Megatron config at ``tp`` x ``pp``, and per Megatron tensor its HF parts (name, file); raises naming
+    the first problem, before anything is written."""
+    from safetensors import safe_open
+
+    raw = read_hf_config(folder)
+    for flag, value in (("--tp", tp), ("--pp", pp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{flag} must be a positive integer, got {value!r}")
+    cfg = GPTConfig.from_hf(raw, padded_vocab(int(raw.get("vocab_size") or 1), tp))
+    try:
+        split_for_tp(tp, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size,
+                     cfg.padded_vocab_size, replicate_kv=False, pad_vocab=False)
+    except TPSplitError as e:
+        raise CheckpointError(f"--tp {tp}: {e}") from None
+    if cfg.num_layers % pp:
+        raise CheckpointError(f"--pp {pp} does not divide num_hidden_layers={cfg.num_layers}")
+    where = hf_tensor_files(folder)
+    plan: dict[str, list[tuple[str, Path]]] = {}
+    for name, kind, layer in schema.tensors(cfg):
+        parts = list(kind.name("hf", layer))
+        if kind.split is schema.Split.VOCAB and name == "output_layer.weight" and parts[0] not in where:
+            raise CheckpointError(f"{folder}: lm_head.weight is missing but tie_word_embeddings is false")
+        missing = [p for p in parts if p not in where]
+        if missing:
+            raise CheckpointError(f"{folder}: tensors {missing} are missing (config.json implies them)")
+        plan[name] = [(p, where[p]) for p in parts]
+    used = {p for parts in plan.values() for p, _ in parts}
+    extra = sorted(n for n in where if n not in used and not n.endswith("rotary_emb.inv_freq"))
+    if cfg.tie_embeddings:
+        extra = [n for n in extra if n != "lm_head.weight"]  # a tied head saved anyway
+    if extra:
+        raise CheckpointError(f"{folder}: tensors {extra[:4]} have no place in a {raw['model_type']} model of this config")
+    for name, parts in plan.items():
+        kind, layer = schema.kind_of(name)
+        for (part, path), want in zip(parts, schema.hf_shapes(kind, cfg)):
+            with safe_open(str(path), framework="pt") as handle:
+                got = tuple(handle.get_slice(part).get_shape())
+            if got != want:
+                raise CheckpointError(f"{path.name}: tensor {part} has shape {got}, but config.json implies {want}")
+    return cfg, plan
+
+
+def import_hf(
+    folder: str | Path, out: str | Path, *, tp: int, pp: int = 1, iteration: int = 1, overwrite: bool = False
+) -> Path:
+    """Write the Hugging Face model in ``folder`` as a Megatron ``torch_dist`` checkpoint ``out`` (with
+    ``megatron_gpt_config.json``) for training at ``tp`` x ``pp``; returns ``out``."""
+    folder, out = Path(folder), Path(out)
+    check_output(out, [folder], overwrite)
+    cfg, plan = plan_import(folder, tp, pp)
+    with atomic_output(out, str(folder)) as tmp:
+        _save_with_megatron(cfg, plan, tmp, iteration)
+    logger.info("imported %s -> %s (torch_dist, for tp=%d pp=%d)", folder, out, tp, pp)
+    return out
+
+
+def _save_with_megatron(cfg: GPTConfig, plan: dict[str, list[tuple[str, Path]]], root: Path, iteration: int) -> None:
+    """Build the model with megatron-core on a world of one, fill it, save it with megatron-core's own code."""
+    from safetensors import safe_open
+
+    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.checkpoint.megatron_save import save_torch_dist
+    from parallel_bridge.launch import single_process_world
+
+    with single_process_world() as ctx, pm.cpu_compat(), pm.bind_parallel_state(ctx):
+        config = pm.transformer_config(
+            ctx, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+            num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+            ffn_hidden_size=cfg.ffn_hidden_size, kv_channels=cfg.head_dim, layernorm_epsilon=cfg.norm_epsilon,
+            add_qkv_bias=cfg.add_qkv_bias, qk_layernorm=cfg.qk_layernorm, perform_initialization=False,
+        )
+        model = pm.build_gpt_model(
+            ctx, config, vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
+            share_embeddings_and_output_weights=cfg.tie_embeddings, rotary_base=cfg.rotary_base,
+            rope_scaling_factor=cfg.rope_scaling_factor,
+        )
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, parts in plan.items():
+                tensors = []
+                for part, path in parts:
+                    with safe_open(str(path), framework="pt") as handle:
+                        tensors.append(handle.get_tensor(part).to(torch.float32))
+                kind, layer = schema.kind_of(name)
+                params[name].copy_(schema.from_hf(kind, layer, tensors, cfg))
+        save_torch_dist(ctx, model, root, iteration, cfg)  # also writes megatron_gpt_config.json
