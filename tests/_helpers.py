@@ -27,7 +27,10 @@ def greedy(model, tp, prompts, max_tokens, *, logprobs=0, in_process=True, **eng
         tensor_parallel_size=tp,
         **engine_kwargs,
     ) as llm:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=logprobs, detokenize=False)
+        # ignore_eos: the reference decodes a fixed number of steps, whatever token comes
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=0, logprobs=logprobs, detokenize=False, ignore_eos=True
+        )
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [
             (list(o.outputs[0].token_ids), [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])

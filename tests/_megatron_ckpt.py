@@ -120,6 +120,7 @@ def megatron_lm_args(config, variant):
         add_bias_linear=False,
         add_qkv_bias=config.add_qkv_bias,
         qk_layernorm=config.qk_layernorm,
+        window_size=config.window_size,
         use_rope_scaling=variant.get("rope_scaling_factor") is not None,
         rope_scaling_factor=variant.get("rope_scaling_factor") or 8.0,
         untie_embeddings_and_output_weights=not variant["tied"],

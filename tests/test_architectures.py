@@ -1,5 +1,5 @@
-"""The Llama family beyond Llama 2: Qwen2 (QKV biases, tied embeddings), Qwen3 (QK layernorm) and Llama-3.1
-rope scaling, each written by megatron-core's own save code at TP=2 (torch_dist and legacy), served by vLLM's
+"""The Llama family beyond Llama 2: Qwen2 (QKV biases, tied embeddings), Qwen3 (QK layernorm), Mistral (a
+sliding window of 4 tokens, shorter than the prompts) and Llama-3.1 rope scaling, each written by megatron-core's own save code at TP=2 (torch_dist and legacy), served by vLLM's
 own model class of the family through ``load_format="megatron"`` at TP=1 and TP=2, and exported to a
 Hugging Face folder that stock transformers loads.
 
@@ -27,6 +27,8 @@ FAMILIES = {
               "architecture": "Qwen2ForCausalLM"},
     "qwen3": {"groups": 2, "tied": False, "vocab": 128, "padded": 128, "seed": 12, "config": {"qk_layernorm": True},
               "architecture": "Qwen3ForCausalLM"},
+    "mistral": {"groups": 2, "tied": False, "vocab": 128, "padded": 128, "seed": 14, "config": {"window_size": (3, 0)},
+                "architecture": "MistralForCausalLM"},
     "llama3": {"groups": 2, "tied": False, "vocab": 128, "padded": 128, "seed": 13, "rope_scaling_factor": 8.0,
                "rotary_base": 500000, "architecture": "LlamaForCausalLM"},
 }
@@ -102,7 +104,10 @@ def test_hf_export_matches_megatron_in_transformers(written, family, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     compare(_hf_decode(model, FAMILIES[family]["vocab"]), reference, f"{family} exported, in transformers", TOL)
     # the family's own feature matters at this tolerance: without it the same weights drift past it
-    if family == "llama3":
+    if family == "mistral":
+        config.sliding_window = None
+        plain = AutoModelForCausalLM.from_pretrained(out, config=config, dtype=torch.float32).eval()
+    elif family == "llama3":
         config.rope_scaling = config.rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta
                                                         if hasattr(config, "rope_theta") else 500000.0}
         plain = AutoModelForCausalLM.from_pretrained(out, config=config, dtype=torch.float32).eval()

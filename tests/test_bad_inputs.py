@@ -212,7 +212,7 @@ def test_damaged_torch_dist_files_are_named(ckpt, capsys, damage, says):
         ({"tie_embeddings": "no"}, "tie_embeddings='no' must be true or false"),
         ({"num_query_groups": 3}, "num_attention_heads=4 is not a multiple of num_query_groups=3"),
         ({"rope_flavour": "x"}, "unknown model configuration keys ['rope_flavour']"),
-        ({"use_rope_scaling": True}, "use_rope_scaling=True (Llama-3.1 rope scaling)"),
+        ({"rotary_percent": 0.5}, "rotary_percent=0.5 (partial rotary embedding)"),
     ],
 )
 def test_side_config_values_are_checked(ckpt, capsys, change, says):
@@ -227,8 +227,8 @@ def test_side_config_values_are_checked(ckpt, capsys, change, says):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "change",
-    [{"add_qkv_bias": True}, {"use_rope_scaling": True}, {"rotary_percent": 0.5}, {"rotary_interleaved": True},
-     {"qk_layernorm": True}, {"num_experts": 8}, {"apply_layernorm_1p": True}, {"window_size": (128, 0)}],
+    [{"add_bias_linear": True}, {"softmax_scale": 0.5}, {"rotary_percent": 0.5}, {"rotary_interleaved": True},
+     {"multi_latent_attention": True}, {"num_experts": 8}, {"apply_layernorm_1p": True}],
 )
 def test_math_changing_megatron_lm_args_are_refused_by_name(ckpt, capsys, change):
     src = ckpt("legacy")
@@ -236,6 +236,20 @@ def test_math_changing_megatron_lm_args_are_refused_by_name(ckpt, capsys, change
     ((name, value),) = change.items()
     line = cli_error(capsys, "inspect", str(src))
     assert f"{name}={value!r}" in line and "is not a Llama-family GPT" in line and "wrong numbers" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change, missing",
+    [({"add_qkv_bias": True}, "linear_qkv.bias"), ({"qk_layernorm": True}, "q_layernorm.weight")],
+)
+def test_mapped_features_without_their_tensors_are_refused(ckpt, capsys, change, missing):
+    """QKV biases and QK layernorm are mapped now: arguments that claim them over a checkpoint without the
+    tensors are a damaged checkpoint, named, not served without them."""
+    src = ckpt("legacy")
+    edit_legacy_args(src, **change)
+    line = cli_error(capsys, "inspect", str(src))
+    assert f"tensor decoder.layers.0.self_attention.{missing} is missing" in line, line
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Hugging Face -> Megatron: `parallel-bridge convert HF_DIR OUT --to megatron --tp N --pp M`.
 
 Tiny random models made here with transformers' own config classes (Llama with Llama-3.1 rope scaling,
-Qwen2 with QKV biases and tied embeddings, Qwen3 with QK layernorm), saved as safetensors, imported at TP=2,
+Qwen2 with QKV biases and tied embeddings, Mistral with a 4-token sliding window, Qwen3 with QK layernorm), saved as safetensors, imported at TP=2,
 loaded by megatron-core's own loader (``dist_checkpointing.load`` into a GPTModel built at TP=2 through the
 project's Megatron adapter) and served by vLLM from the imported checkpoint: the round trip
 HF -> Megatron -> vLLM. Parity with transformers' forward: the full first-step log-softmax within 1e-4 (fp32;
@@ -33,6 +33,8 @@ FAMILIES = {
         "original_max_position_embeddings": 8192}},
         {"rotary_base": 500000, "rope_scaling_factor": 8.0}),
     "qwen2": ("Qwen2Config", {"rope_theta": 10000.0, "tie_word_embeddings": True}, {"config": {"add_qkv_bias": True}}),
+    "mistral": ("MistralConfig", {"rope_theta": 10000.0, "tie_word_embeddings": False, "sliding_window": 4},
+                {"config": {"window_size": (3, 0)}}),
     "qwen3": ("Qwen3Config", {"rope_theta": 10000.0, "head_dim": 32, "tie_word_embeddings": False},
               {"config": {"qk_layernorm": True}}),
 }
@@ -126,8 +128,8 @@ def test_bad_hf_inputs_are_refused_before_anything_is_written(tmp_path):
     cases.append((good, ["--format", "legacy"], "--format legacy: importing writes megatron-core's torch_dist"))
     window = tmp_path / "window"
     window.mkdir()
-    (window / "config.json").write_text(json.dumps({**COMMON, "model_type": "mistral", "sliding_window": 16}))
-    cases.append((window, [], "sliding_window=16 (sliding-window attention)"))
+    (window / "config.json").write_text(json.dumps({**COMMON, "model_type": "qwen2", "use_sliding_window": True}))
+    cases.append((window, [], "use_sliding_window=True (sliding-window attention)"))
     wrong = tmp_path / "wrong_shape"
     wrong.mkdir()
     (wrong / "config.json").write_text((good / "config.json").read_text())

@@ -577,7 +577,7 @@ def test_source_yields_full_hf_tensors_for_vllms_nccl_backend(tmp_path):
     assert run_distributed(_iterate_source, 2, str(tmp_path / "shm"), timeout_s=120) == [True, True]
 
 
-@pytest.mark.parametrize("field,value", [("rotary_interleaved", True), ("window_size", (64, 0))])
+@pytest.mark.parametrize("field,value", [("rotary_interleaved", True), ("rotary_percent", 0.5)])
 def test_math_changing_megatron_settings_are_refused(field, value):
     """A GPTModel whose config changes the math vLLM's Llama family computes is refused by name, not synced."""
     pytest.importorskip("megatron.core")
@@ -604,9 +604,17 @@ def test_math_changing_megatron_settings_are_refused(field, value):
     assert config_of(types.SimpleNamespace(**{**vars(model), "config": ok})).num_layers == 2
 
 
-@pytest.mark.parametrize("field,family", [("qk_layernorm", "qwen3"), ("add_qkv_bias", "qwen2")])
-def test_qwen_settings_map_to_their_family(field, family):
-    """QK layernorm (Qwen3) and QKV biases (Qwen2) are mapped, so the sync serves vLLM's model of that family."""
+@pytest.mark.parametrize(
+    "field,value,family,mapped",
+    [
+        ("qk_layernorm", True, "qwen3", {"qk_layernorm": True}),
+        ("add_qkv_bias", True, "qwen2", {"add_qkv_bias": True}),
+        ("window_size", (63, 0), "mistral", {"sliding_window": 64}),
+    ],
+)
+def test_family_settings_map_to_their_family(field, value, family, mapped):
+    """QK layernorm (Qwen3), QKV biases (Qwen2) and a causal sliding window (Mistral) are mapped, so the sync
+    serves vLLM's model of that family."""
     pytest.importorskip("megatron.core")
     import types
 
@@ -617,13 +625,13 @@ def test_qwen_settings_map_to_their_family(field, family):
     config = TransformerConfig(
         num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256, normalization="RMSNorm",
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        **{field: True},
+        **{field: value},
     )
     model = types.SimpleNamespace(
         config=config, vocab_size=96, max_sequence_length=64, share_embeddings_and_output_weights=False
     )
     cfg = config_of(model)
-    assert getattr(cfg, field) is True and cfg.family[0] == family
+    assert cfg.family[0] == family and {k: getattr(cfg, k) for k in mapped} == mapped
 
 
 def _world_mismatch():

@@ -75,6 +75,13 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
 
 
+def _cpu_sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+    """megatron-core's ``get_sliding_window_causal_mask``, built on the CPU (True: masked out)."""
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    keep = torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
+    return ~keep
+
+
 @contextlib.contextmanager
 def cpu_compat() -> Iterator[None]:
     """Let megatron-core's tensor-parallel code run on CPU (opt-in, scoped).
@@ -83,7 +90,7 @@ def cpu_compat() -> Iterator[None]:
     block: ``torch.cuda.current_device()`` (used by the
     gather / reduce-scatter mappings and the sequence-parallel buffer) answers
     ``"cpu"``, ``torch.cuda.synchronize()`` (dist_checkpointing's file writer) does
-    nothing, the default causal mask of the unfused softmax is made on the CPU,
+    nothing, the default causal and sliding-window masks of the unfused softmax are made on the CPU,
     and Megatron's CUDA RNG tracker is a :class:`CpuRNGStatesTracker`
     (seed it with :func:`model_parallel_manual_seed`). With a GPU it does nothing:
     Megatron's own behaviour applies.
@@ -102,10 +109,12 @@ def cpu_compat() -> Iterator[None]:
         mrandom._CUDA_RNG_STATE_TRACKER,
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED,
         fused_softmax.get_default_causal_mask,
+        fused_softmax.get_sliding_window_causal_mask,
     )
     torch.cuda.synchronize = _no_sync
     torch.cuda.current_device = _cpu_device
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_mask
     if not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
         mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
@@ -115,7 +124,7 @@ def cpu_compat() -> Iterator[None]:
     finally:
         torch.cuda.synchronize, torch.cuda.current_device = saved[0], saved[1]
         mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved[2], saved[3]
-        fused_softmax.get_default_causal_mask = saved[4]
+        fused_softmax.get_default_causal_mask, fused_softmax.get_sliding_window_causal_mask = saved[4], saved[5]
 
 
 def model_parallel_manual_seed(ctx: ParallelContext, seed: int) -> None:

@@ -43,6 +43,9 @@ class GPTConfig:
     qk_layernorm: bool = False
     rope_scaling_factor: float | None = None
     """Llama-3.1 rope scaling (megatron-core's: low/high frequency factors 1 and 4, original context 8192)."""
+    sliding_window: int | None = None
+    """Tokens each query attends to, itself included, on every layer (HF's ``sliding_window``; megatron-core's
+    ``window_size=(sliding_window - 1, 0)``)."""
 
     def __post_init__(self) -> None:
         """Types and ranges of every field, named, before anything reads a tensor with them."""
@@ -126,6 +129,9 @@ class GPTConfig:
             "kv_channels": get("kv_channels"),
             "qk_layernorm": bool(get("qk_layernorm", False)),
             "rope_scaling_factor": _rope_scaling_factor(get),
+            "sliding_window": (  # Megatron-LM's window_size, or the side file's own field
+                sliding_window_of(get("window_size")) if get("window_size") is not None else get("sliding_window")
+            ),
         }
         for name, value in (overrides or {}).items():
             check_field(name, value, "override")
@@ -156,8 +162,6 @@ class GPTConfig:
         heads = config.get("num_attention_heads")
         refused = [f"{k}={config[k]!r} ({meaning})" for k, (ok, meaning) in _HF_REFUSED.items()
                    if k in config and config[k] not in ok]
-        if model_type == "mistral" and config.get("sliding_window") is not None:
-            refused.append(f"sliding_window={config['sliding_window']} (sliding-window attention)")
         rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         factor = None
@@ -190,6 +194,7 @@ class GPTConfig:
             kv_channels=config.get("head_dim"),
             qk_layernorm=model_type == "qwen3",
             rope_scaling_factor=factor,
+            sliding_window=config.get("sliding_window") if model_type == "mistral" else None,
         )
 
     def check_supported(self, refused: list[str] | None = None) -> None:
@@ -206,6 +211,13 @@ class GPTConfig:
     @property
     def family(self) -> tuple[str, str]:
         """(Hugging Face model_type, vLLM architecture) of the family that computes this model."""
+        if self.sliding_window is not None:
+            if self.qk_layernorm or self.add_qkv_bias:
+                raise CheckpointError(
+                    f"sliding_window={self.sliding_window} with QK layernorm or QKV biases: no family the schema "
+                    "maps computes both"
+                )
+            return "mistral", "MistralForCausalLM"
         if self.qk_layernorm:
             return "qwen3", "Qwen3ForCausalLM"
         if self.add_qkv_bias:
@@ -239,6 +251,8 @@ class GPTConfig:
         }
         if model_type != "qwen2":  # Qwen2 always has QKV biases and never an o_proj bias
             body.update(attention_bias=self.add_qkv_bias, mlp_bias=False)
+        if model_type == "mistral":
+            body["sliding_window"] = self.sliding_window
         if self.rope_scaling_factor is not None:
             body["rope_scaling"] = {
                 "rope_type": "llama3",
@@ -252,7 +266,7 @@ class GPTConfig:
 
 
 HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-"""Hugging Face model types whose tensors the schema maps (Mistral without a sliding window)."""
+"""Hugging Face model types whose tensors the schema maps."""
 _HF_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "attention_bias": ((False,), "biases on q, k, v and o projections"),
     "mlp_bias": ((False,), "MLP biases"),
@@ -261,6 +275,18 @@ _HF_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_sliding_window": ((False,), "sliding-window attention"),
 }
 """Hugging Face config fields -> (values megatron-core's GPT computes, what another value means)."""
+
+
+def sliding_window_of(window_size: Any) -> int | None:
+    """megatron-core's causal ``window_size=(left, 0)`` as the tokens each query sees (left + 1); a window
+    that looks ahead (right > 0) is refused."""
+    if window_size is None:
+        return None
+    if not isinstance(window_size, (list, tuple)) or len(window_size) != 2 or window_size[1] != 0:
+        raise CheckpointError(
+            f"window_size={window_size!r}: only causal windows (left, 0) map to a sliding window; refused"
+        )
+    return int(window_size[0]) + 1
 
 
 def _rope_scaling_factor(get: Any) -> float | None:

@@ -1,4 +1,4 @@
-"""Import a Hugging Face folder (Llama, Qwen2, Qwen3, Mistral without a sliding window) as a Megatron checkpoint.
+"""Import a Hugging Face folder (Llama, Qwen2, Qwen3, Mistral) as a Megatron checkpoint.
 
 Everything is checked before anything is written: config.json and its family (:meth:`GPTConfig.from_hf`),
 that the target TP x PP splits heads, query groups, FFN, layers and the padded vocabulary, and that every
@@ -137,6 +137,7 @@ def _save_with_megatron(cfg: GPTConfig, plan: dict[str, list[tuple[str, Path]]],
             num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
             ffn_hidden_size=cfg.ffn_hidden_size, kv_channels=cfg.head_dim, layernorm_epsilon=cfg.norm_epsilon,
             add_qkv_bias=cfg.add_qkv_bias, qk_layernorm=cfg.qk_layernorm, perform_initialization=False,
+            window_size=None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0),
         )
         model = pm.build_gpt_model(
             ctx, config, vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,

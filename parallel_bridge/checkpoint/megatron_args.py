@@ -19,10 +19,11 @@ MAPPED = frozenset(
     """num_layers hidden_size num_attention_heads num_query_groups group_query_attention ffn_hidden_size
     kv_channels vocab_size padded_vocab_size true_vocab_size max_position_embeddings seq_length rotary_base
     norm_epsilon layernorm_epsilon untie_embeddings_and_output_weights tie_embeddings activation_func
-    add_qkv_bias qk_layernorm use_rope_scaling rope_scaling rope_scaling_factor""".split()
+    add_qkv_bias qk_layernorm use_rope_scaling rope_scaling rope_scaling_factor window_size""".split()
 )
 """Read into GPTConfig (``activation_func`` is checked to be SiLU under a gated unit): QKV biases (Qwen2),
-QK layernorm (Qwen3) and Llama-3.1 rope scaling are mapped to the vLLM family that computes them."""
+QK layernorm (Qwen3), Llama-3.1 rope scaling and a causal sliding window on every layer (Mistral) are mapped to
+the vLLM family that computes them."""
 
 _NONE = (None, 0, False)
 NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -41,7 +42,6 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "add_bias_linear": ((False, None), "biases on linear layers"),
     "softmax_scale": ((None,), "a custom softmax scale"),
     "softmax_type": (("vanilla", None), "a non-standard softmax"),
-    "window_size": ((None,), "sliding-window attention"),
     "window_attn_skip_freq": ((None,), "sliding-window attention"),
     "attention_output_gate": ((False, None), "gated attention output"),
     "multi_latent_attention": ((False, None), "MLA (multi-latent attention)"),

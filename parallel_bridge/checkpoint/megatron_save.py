@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from parallel_bridge.checkpoint.gpt_config import CONFIG_FILE, GPTConfig
+from parallel_bridge.checkpoint.gpt_config import CONFIG_FILE, GPTConfig, sliding_window_of
 from parallel_bridge.context import ParallelContext
 
 
@@ -48,7 +48,9 @@ def gpt_config_of(
         kv_channels=config.kv_channels,
         qk_layernorm=bool(config.qk_layernorm),
         rope_scaling_factor=rope_scaling_factor,
+        sliding_window=sliding_window_of(config.window_size),
     )
+
 
 
 def save_torch_dist(
