@@ -102,15 +102,9 @@ def _run(folder: str, serve_tp: int) -> dict:
             from vllm import LLM
             from vllm.config import WeightTransferConfig
 
-            llm = LLM(
-                model=str(ckpt),
-                skip_tokenizer_init=True,
-                dtype="float32",
-                max_model_len=128,
-                enforce_eager=True,
-                tensor_parallel_size=serve_tp,
-                weight_transfer_config=WeightTransferConfig(backend=BACKEND),
-            )
+            engine = {"skip_tokenizer_init": True, "dtype": "float32", "max_model_len": 128, "enforce_eager": True}
+            transfer = WeightTransferConfig(backend=BACKEND)
+            llm = LLM(model=str(ckpt), tensor_parallel_size=serve_tp, weight_transfer_config=transfer, **engine)
         try:
             sync = WeightSync(ctx, model, llm, timeout_s=600)
             shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

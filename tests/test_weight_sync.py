@@ -577,31 +577,30 @@ def test_source_yields_full_hf_tensors_for_vllms_nccl_backend(tmp_path):
     assert run_distributed(_iterate_source, 2, str(tmp_path / "shm"), timeout_s=120) == [True, True]
 
 
-@pytest.mark.parametrize("field,value", [("rotary_interleaved", True), ("rotary_percent", 0.5)])
-def test_math_changing_megatron_settings_are_refused(field, value):
-    """A GPTModel whose config changes the math vLLM's Llama family computes is refused by name, not synced."""
-    pytest.importorskip("megatron.core")
+def _gpt_model(**fields):
+    """What config_of reads of a megatron-core GPTModel: a Llama-style TransformerConfig with ``fields``."""
     import types
 
     from megatron.core.transformer import TransformerConfig
 
-    from parallel_bridge.sync.source import config_of
-
     config = TransformerConfig(
         num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256, normalization="RMSNorm",
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        **{field: value},
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False, **fields,
     )
-    model = types.SimpleNamespace(
+    return types.SimpleNamespace(
         config=config, vocab_size=96, max_sequence_length=64, share_embeddings_and_output_weights=False
     )
+
+
+@pytest.mark.parametrize("field,value", [("rotary_interleaved", True), ("rotary_percent", 0.5)])
+def test_math_changing_megatron_settings_are_refused(field, value):
+    """A GPTModel whose config changes the math vLLM's Llama family computes is refused by name, not synced."""
+    pytest.importorskip("megatron.core")
+    from parallel_bridge.sync.source import config_of
+
     with pytest.raises(ValueError, match=f"{field}=.*refused"):
-        config_of(model)
-    ok = TransformerConfig(
-        num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256, normalization="RMSNorm",
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-    )
-    assert config_of(types.SimpleNamespace(**{**vars(model), "config": ok})).num_layers == 2
+        config_of(_gpt_model(**{field: value}))
+    assert config_of(_gpt_model()).num_layers == 2
 
 
 @pytest.mark.parametrize(
@@ -616,21 +615,9 @@ def test_family_settings_map_to_their_family(field, value, family, mapped):
     """QK layernorm (Qwen3), QKV biases (Qwen2) and a causal sliding window (Mistral) are mapped, so the sync
     serves vLLM's model of that family."""
     pytest.importorskip("megatron.core")
-    import types
-
-    from megatron.core.transformer import TransformerConfig
-
     from parallel_bridge.sync.source import config_of
 
-    config = TransformerConfig(
-        num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256, normalization="RMSNorm",
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        **{field: value},
-    )
-    model = types.SimpleNamespace(
-        config=config, vocab_size=96, max_sequence_length=64, share_embeddings_and_output_weights=False
-    )
-    cfg = config_of(model)
+    cfg = config_of(_gpt_model(**{field: value}))
     assert cfg.family[0] == family and {k: getattr(cfg, k) for k in mapped} == mapped
 
 
