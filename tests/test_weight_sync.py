@@ -592,7 +592,7 @@ def _gpt_model(**fields):
     )
 
 
-@pytest.mark.parametrize("field,value", [("rotary_interleaved", True), ("rotary_percent", 0.5)])
+@pytest.mark.parametrize("field,value", [("rotary_interleaved", True), ("apply_residual_connection_post_layernorm", True)])
 def test_math_changing_megatron_settings_are_refused(field, value):
     """A GPTModel whose config changes the math vLLM's Llama family computes is refused by name, not synced."""
     pytest.importorskip("megatron.core")
