@@ -247,10 +247,15 @@ class ParallelContext:
     def comm(self, name: str) -> _groups.ParallelGroup:
         """This rank's group ``name`` as an object carrying its ranks and collectives
         (:class:`~parallel_bridge.groups.ParallelGroup`); the process group is bound on first communication."""
-        ranks = self.ranks(name)
-        if not ranks:
-            raise ValueError(f"rank {self.rank} is in no {name!r} group ({self.describe()})")
-        return _groups.ParallelGroup(name, tuple(ranks), self.rank, functools.partial(self.group, name))
+        comm = self._cache.comms.get(name)
+        if comm is None:
+            ranks = self.ranks(name)
+            if not ranks:
+                raise ValueError(f"rank {self.rank} is in no {name!r} group ({self.describe()})")
+            comm = self._cache.comms[name] = _groups.ParallelGroup(
+                name, tuple(ranks), self.rank, functools.partial(self.group, name)
+            )
+        return comm
 
     tp_group = _group("tp", "Tensor-parallel process group (collective on first use).")
     pp_group = _group("pp", "Pipeline-parallel process group (collective on first use).")

@@ -21,6 +21,8 @@ class GroupCache:
 
     def __init__(self) -> None:
         self.groups: dict[str, Any] = {}
+        self.comms: dict[str, ParallelGroup] = {}
+        """The group objects handed out by ``comm``: their rank lists are computed once."""
         self.lock = threading.Lock()
 
 

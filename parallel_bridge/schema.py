@@ -135,7 +135,6 @@ def _pattern(template: str) -> re.Pattern[str]:
 
 
 _BY_MEGATRON = [(_pattern(k.megatron), k) for k in LLAMA_FAMILY]
-_BY_HF = [(_pattern(h), k, j) for k in LLAMA_FAMILY for j, h in enumerate(k.hf)]
 
 
 class UnknownTensorError(KeyError):
@@ -152,15 +151,6 @@ def kind_of(megatron_name: str) -> tuple[TensorKind, int | None]:
         if m:
             return kind, int(m[1]) if m.groups() else None
     raise UnknownTensorError(f"tensor {megatron_name} has no place in a Llama-family GPT")
-
-
-def hf_kind_of(hf_name: str) -> tuple[TensorKind, int | None, int]:
-    """The kind of a Hugging Face tensor, its layer index, and which of the kind's HF parts it is."""
-    for pattern, kind, part in _BY_HF:
-        m = pattern.search(hf_name)
-        if m:
-            return kind, int(m[1]) if m.groups() else None, part
-    raise UnknownTensorError(f"Hugging Face tensor {hf_name} has no place in a Llama-family model")
 
 
 def split_of(megatron_name: str) -> Split:

@@ -62,7 +62,7 @@ def export_hf(
             shards.append({})
             sizes.append(0)
 
-        names = list(schema.expected_shapes(cfg))
+        names = [name for name, _, _ in schema.tensors(cfg)]
         bar = None
         if progress:
             from tqdm import tqdm

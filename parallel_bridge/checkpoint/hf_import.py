@@ -11,6 +11,7 @@ Memory: the model once (megatron-core saves a whole model), plus the largest ten
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -51,26 +52,28 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def hf_tensor_files(folder: Path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file that holds it (index or single file)."""
+Plan = dict[str, tuple[schema.TensorKind, "int | None", list[tuple[str, Path]]]]
+"""Megatron tensor name -> (its kind, its layer, its Hugging Face parts as (name, safetensors file))."""
+
+
+def hf_tensor_files(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """HF tensor name -> (the safetensors file that holds it, its shape), from each file's header, read once."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder} holds no .safetensors files (only safetensors weights are imported)")
-    where: dict[str, Path] = {}
+    where: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as handle:
             for name in handle.keys():
-                where[name] = f
+                where[name] = (f, tuple(handle.get_slice(name).get_shape()))
     return where
 
 
-def plan_import(folder: Path, tp: int, pp: int) -> tuple[GPTConfig, dict[str, list[tuple[str, Path]]]]:
-    """The Megatron config at ``tp`` x ``pp``, and per Megatron tensor its HF parts (name, file); raises naming
+def plan_import(folder: Path, tp: int, pp: int) -> tuple[GPTConfig, Plan]:
+    """The Megatron config at ``tp`` x ``pp``, and where each Megatron tensor's HF parts are; raises naming
     the first problem, before anything is written."""
-    from safetensors import safe_open
-
     raw = read_hf_config(folder)
     for flag, value in (("--tp", tp), ("--pp", pp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -84,28 +87,23 @@ def plan_import(folder: Path, tp: int, pp: int) -> tuple[GPTConfig, dict[str, li
     if cfg.num_layers % pp:
         raise CheckpointError(f"--pp {pp} does not divide num_hidden_layers={cfg.num_layers}")
     where = hf_tensor_files(folder)
-    plan: dict[str, list[tuple[str, Path]]] = {}
+    plan: Plan = {}
     for name, kind, layer in schema.tensors(cfg):
         parts = list(kind.name("hf", layer))
-        if kind.split is schema.Split.VOCAB and name == "output_layer.weight" and parts[0] not in where:
-            raise CheckpointError(f"{folder}: lm_head.weight is missing but tie_word_embeddings is false")
         missing = [p for p in parts if p not in where]
         if missing:
             raise CheckpointError(f"{folder}: tensors {missing} are missing (config.json implies them)")
-        plan[name] = [(p, where[p]) for p in parts]
-    used = {p for parts in plan.values() for p, _ in parts}
+        for part, want in zip(parts, schema.hf_shapes(kind, cfg)):
+            path, got = where[part]
+            if got != want:
+                raise CheckpointError(f"{path.name}: tensor {part} has shape {got}, but config.json implies {want}")
+        plan[name] = (kind, layer, [(p, where[p][0]) for p in parts])
+    used = {p for _, _, parts in plan.values() for p, _ in parts}
     extra = sorted(n for n in where if n not in used and not n.endswith("rotary_emb.inv_freq"))
     if cfg.tie_embeddings:
         extra = [n for n in extra if n != "lm_head.weight"]  # a tied head saved anyway
     if extra:
         raise CheckpointError(f"{folder}: tensors {extra[:4]} have no place in a {raw['model_type']} model of this config")
-    for name, parts in plan.items():
-        kind, layer = schema.kind_of(name)
-        for (part, path), want in zip(parts, schema.hf_shapes(kind, cfg)):
-            with safe_open(str(path), framework="pt") as handle:
-                got = tuple(handle.get_slice(part).get_shape())
-            if got != want:
-                raise CheckpointError(f"{path.name}: tensor {part} has shape {got}, but config.json implies {want}")
     return cfg, plan
 
 
@@ -123,7 +121,7 @@ def import_hf(
     return out
 
 
-def _save_with_megatron(cfg: GPTConfig, plan: dict[str, list[tuple[str, Path]]], root: Path, iteration: int) -> None:
+def _save_with_megatron(cfg: GPTConfig, plan: Plan, root: Path, iteration: int) -> None:
     """Build the model with megatron-core on a world of one, fill it, save it with megatron-core's own code."""
     from safetensors import safe_open
 
@@ -145,12 +143,13 @@ def _save_with_megatron(cfg: GPTConfig, plan: dict[str, list[tuple[str, Path]]],
             rope_scaling_factor=cfg.rope_scaling_factor,
         )
         params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, parts in plan.items():
+        with torch.no_grad(), contextlib.ExitStack() as files:
+            handles: dict[Path, Any] = {}  # each safetensors file opened once
+            for name, (kind, layer, parts) in plan.items():
                 tensors = []
                 for part, path in parts:
-                    with safe_open(str(path), framework="pt") as handle:
-                        tensors.append(handle.get_tensor(part).to(torch.float32))
-                kind, layer = schema.kind_of(name)
+                    if path not in handles:
+                        handles[path] = files.enter_context(safe_open(str(path), framework="pt"))
+                    tensors.append(handles[path].get_tensor(part).to(torch.float32))
                 params[name].copy_(schema.from_hf(kind, layer, tensors, cfg))
         save_torch_dist(ctx, model, root, iteration, cfg)  # also writes megatron_gpt_config.json
