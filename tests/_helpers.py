@@ -1,11 +1,39 @@
 """Helpers the test modules share: greedy generation through a real vLLM engine, the parity comparison
-against a reference, and one forward/backward step through a pipeline stage."""
+against a reference (the bound is :mod:`parallel_bridge.parity`'s rule), and one forward/backward step
+through a pipeline stage."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+
+from parallel_bridge import parity
+
+KERNEL_CAPS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "PARALLEL_BRIDGE_KERNEL_CAP": "avx2",
+}
+"""The caps of ``make test-avx2`` (tests/test_kernels.py checks the Makefile holds the same and that every
+library honours them)."""
+
+
+def kernel_env(env: dict[str, str], capped: bool) -> dict[str, str]:
+    """``env`` on the machine's best kernels, or capped at AVX2 (the caps, and vLLM's AVX2 kernel library
+    through tests/kernel_caps/sitecustomize.py on PYTHONPATH)."""
+    import os
+    from pathlib import Path
+
+    out = {k: v for k, v in env.items() if k not in KERNEL_CAPS}
+    caps_dir = str(Path(__file__).resolve().parent / "kernel_caps")
+    paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p and p != caps_dir]
+    if capped:
+        out.update(KERNEL_CAPS)
+        paths.insert(0, caps_dir)
+    out["PYTHONPATH"] = os.pathsep.join(paths)
+    return out
 
 
 def greedy(model, tp, prompts, max_tokens, *, logprobs=0, in_process=True, **engine_kwargs):
@@ -45,33 +73,36 @@ def first_step_and_tokens(model, tp, vocab, prompts, steps, **engine_kwargs):
 
 
 def hf_decode(model, prompts, steps, vocab):
-    """transformers' forward: per prompt, greedy tokens and the first-step log-softmax over ``vocab`` tokens."""
+    """transformers' forward: per prompt, greedy tokens, the first-step log-softmax over ``vocab`` tokens and
+    the largest |logit| at any position (the parity rule's scale)."""
     out = []
     for prompt in prompts:
-        ids, first = list(prompt), None
+        ids, first, zmax = list(prompt), None, 0.0
         for step in range(steps):
             with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0, -1, :vocab].double()
-            lp = torch.log_softmax(logits, -1)
+                logits = model(torch.tensor([ids])).logits[0, :, :vocab].double()
+            zmax = max(zmax, logits.abs().max().item())
+            lp = torch.log_softmax(logits[-1], -1)
             first = lp if step == 0 else first
             ids.append(int(lp.argmax()))
-        out.append((ids[len(prompt) :], first.tolist()))
+        out.append((ids[len(prompt) :], first.tolist(), zmax))
     return out
 
 
-def compare(served, reference, label: str, tol: float) -> float:
-    """Assert, prompt by prompt, equal greedy tokens and logprob values within ``tol``; return the worst gap.
+def compare(served, reference, label: str, length: int) -> parity.Gap:
+    """Assert equal greedy tokens prompt by prompt, and logprob values within the parity rule's bound (max and
+    mean) for ``length`` summed terms per logit, scaled by the reference's largest |logit|; return the gap.
 
-    ``served`` and ``reference``: lists of (tokens, values) with values compared element by element.
+    ``served``: (tokens, values, ...) per prompt; ``reference``: (tokens, values, largest |logit|) per prompt, values
+    compared element by element.
     """
-    worst = 0.0
-    for (tokens, values), (ref_tokens, ref_values) in zip(served, reference, strict=True):
-        assert tokens == ref_tokens, (label, tokens, ref_tokens)
-        gap = (torch.tensor(values, dtype=torch.float64) - torch.tensor(ref_values, dtype=torch.float64)).abs()
-        worst = max(worst, gap.max().item())
-    print(f"\n[{label}] greedy tokens equal; max |d logprob| = {worst:.2e}")
-    assert worst <= tol, (label, worst)
-    return worst
+    for row, ref in zip(served, reference, strict=True):
+        assert row[0] == ref[0], (label, row[0], ref[0])
+    gap = parity.Gap.between([row[1] for row in served], [ref[1] for ref in reference])
+    bound = parity.logprob_bound(max(r[2] for r in reference), length)
+    print(f"\n[{label}] greedy tokens equal; |d logprob| max {gap.max:.2e} mean {gap.mean:.2e} "
+          f"(rule: {bound.describe()})")
+    return bound.check(gap, label)
 
 
 def pipeline_step(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from parallel_bridge import parity
 from parallel_bridge.adapters import megatron as pm
 from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
 from parallel_bridge.launch import context_from_torchrun
@@ -55,20 +56,31 @@ def _perturb_family_tensors(ctx, model):
             p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
 
 
+def length(variant) -> int:
+    """Terms summed per logit along the residual path for these sizes (the parity rule's ``K``)."""
+    return parity.reduction_length(
+        hidden=SIZES["hidden_size"], ffn=SIZES["ffn_hidden_size"], layers=SIZES["num_layers"],
+        vocab=variant["padded"], heads=SIZES["num_attention_heads"],
+        head_dim=SIZES["hidden_size"] // SIZES["num_attention_heads"], seq_len=max(map(len, PROMPTS)) + STEPS,
+    )
+
+
 @torch.no_grad()
 def megatron_decode(ctx, model, vocab):
-    """Megatron's forward (TP only): first-step log-softmax over the true vocabulary, and greedy tokens."""
+    """Megatron's forward (TP only): per prompt, greedy tokens, the first-step log-softmax over the true
+    vocabulary and the largest |logit| at any position."""
     model.eval()
     out = []
     for prompt in PROMPTS:
-        ids, first = list(prompt), None
+        ids, first, zmax = list(prompt), None, 0.0
         for step in range(STEPS):
             x = torch.tensor([ids])
             logits = ctx.comm("tp").all_gather(model(x, torch.arange(len(ids))[None], attention_mask=None))
+            zmax = max(zmax, logits[0, :, :vocab].abs().max().item())
             lp = torch.log_softmax(logits[0, -1, :vocab].double(), -1)
             first = lp if step == 0 else first
             ids.append(int(lp.argmax()))
-        out.append((ids[len(prompt) :], first.tolist()))
+        out.append((ids[len(prompt) :], first.tolist(), zmax))
     return out
 
 

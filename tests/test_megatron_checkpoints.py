@@ -1,9 +1,10 @@
 """Megatron checkpoints (written by Megatron's own save code) served by vLLM at TP=1 and TP=2, and exported.
 
 Parity: the full next-token log-softmax over the vocabulary for each prompt
-matches Megatron's own forward of the same checkpoint within 1e-4 (fp32; vLLM's
-kernels and Megatron's unfused ops sum in different orders, measured ~1e-6,
-printed with -s), and 4 greedy tokens are equal.
+matches Megatron's own forward of the same checkpoint within the parity rule's
+bound (``parallel_bridge.parity``, max and mean; vLLM's kernels and Megatron's
+unfused ops sum in different orders; measured gaps printed with -s), and 4 greedy
+tokens are equal.
 """
 
 import shutil
@@ -19,9 +20,8 @@ pytest.importorskip("megatron.core")
 
 import _megatron_ckpt as mc  # noqa: E402
 from _helpers import compare as compare_within  # noqa: E402
-from _helpers import first_step_and_tokens  # noqa: E402
+from _helpers import first_step_and_tokens, hf_decode  # noqa: E402
 
-TOL = 1e-4
 VARIANTS = {
     # torch_dist from TP=2 x PP=2; 100-token vocabulary padded to 128; untied; 2 kv heads
     "dist_tp2pp2": {"groups": 2, "tied": False, "vocab": 100, "padded": 128, "seed": 1},
@@ -59,19 +59,19 @@ def serve(model, tp, vocab, **kwargs):
     return first_step_and_tokens(model, tp, vocab, mc.PROMPTS, mc.STEPS, **kwargs)
 
 
-def compare(served, reference, label):
-    return compare_within(served, reference, label, TOL)
+def compare(served, reference, label, variant="dist_tp2pp2"):
+    return compare_within(served, reference, label, mc.length(VARIANTS[variant]))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.parity)])
 def test_vllm_serves_megatron_checkpoint(checkpoints, variant, tp, monkeypatch):
     if tp == 2:
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     folder, reference = checkpoints[variant]
     served = serve(folder, tp, VARIANTS[variant]["vocab"], load_format="megatron", config_format="megatron")
-    compare(served, reference, f"{variant} served at TP={tp}")
+    compare(served, reference, f"{variant} served at TP={tp}", variant)
 
 
 @pytest.mark.slow
@@ -102,13 +102,7 @@ def test_hf_export_loads_in_transformers_and_vllm(checkpoints, tmp_path):
     out = export_hf(MegatronCheckpoint.open(folder), tmp_path / "hf", shard_bytes=200_000)
     assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
     model = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
-    worst = 0.0
-    for prompt, (_, ref_dist) in zip(mc.PROMPTS, reference):
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt])).logits[0, -1].double()
-        worst = max(worst, (torch.log_softmax(logits, -1) - torch.tensor(ref_dist)).abs().max().item())
-    print(f"\n[HF export in transformers] max |d logprob| = {worst:.2e}")
-    assert worst <= TOL
+    compare(hf_decode(model, mc.PROMPTS, mc.STEPS, 100), reference, "HF export in transformers")
     compare(serve(out, 1, 100), reference, "HF export served by stock vLLM")
 
 
