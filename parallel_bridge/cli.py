@@ -131,6 +131,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     if report["greedy_equal"] != len(report["cases"]):
         raise CliError("served greedy tokens differ from training's; see the table above")
+    if not report["within_rounding"]:
+        raise CliError("served logprobs differ from training's by more than fp32 rounding allows; see the report above")
     return EXIT_OK
 
 

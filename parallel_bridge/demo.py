@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from parallel_bridge import ParallelContext
 from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.machine import machine_kernels
 
 logger = logging.getLogger("parallel_bridge.demo")
 
@@ -90,17 +91,19 @@ def encode_batch(
 
 @torch.no_grad()
 def greedy_complete(ctx, model, tokenizer, prompts: list[str], max_new: int, vocab: int):
-    """Greedy continuations with the training-mode forward (no KV cache), and each step's logprob."""
+    """Greedy continuations with the training-mode forward (no KV cache), each step's logprob, and the
+    largest |logit| any step saw (the scale of the parity rule, :mod:`parallel_bridge.parity`)."""
 
-    outs, logprobs = [], []
+    outs, logprobs, zmax = [], [], 0.0
     for prompt in prompts:
         ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt)]
         new, lps = [], []
         for _ in range(max_new):
             x = torch.tensor([ids])
             pos = torch.arange(x.shape[1]).unsqueeze(0)
-            logits = ctx.comm("tp").all_gather(model(x, pos, attention_mask=None))[0, -1, :vocab]
-            lp = torch.log_softmax(logits.float(), dim=-1)
+            logits = ctx.comm("tp").all_gather(model(x, pos, attention_mask=None))[0, :, :vocab]
+            zmax = max(zmax, logits.abs().max().item())
+            lp = torch.log_softmax(logits[-1].float(), dim=-1)
             nxt = int(lp.argmax())
             if nxt == tokenizer.eos_token_id:
                 break
@@ -109,7 +112,7 @@ def greedy_complete(ctx, model, tokenizer, prompts: list[str], max_new: int, voc
             ids.append(nxt)
         outs.append(tokenizer.decode(new))
         logprobs.append(lps)
-    return outs, logprobs
+    return outs, logprobs, zmax
 
 
 def build_model(ctx: ParallelContext, sizes: DemoModel, seed: int):
@@ -165,7 +168,7 @@ def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
             (out / "tokenizer" / "config.json").write_text(json.dumps(gpt.to_hf(), indent=2))
         model.eval()
         cases = eval_cases(args.eval)
-        outs, lps = greedy_complete(ctx, model, tokenizer, [p for p, _ in cases], MAX_NEW, len(tokenizer))
+        outs, lps, zmax = greedy_complete(ctx, model, tokenizer, [p for p, _ in cases], MAX_NEW, len(tokenizer))
     return {
         "model": asdict(sizes),
         "train_tp": ctx.tp,
@@ -173,6 +176,7 @@ def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
         "last_loss": sum(losses[-10:]) / min(10, len(losses)),
         "train_seconds": train_s,
         "steps": args.steps,
+        "max_abs_logit": zmax,
         "cases": [
             {"prompt": p, "answer": a, "train_output": o, "train_logprobs": lp}
             for (p, a), o, lp in zip(cases, outs, lps)
@@ -191,16 +195,9 @@ def eval_cases(n: int) -> list[tuple[str, str]]:
 
 
 def serve_and_report(out: Path, serve_tp: int) -> dict:
-    """Serve ``out/checkpoint`` with vLLM (megatron load format) and compare with training's answers."""
+    """Serve ``out/checkpoint`` with vLLM (megatron load format) and compare with training's answers: greedy
+    tokens equal, logprobs within the parity rule's bound (:mod:`parallel_bridge.parity`)."""
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from parallel_bridge.serving import environment_defaults, in_process_engine, llm_engine
-
-    settings = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}  # small cache, readable report
-    if serve_tp > 1:
-        settings["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r) for r in range(serve_tp))
 
     report = json.loads((out / "report.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
@@ -209,6 +206,27 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
         f"trained at TP={report['train_tp']})"
     )
     start = time.perf_counter()
+    outputs, engine_line = serve(out, serve_tp, report, tokenizer)
+    report["serve_seconds"] = time.perf_counter() - start
+    report["serve_tp"] = serve_tp
+    report["serving"] = engine_line
+    report["machine"] = machine_kernels()
+    score(report, outputs, tokenizer)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print_report(report, out)
+    return report
+
+
+def serve(out: Path, serve_tp: int, report: dict, tokenizer):
+    """vLLM's greedy outputs for the report's cases, and the line naming the engine's kernels."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from parallel_bridge.serving import describe_engine, environment_defaults, in_process_engine, llm_engine
+
+    settings = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}  # small cache, readable report
+    if serve_tp > 1:
+        settings["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r) for r in range(serve_tp))
     with environment_defaults(settings), in_process_engine(serve_tp), llm_engine(
         model=str(out / "checkpoint"),
         load_format="megatron",
@@ -219,6 +237,7 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
         max_model_len=report["model"]["max_sequence_length"],
         enforce_eager=True,
     ) as llm:
+        line = describe_engine(llm)
         prompts = [
             TokensPrompt(prompt_token_ids=[tokenizer.bos_token_id, *tokenizer.encode(c["prompt"])])
             for c in report["cases"]
@@ -226,31 +245,44 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
         params = SamplingParams(
             max_tokens=MAX_NEW, temperature=0, logprobs=0, stop_token_ids=[tokenizer.eos_token_id]
         )
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-    serve_s = time.perf_counter() - start
-    worst, same = 0.0, 0
+        return llm.generate(prompts, params, use_tqdm=False), line
+
+
+def score(report: dict, outputs, tokenizer) -> None:
+    """Served answers into the report's cases; right answers, equal greedy tokens, and the logprob gap
+    (cases with equal tokens) against the bound fp32 rounding allows."""
+    from parallel_bridge import parity
+
+    trained, served, same = [], [], 0
     for case, o in zip(report["cases"], outputs):
         ids = [t for t in o.outputs[0].token_ids if t != tokenizer.eos_token_id]
-        lps = [o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(ids)]
         case["served_output"] = tokenizer.decode(ids)
-        case["served_logprobs"] = lps
+        case["served_logprobs"] = [o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(ids)]
         case["tokens_equal"] = case["served_output"] == case["train_output"]
         same += case["tokens_equal"]
         if case["tokens_equal"]:
-            worst = max([worst, *(abs(a - b) for a, b in zip(lps, case["train_logprobs"]))])
+            trained.append(case["train_logprobs"])
+            served.append(case["served_logprobs"])
+    gap = parity.Gap.between(served, trained) if any(served) else parity.Gap(0.0, 0.0, 0)
+    bound = parity.bound_for(DemoModel(), report["max_abs_logit"], DemoModel().max_sequence_length)
     report.update(
-        {
-            "serve_tp": serve_tp,
-            "serve_seconds": serve_s,
-            "correct": sum(c["served_output"] == c["answer"] for c in report["cases"]),
-            "greedy_equal": same,
-            "max_abs_logprob_diff": worst,
-        }
+        correct=sum(c["served_output"] == c["answer"] for c in report["cases"]),
+        greedy_equal=same,
+        max_abs_logprob_diff=gap.max,
+        mean_abs_logprob_diff=gap.mean,
+        parity_bound={"max": bound.max, "mean": bound.mean, "max_abs_logit": bound.max_abs_logit,
+                      "reduction_length": bound.reduction_length},
+        within_rounding=bound.holds(gap),
     )
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def print_report(report: dict, out: Path) -> None:
+    n, bound = len(report["cases"]), report["parity_bound"]
+    print(f"      {report['serving']}")
     print(
-        f"[4/4] report ({report['correct']}/{len(report['cases'])} served answers correct; "
-        f"greedy tokens equal {same}/{len(report['cases'])}; max |d logprob| {worst:.1e})"
+        f"[4/4] report ({report['correct']}/{n} served answers correct; greedy tokens equal "
+        f"{report['greedy_equal']}/{n}; |d logprob| max {report['max_abs_logprob_diff']:.1e} / mean "
+        f"{report['mean_abs_logprob_diff']:.1e}, fp32 rounding allows {bound['max']:.1e} / {bound['mean']:.1e})"
     )
     print(f"      {'prompt':<8}{'answer':<8}{'train':<8}{'served':<8}{'right':<7}{'same'}")
     for c in report["cases"]:
@@ -262,7 +294,6 @@ def serve_and_report(out: Path, serve_tp: int) -> dict:
         f"      loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}; artefacts in {out} "
         f"(try: parallel-bridge inspect {out / 'checkpoint'})"
     )
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:

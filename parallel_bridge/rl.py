@@ -25,6 +25,7 @@ Writes ``report.json`` and ``rl.png`` into ``--out`` and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ import torch.distributed as dist
 from parallel_bridge import ParallelContext
 from parallel_bridge.demo import DemoModel, build_model, build_tokenizer, encode_batch
 from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.machine import machine_kernels
 
 logger = logging.getLogger("parallel_bridge.rl")
 
@@ -157,16 +159,17 @@ def warm_up(model, tokenizer, train_pairs, steps: int, seed: int) -> list[float]
     return losses
 
 
-def start_engine(out: Path, tokenizer_dir: Path, gpt, serve_tp: int):
-    from vllm import LLM
+def engine(out: Path, tokenizer_dir: Path, gpt, serve_tp: int):
+    """The rollout engine (a ``with`` scope): random weights until the first push, float32 checked."""
     from vllm.config import WeightTransferConfig
 
+    from parallel_bridge.serving import llm_engine
     from parallel_bridge.sync import BACKEND
 
     folder = out / "engine"
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps(gpt.to_hf(), indent=2))
-    return LLM(
+    return llm_engine(
         model=str(folder),
         tokenizer=str(tokenizer_dir),
         load_format="dummy",  # random until the first push fills it
@@ -179,85 +182,127 @@ def start_engine(out: Path, tokenizer_dir: Path, gpt, serve_tp: int):
     )
 
 
-def run(args, ctx: ParallelContext, out: Path) -> dict | None:
+@torch.no_grad()
+def max_abs_logit(ctx: ParallelContext, model, seqs: list[list[int]]) -> float:
+    """The largest |logit| the trainer computes over the sequences' real positions (every TP rank's
+    vocabulary shard): the scale of the parity rule (:mod:`parallel_bridge.parity`)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    real = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        real[i, : len(s)] = True
+    logits = model(ids, torch.arange(width).unsqueeze(0).expand(len(seqs), -1), attention_mask=None)
+    local = logits.float().abs().amax(-1)[real].max().reshape(1)
+    return float(ctx.comm("tp").all_gather(local).max())
+
+
+@torch.no_grad()
+def measure(ctx: ParallelContext, model, llm, tokenizer, held, seqs, starts) -> dict:
+    """Right after a push: the train/serve gap on the sampled tokens against the parity rule's bound, and
+    held-out greedy accuracy through the engine (rank 0's; the forward passes are collective)."""
+    from parallel_bridge import parity
+
+    logp, _ = token_logprobs(model, seqs, starts)
+    zmax = max_abs_logit(ctx, model, seqs)
+    if llm is None:
+        return {}
+    served = serve_logprobs(llm, seqs, starts)
+    trained = [[float(logp[i, starts[i] - 1 + j]) for j in range(len(lps))] for i, lps in enumerate(served)]
+    gap = parity.Gap.between(trained, served)
+    bound = parity.bound_for(SIZES, zmax, SIZES.max_sequence_length)
+    flat = [(a, b) for t, s in zip(trained, served) for a, b in zip(t, s)]
+    worst = max(flat, key=lambda ab: abs(ab[0] - ab[1]))
+    return {
+        "worst_token_logprob": worst[0],
+        "heldout_acc": greedy_accuracy(llm, tokenizer, held),
+        "mismatch_max": gap.max,
+        "mismatch_mean": gap.mean,
+        "max_abs_logit": zmax,
+        "bound_max": bound.max,
+        "bound_mean": bound.mean,
+        "weights_version": int(llm.get_weight_version()),
+    }
+
+
+def rl_step(args, ctx: ParallelContext, model, optim, llm, tokenizer, batch, step: int):
+    """Sample on rank 0, share the samples, one REINFORCE update: (sequences, starts, mean reward)."""
+    drawn = sample(llm, tokenizer, batch, args.samples, args.seed * 100003 + step) if llm is not None else None
+    box = [drawn]
+    dist.broadcast_object_list(box, src=0)
+    seqs, starts, rewards, groups = box[0]
+    adv = advantages(rewards, groups)
+    logp, mask = token_logprobs(model, seqs, starts)
+    loss = -((logp * mask).sum(1) * adv).sum() / mask.sum()
+    optim.zero_grad()
+    loss.backward()
+    optim.step()
+    return seqs, starts, sum(rewards) / len(rewards)
+
+
+def rl_loop(args, ctx: ParallelContext, model, sync, llm, tokenizer, train_pairs, held) -> list[dict]:
+    """``args.steps`` RL steps, each followed by a push and :func:`measure`; one row per step."""
     from tqdm import tqdm
 
+    prompts_rng = random.Random(args.seed)
+    optim = torch.optim.Adam(model.parameters(), lr=args.lr)
+    rows: list[dict] = []
+    bar = tqdm(range(1, args.steps + 1), desc="      rl", disable=llm is None, ncols=80, mininterval=1.0)
+    for step in bar:
+        batch = [prompts_rng.choice(train_pairs) for _ in range(args.prompts_per_step)]
+        seqs, starts, reward = rl_step(args, ctx, model, optim, llm, tokenizer, batch, step)
+        report = sync.push()
+        row = {"step": step, "reward": reward, **measure(ctx, model, llm, tokenizer, held, seqs, starts)}
+        if llm is not None:
+            row.update(push_s=report.seconds, push_bytes=report.total_sent)
+            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['heldout_acc']:.2f}", refresh=False)
+        rows.append(row)
+    return rows
+
+
+def shared_tokenizer(ctx: ParallelContext, folder: Path):
+    """The demo's tokenizer, built by rank 0 and read by the others."""
+    tokenizer = build_tokenizer(folder) if ctx.rank == 0 else None
+    dist.barrier()
+    if ctx.rank != 0:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    if len(tokenizer) != SIZES.vocab_size:
+        raise RuntimeError(f"the tokenizer has {len(tokenizer)} symbols, the model {SIZES.vocab_size}")
+    return tokenizer
+
+
+def run(args, ctx: ParallelContext, out: Path) -> dict | None:
     from parallel_bridge.adapters import megatron as pm
     from parallel_bridge.checkpoint.megatron_save import gpt_config_of
+    from parallel_bridge.serving import describe_engine
     from parallel_bridge.sync import WeightSync
 
     rank0 = ctx.rank == 0
     tok_dir = out / "tokenizer"
-    tokenizer = build_tokenizer(tok_dir) if rank0 else None
-    dist.barrier()
-    if not rank0:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    if len(tokenizer) != SIZES.vocab_size:
-        raise RuntimeError(f"the tokenizer has {len(tokenizer)} symbols, the model {SIZES.vocab_size}")
+    tokenizer = shared_tokenizer(ctx, tok_dir)
     train_pairs, held = pairs()
-    prompts_rng = random.Random(args.seed)
-    rows: list[dict] = []
     with pm.cpu_compat(), pm.bind_parallel_state(ctx):
         config, model = build_model(ctx, SIZES, seed=args.seed)
         if rank0:
             print(f"[1/3] warm-up: {args.warmup} supervised steps at TP={ctx.tp} (stopped early on purpose)")
         losses = warm_up(model, tokenizer, train_pairs, args.warmup, args.seed)
         gpt = gpt_config_of(config, len(tokenizer), SIZES.vocab_size, SIZES.max_sequence_length, False)
-        llm = None
         if rank0:
             print(f"[2/3] vLLM engine at TP={args.serve_tp}; first weight push")
             (tok_dir / "config.json").write_text(json.dumps(gpt.to_hf(), indent=2))
-            llm = start_engine(out, tok_dir, gpt, args.serve_tp)
-        try:
+        with engine(out, tok_dir, gpt, args.serve_tp) if rank0 else contextlib.nullcontext() as llm:
             sync = WeightSync(ctx, model, llm, vocab_size=len(tokenizer), timeout_s=120)
             first = sync.push()
             start_acc = greedy_accuracy(llm, tokenizer, held) if rank0 else None
-            optim = torch.optim.Adam(model.parameters(), lr=args.lr)
             if rank0:
+                print(f"      {describe_engine(llm)}")
                 print(f"[3/3] {args.steps} RL steps: {args.prompts_per_step} prompts x {args.samples} samples")
-            bar = tqdm(range(1, args.steps + 1), desc="      rl", disable=not rank0, ncols=80, mininterval=1.0)
             start = time.perf_counter()
-            for step in bar:
-                batch = [prompts_rng.choice(train_pairs) for _ in range(args.prompts_per_step)]
-                drawn = sample(llm, tokenizer, batch, args.samples, args.seed * 100003 + step) if rank0 else None
-                box = [drawn]
-                dist.broadcast_object_list(box, src=0)
-                seqs, starts, rewards, groups = box[0]
-                adv = advantages(rewards, groups)
-                logp, mask = token_logprobs(model, seqs, starts)
-                loss = -((logp * mask).sum(1) * adv).sum() / mask.sum()
-                optim.zero_grad()
-                loss.backward()
-                optim.step()
-                report = sync.push()
-                with torch.no_grad():
-                    logp, mask = token_logprobs(model, seqs, starts)
-                row = {"step": step, "reward": sum(rewards) / len(rewards)}
-                if rank0:
-                    served = serve_logprobs(llm, seqs, starts)
-                    pairs_lp = [
-                        (float(logp[i, starts[i] - 1 + j]), v) for i, lps in enumerate(served) for j, v in enumerate(lps)
-                    ]
-                    diffs = [abs(a - b) for a, b in pairs_lp]
-                    worst = max(range(len(diffs)), key=diffs.__getitem__)
-                    row.update(
-                        worst_token_logprob=pairs_lp[worst][0],
-                        heldout_acc=greedy_accuracy(llm, tokenizer, held),
-                        mismatch_max=max(diffs),
-                        mismatch_mean=sum(diffs) / len(diffs),
-                        weights_version=int(llm.get_weight_version()),
-                        push_s=report.seconds,
-                        push_bytes=report.total_sent,
-                    )
-                    bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['heldout_acc']:.2f}", refresh=False)
-                rows.append(row)
+            rows = rl_loop(args, ctx, model, sync, llm, tokenizer, train_pairs, held)
             rl_s = time.perf_counter() - start
             sync.close()
-        finally:
-            if llm is not None:
-                llm.llm_engine.engine_core.shutdown()
     if not rank0:
         return None
     return {
@@ -266,6 +311,7 @@ def run(args, ctx: ParallelContext, out: Path) -> dict | None:
         "train_tp": ctx.tp,
         "serve_tp": args.serve_tp,
         "seed": args.seed,
+        "machine": machine_kernels(),
         "warmup_steps": args.warmup,
         "warmup_loss": [losses[0], losses[-1]] if losses else None,
         "first_push_s": first.seconds,
@@ -277,13 +323,20 @@ def run(args, ctx: ParallelContext, out: Path) -> dict | None:
 
 
 def print_table(report: dict) -> None:
-    print(f"      {'step':>4} {'reward':>7} {'held-out':>9} {'max|dlogp|':>11} {'mean|dlogp|':>12} {'version':>8} {'MB pushed':>10}")
+    print(f"      {'step':>4} {'reward':>7} {'held-out':>9} {'max|dlogp|':>11} {'mean|dlogp|':>12} "
+          f"{'bound max/mean':>16} {'version':>8} {'MB pushed':>10}")
     print(f"      {0:>4} {'':>7} {report['heldout_acc_start']:>9.3f}")
     for r in report["steps"]:
         print(
             f"      {r['step']:>4} {r['reward']:>7.3f} {r['heldout_acc']:>9.3f} {r['mismatch_max']:>11.1e} "
-            f"{r['mismatch_mean']:>12.1e} {r['weights_version']:>8} {r['push_bytes'] / 1e6:>10.2f}"
+            f"{r['mismatch_mean']:>12.1e} {r['bound_max']:>8.1e}/{r['bound_mean']:.0e} {r['weights_version']:>8} "
+            f"{r['push_bytes'] / 1e6:>10.2f}"
         )
+
+
+def beyond_rounding(report: dict) -> list[dict]:
+    """The steps whose train/serve gap exceeds what fp32 rounding allows (max or mean)."""
+    return [r for r in report["steps"] if r["mismatch_max"] > r["bound_max"] or r["mismatch_mean"] > r["bound_mean"]]
 
 
 def plot(report: dict, path: Path) -> None:
@@ -302,6 +355,7 @@ def plot(report: dict, path: Path) -> None:
     top.set_title(f"RL: Megatron TP={report['train_tp']} -> vLLM TP={report['serve_tp']}, weights pushed every step")
     bottom.semilogy(steps[1:], [r["mismatch_max"] for r in report["steps"]], label="max |Δ log-prob|")
     bottom.semilogy(steps[1:], [r["mismatch_mean"] for r in report["steps"]], label="mean |Δ log-prob|")
+    bottom.semilogy(steps[1:], [r["bound_max"] for r in report["steps"]], "--", label="fp32 rounding bound (max)")
     bottom.set_xlabel("RL step")
     bottom.set_ylabel("train/serve gap")
     bottom.legend(loc="upper right")
@@ -327,20 +381,31 @@ def main(argv: list[str] | None = None) -> int:
     ctx = context_from_torchrun(tp=world, timeout_s=300)
     out = Path(args.out)
     report = run(args, ctx, out)
+    code = 0
     if report is not None:
         (out / "report.json").write_text(json.dumps(report, indent=2))
         plot(report, out / "rl.png")
         print_table(report)
-        gain = report["heldout_acc_end"] - report["heldout_acc_start"]
-        worst = max(r["mismatch_max"] for r in report["steps"]) if report["steps"] else 0.0
-        print(
-            f"      held-out accuracy {report['heldout_acc_start']:.3f} -> {report['heldout_acc_end']:.3f} "
-            f"({gain * 100:+.1f} points) in {report['rl_seconds']:.0f} s; worst train/serve gap {worst:.1e}; "
-            f"{out / 'report.json'}, {out / 'rl.png'}"
-        )
+        summarize(report, out)
+        bad = beyond_rounding(report)
+        if bad:
+            logger.error("steps %s: the train/serve gap exceeds what fp32 rounding allows (the weights in the engine "
+                         "are not the trainer's)", [r["step"] for r in bad])
+            code = 1
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    return code
+
+
+def summarize(report: dict, out: Path) -> None:
+    gain = report["heldout_acc_end"] - report["heldout_acc_start"]
+    steps = report["steps"]
+    worst = max(steps, key=lambda r: r["mismatch_max"]) if steps else None
+    gap = f"worst train/serve gap {worst['mismatch_max']:.1e} (rounding allows {worst['bound_max']:.1e})" if worst else ""
+    print(
+        f"      held-out accuracy {report['heldout_acc_start']:.3f} -> {report['heldout_acc_end']:.3f} "
+        f"({gain * 100:+.1f} points) in {report['rl_seconds']:.0f} s; {gap}; {out / 'report.json'}, {out / 'rl.png'}"
+    )
 
 
 if __name__ == "__main__":

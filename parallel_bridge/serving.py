@@ -4,11 +4,14 @@ registrations reaching vLLM's other processes, shut down on exit."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 from parallel_bridge.registry import exported_to_vllm_processes
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -37,17 +40,48 @@ def in_process_engine(tp: int) -> contextlib.AbstractContextManager[None]:
 @contextlib.contextmanager
 def llm_engine(**kwargs: Any) -> Iterator[Any]:
     """A ``vllm.LLM`` for a ``with`` block: the models this process registered are registered in the
-    processes vLLM starts (:func:`~parallel_bridge.registry.exported_to_vllm_processes`), and its engine
-    core (and TP workers) are shut down on exit, so the next engine in the same process starts clean."""
-    import gc
-
+    processes vLLM starts (:func:`~parallel_bridge.registry.exported_to_vllm_processes`), an engine asked
+    for float32 is checked to compute in float32 in every worker (through a vLLM ``worker_extension_cls``
+    unless the caller gives its own)
+    (:func:`~parallel_bridge.adapters.vllm_numerics.check_fp32`), and its engine core (and TP workers) are
+    shut down on exit, so the next engine in the same process starts clean."""
     from vllm import LLM
 
+    from parallel_bridge.adapters.vllm_numerics import EXTENSION
+
+    kwargs.setdefault("worker_extension_cls", EXTENSION)
     with exported_to_vllm_processes():
         llm = LLM(**kwargs)
     try:
+        if kwargs["worker_extension_cls"] == EXTENSION:
+            checked_fp32(llm, kwargs.get("dtype"))
+        else:
+            logger.warning("worker_extension_cls=%s: the engine's float32 check is skipped", kwargs["worker_extension_cls"])
         yield llm
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        shutdown(llm)
+
+
+def checked_fp32(llm: Any, dtype: Any) -> None:
+    """For an engine built with ``dtype`` float32: refuse one whose workers compute otherwise, and log what
+    they compute with."""
+    from parallel_bridge.adapters import vllm_numerics
+
+    if str(dtype).removeprefix("torch.") in ("float32", "float"):
+        logger.info("vLLM engine: %s", vllm_numerics.describe(vllm_numerics.check_fp32(llm)))
+
+
+def shutdown(llm: Any) -> None:
+    """Stop an engine's core and workers now (vLLM otherwise waits for the garbage collector)."""
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
+def describe_engine(llm: Any) -> str:
+    """One line naming what a running engine computes with (worker 0): attention backend, GEMM, dtypes,
+    kernel library."""
+    from parallel_bridge.adapters import vllm_numerics
+
+    return "vLLM engine: " + vllm_numerics.describe(vllm_numerics.engine_numerics(llm)[0])
