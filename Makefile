@@ -4,7 +4,11 @@ PY := $(VENV)/bin/python
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test test-quick test-gpu lint bench
+# The AVX2 kernel family on any machine (tests/test_kernels.py checks each library took it): torch's ATen,
+# oneDNN (torch's and vLLM's), MKL, and vLLM's own kernel library (tests/kernel_caps/sitecustomize.py).
+KERNEL_CAPS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 PARALLEL_BRIDGE_KERNEL_CAP=avx2
+
+.PHONY: setup demo test test-suite test-avx2 test-quick test-gpu lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -12,8 +16,14 @@ setup:
 demo: setup
 	$(PY) -m parallel_bridge demo
 
-test: setup lint
+# the whole suite on this machine's best kernels, then the parity-sensitive set on AVX2 kernels
+test: setup lint test-suite test-avx2
+
+test-suite: setup
 	$(PY) -m pytest -q tests
+
+test-avx2: setup
+	env $(KERNEL_CAPS) PYTHONPATH=$(CURDIR)/tests/kernel_caps $(PY) -m pytest -q -m parity tests
 
 test-quick: setup
 	$(PY) -m pytest -q -m "not slow" tests
