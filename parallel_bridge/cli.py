@@ -52,7 +52,13 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(f"{label:<15}{version or '-':<16}{usable}")
     import torch
 
+    from parallel_bridge.machine import machine_kernels
+
     print(f"{'cuda':<15}{str(torch.cuda.is_available()):<16}")
+    kernels = machine_kernels()
+    print(f"{'cpu':<15}{kernels['cpu']} ({', '.join(kernels['features']) or 'no AVX2'})")
+    caps = ", ".join(f"{k}={v}" for k, v in kernels["caps"].items()) or "none set"
+    print(f"{'kernels':<15}ATen {kernels['aten_capability']}; caps: {caps}")
     return EXIT_OK
 
 

@@ -40,6 +40,16 @@ def full_weights(num_layers: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
+def length(num_layers: int, seq: int, tokens: int = 0) -> int:
+    """Terms summed along the block's path (the parity rule's ``K``): the forward's, or with ``tokens`` the
+    gradients' (backward retraces the path, and weight gradients also sum over the batch's tokens)."""
+    from parallel_bridge import parity
+
+    forward = parity.reduction_length(hidden=HIDDEN, ffn=FFN, layers=num_layers, vocab=0, heads=HEADS,
+                                      head_dim=HEAD_DIM, seq_len=seq) - HIDDEN  # no output layer
+    return 2 * forward + tokens if tokens else forward
+
+
 def rms_norm(x, w, eps=1e-5):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 

@@ -139,6 +139,9 @@ def test_env_lists_integrations():
     ):
         expected = next(v for v in map(installed, dist_names) if v)
         assert rows[name][:2] == [expected, "yes"], (name, rows[name])  # set-up installs every integration
+    import torch
+
+    assert rows["kernels"][:2] == ["ATen", torch.backends.cpu.get_cpu_capability() + ";"]  # which family fp32 takes
 
 
 def test_unknown_command_exits_with_usage():

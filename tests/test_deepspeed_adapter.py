@@ -2,8 +2,9 @@
 
 Tolerance: DeepSpeed averages gradients across data-parallel replicas (all-reduce
 then divide) where the reference takes the mean over the whole batch at once;
-after a few AdamW steps of lr 1e-2 the difference is summation order only. We
-allow max|diff| <= 1e-5 x max|param| (measured values are printed with -s).
+after a few AdamW steps of lr 1e-2 the difference is summation order only: the
+parity rule's value bound on the parameters over the gradients' path (measured
+values are printed with -s).
 """
 
 import os
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel_bridge import ParallelContext
+from parallel_bridge import ParallelContext, parity
 from parallel_bridge.testing import run_distributed
 
 pytest.importorskip("deepspeed")
@@ -24,13 +25,15 @@ from parallel_bridge.launch import context_from_torchrun
 
 pytestmark = pytest.mark.usefixtures("deepspeed_cpu_extension")
 
-REL = 1e-5
-# Megatron TP layers: gradients come from partial sums all-reduced over TP, and
-# AdamW divides by sqrt(v), which magnifies their last-bit differences on entries
-# whose gradients are near zero (an lr-sized step either way). A layout mistake
-# moves parameters by ~lr = 1e-2, three orders above this bound.
-REL_TP_ADAM = 5e-5
 STEPS, LR, BATCH = 4, 1e-2, 8
+MLP_LENGTH = 2 * (16 + 32) + BATCH
+"""Terms along the gradients' path of the 16-32-4 MLP (forward, back, and the sum over the batch)."""
+# Megatron TP layers: gradients come from partial sums all-reduced over TP, and AdamW divides by sqrt(v), which
+# turns a last-bit difference of a near-zero gradient into an update of either sign. One Adam step moves an
+# entry by at most lr (1 - beta1) / sqrt(1 - beta2) (Kingma and Ba, 2.1), so two runs differ by at most twice
+# that per step: the max can say no more. Rounding moves few entries, a layout mistake every one by ~lr: the
+# mean is the detector there, within the value bound.
+ADAM_STEP = LR * (1 - 0.9) / (1 - 0.999) ** 0.5
 
 
 def _data(step):
@@ -104,12 +107,12 @@ def test_zero_stages_match_single_process_adamw(tp):
         for r in results:
             for name, want in ref.items():
                 got = r[stage][name]
-                ratio = (got - want).abs().max().item() / want.abs().max().item()
-                assert ratio <= REL, (stage, name, ratio)
+                ratio = (got - want).abs().max().item() / parity.value_bound(want.abs().max().item(), MLP_LENGTH)
+                assert ratio <= 1.0, (stage, name, ratio)
                 worst = max(worst, ratio)
                 # replicas agree exactly
                 assert torch.equal(got, results[0][stage][name]), (stage, name)
-        print(f"\n[zero-{stage} tp={tp}] worst max|diff|/max|param| = {worst:.2e}")
+        print(f"\n[zero-{stage} tp={tp}] worst max|diff| / bound = {worst:.2f}")
 
 
 def _megatron_in_zero1():
@@ -159,15 +162,18 @@ def test_megatron_tp_layers_inside_zero1_engine():
         loss.backward()
         opt.step()
     worst = 0.0
+    length = blk.length(1, 8, tokens=8 * 4)
     for name in blk.NAMES:
         want = full["layers.0." + name].detach()
         for dp_rank in (0, 1):
             shards = [p[name] for tp_rank, d, p in sorted(results) if d == dp_rank]
             got = ml.merge("decoder.layers.0." + name, shards)
-            ratio = (got - want).abs().max().item() / want.abs().max().item()
-            assert ratio <= REL_TP_ADAM, (name, dp_rank, ratio)
+            diff = (got - want).abs()
+            assert diff.max().item() <= 3 * 2 * ADAM_STEP, (name, dp_rank, diff.max().item())  # 3 steps
+            ratio = diff.mean().item() / parity.value_bound(want.abs().max().item(), length)
+            assert ratio <= 1.0, (name, dp_rank, ratio)
             worst = max(worst, ratio)
-    print(f"\n[megatron TP=2 in ZeRO-1, DP=2] worst max|diff|/max|param| = {worst:.2e}")
+    print(f"\n[megatron TP=2 in ZeRO-1, DP=2] worst mean|diff| / bound = {worst:.1e}")
 
 
 def _checkpoint_round_trip(folder):

@@ -52,15 +52,23 @@ def _megatron_layer_on_cuda():
 
 
 def test_megatron_tensor_parallel_layer_on_cuda():
-    """fp32 with TF32 off: the sharded layer equals the full-weight reference to 1e-4 (TP partial sums)."""
+    """fp32 with TF32 off: the sharded layer equals the full-weight reference within the parity rule's value
+    bound (TP partial sums, CUDA's and the CPU's kernels summing in other orders)."""
+    import _megatron_block as blk
+
+    from parallel_bridge import parity
+
     pytest.importorskip("megatron.core")
     for got, want in run_distributed(_megatron_layer_on_cuda, torch.cuda.device_count(), init=False, timeout_s=300):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert (got - want).abs().max().item() <= parity.value_bound(want.abs().max().item(), blk.length(1, 16))
 
 
 def test_trainable_attention_training_path_on_cuda():
     """bf16 packed varlen GQA with RoPE, forward and gradients, against the float64 reference of the CPU
-    test; 2e-2 absolute: bf16 keeps 8 bits of mantissa on O(1) values."""
+    test. The kernels accumulate in fp32, so the error is bf16's rounding of inputs and outputs, not of sums:
+    q, k, v, the probabilities and the output each rounded to 8 bits (u = 2^-8) give about 5u on values of
+    typical magnitude 1 (the output is a convex combination of unit-variance values): 2e-2 absolute; the
+    gradients round the same chain back once more, so 5e-2."""
     from test_attention import HEADS, KV, LENGTHS, D, reference
 
     from parallel_bridge.attention import TrainableAttention
