@@ -6,7 +6,10 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 # The AVX2 kernel family on any machine (tests/test_kernels.py checks each library took it): torch's ATen,
 # oneDNN (torch's and vLLM's), MKL, and vLLM's own kernel library (tests/kernel_caps/sitecustomize.py).
-KERNEL_CAPS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 PARALLEL_BRIDGE_KERNEL_CAP=avx2
+# torch.compile's cache keys miss ATEN_CPU_CAPABILITY: an AVX2 process reusing kernels an AVX-512 one cached
+# computed garbage (vLLM's vocabulary mask at TP=2), so the capped run has a cache of its own.
+KERNEL_CAPS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 PARALLEL_BRIDGE_KERNEL_CAP=avx2 \
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.cache/inductor-avx2
 
 .PHONY: setup demo test test-suite test-avx2 test-quick test-gpu lint bench
 

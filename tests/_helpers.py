@@ -5,6 +5,7 @@ through a pipeline stage."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -20,17 +21,22 @@ KERNEL_CAPS = {
 library honours them)."""
 
 
+INDUCTOR_CACHE_AVX2 = Path(__file__).resolve().parents[1] / ".cache" / "inductor-avx2"
+"""torch.compile's cache for AVX2-capped processes: its keys miss ATEN_CPU_CAPABILITY, and an AVX2 process that
+reused kernels an AVX-512 process had cached computed garbage (vLLM's vocabulary mask at TP=2: an IndexError)."""
+
+
 def kernel_env(env: dict[str, str], capped: bool) -> dict[str, str]:
     """``env`` on the machine's best kernels, or capped at AVX2 (the caps, and vLLM's AVX2 kernel library
     through tests/kernel_caps/sitecustomize.py on PYTHONPATH)."""
     import os
-    from pathlib import Path
 
-    out = {k: v for k, v in env.items() if k not in KERNEL_CAPS}
+    out = {k: v for k, v in env.items() if k not in KERNEL_CAPS and k != "TORCHINDUCTOR_CACHE_DIR"}
     caps_dir = str(Path(__file__).resolve().parent / "kernel_caps")
     paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p and p != caps_dir]
     if capped:
         out.update(KERNEL_CAPS)
+        out["TORCHINDUCTOR_CACHE_DIR"] = str(INDUCTOR_CACHE_AVX2)
         paths.insert(0, caps_dir)
     out["PYTHONPATH"] = os.pathsep.join(paths)
     return out

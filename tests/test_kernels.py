@@ -80,6 +80,7 @@ def test_this_process_takes_the_kernels_its_caps_say():
         assert torch.backends.cpu.get_cpu_capability() == "AVX2"
         assert library == "_C_AVX2.abi3.so"
         assert {k: os.environ.get(k) for k in CAPS} == CAPS
+        assert os.environ.get("TORCHINDUCTOR_CACHE_DIR", "").endswith("inductor-avx2")  # see the test below
     else:
         best = "_C.abi3.so" if torch.cpu._is_avx512_bf16_supported() else (
             "_C_AVX512.abi3.so" if torch.cpu._is_avx512_supported() else "_C_AVX2.abi3.so")
@@ -91,3 +92,26 @@ def test_makefile_caps_are_these():
     text = (HERE.parent / "Makefile").read_text()
     for name, value in CAPS.items():
         assert f"{name}={value}" in text, name
+
+
+_MASK = """
+import torch
+from vllm.model_executor.layers.vocab_parallel_embedding import get_masked_input_and_mask
+ids = torch.tensor([3, 9, 27, 81, 11, 2, 100, 7, 8])
+print("MASK", get_masked_input_and_mask(ids, 64, 128, 0, 128, 128)[0].tolist())
+"""
+
+
+@pytest.mark.slow
+def test_the_capped_run_compiles_its_own_kernels(tmp_path):
+    """torch.compile's cache keys miss ATEN_CPU_CAPABILITY: an AVX2 process reusing what an AVX-512 process
+    compiled (vLLM's vocabulary mask, TP rank 1 of 2) got an index of 140423624222032 for token 8 and crashed.
+    The capped run therefore compiles into a cache of its own: after a default process filled the shared
+    cache, a capped one computes the right mask."""
+    want = [0, 0, 0, 17, 0, 0, 36, 0, 0]  # rank 1 of 2 holds tokens 64..127
+    shared = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "VLLM_LOGGING_LEVEL": "ERROR"}
+    for env in (kernel_env(shared, capped=False), kernel_env(shared, capped=True)):
+        proc = subprocess.run([sys.executable, "-c", _MASK], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout.split("MASK ")[1]) == want
+    assert kernel_env(shared, capped=True)["TORCHINDUCTOR_CACHE_DIR"] != shared["TORCHINDUCTOR_CACHE_DIR"]
