@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import report, time_interleaved  # noqa: E402
 
-from parallel_bridge.attention import TrainableAttention, varlen_causal_attention  # noqa: E402
+from parallel_bridge.models.attention import TrainableAttention, varlen_causal_attention  # noqa: E402
 
 
 def flops(lengths: list[int], heads: int, d: int, backward: bool) -> float:

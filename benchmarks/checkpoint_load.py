@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.parallel.launch import context_from_torchrun
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -71,7 +71,7 @@ def _measure(kind: str, root: str, out: str, queue) -> None:
     from parallel_bridge.checkpoint.hf_export import export_hf
     from parallel_bridge.checkpoint.hf_import import import_hf
     from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
-    from parallel_bridge.checkpoint.vllm_format import rank_parts
+    from parallel_bridge.serving.megatron_format import rank_parts
 
     base = _rss_mb()
     start = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from _common import report, time_interleaved
 
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.parallel.launch import context_from_torchrun
 
 
 def main() -> None:

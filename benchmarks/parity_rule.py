@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
-from parallel_bridge import parity  # noqa: E402
+from parallel_bridge.numerics import parity  # noqa: E402
 
 BASE = dict(hidden=128, layers=2, vocab=128, std=0.2, seq=16, heads=4, kv=2)
 VARIANTS = [

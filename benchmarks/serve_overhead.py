@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.parallel.launch import context_from_torchrun
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -38,7 +38,7 @@ def convert_to_hf(src: Path, dst: Path) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from parallel_bridge.schema import to_hf
+    from parallel_bridge.spec.schema import to_hf
 
     cfg = json.loads((src / "config.json").read_text())
     shape = SimpleNamespace(  # what the schema's HF mapping reads
@@ -60,7 +60,7 @@ def throughput(folder: Path, prompts: list[list[int]], new_tokens: int, repeats:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.serving import llm_engine
+    from parallel_bridge.serving.engines import llm_engine
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
     batch = [TokensPrompt(prompt_token_ids=p) for p in prompts]

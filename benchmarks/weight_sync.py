@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.parallel.launch import context_from_torchrun
 
 CFG = dict(
     vocab_size=16000,
@@ -41,7 +41,7 @@ PUSHES = 3
 
 def _hf_state(model):
     """Full Hugging Face tensors (gathered over TP: the checkpoint path's cost) on every rank."""
-    from parallel_bridge.schema import to_hf
+    from parallel_bridge.spec.schema import to_hf
     from parallel_bridge.sync.source import config_of
 
     cfg = config_of(model)

@@ -8,7 +8,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.parallel.launch import context_from_torchrun
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--tp", type=int, default=1)

@@ -4,11 +4,11 @@
 ``parallel_bridge.adapters`` and imports its library when first used.
 """
 
-from parallel_bridge.context import GROUP_NAMES, GroupName, ParallelContext
-from parallel_bridge.groups import ParallelGroup
-from parallel_bridge.launch import context_from_device_mesh, context_from_torchrun, device_mesh_of
-from parallel_bridge.layout import MEGATRON_ORDER, VLLM_ORDER, Axis
-from parallel_bridge.registry import register_model
+from parallel_bridge.parallel.context import GROUP_NAMES, GroupName, ParallelContext
+from parallel_bridge.parallel.groups import ParallelGroup
+from parallel_bridge.parallel.launch import context_from_device_mesh, context_from_torchrun, device_mesh_of
+from parallel_bridge.parallel.layout import MEGATRON_ORDER, VLLM_ORDER, Axis
+from parallel_bridge.serving.registry import register_model
 
 __all__ = [
     "GROUP_NAMES",

@@ -25,9 +25,9 @@ def register() -> None:
     import vllm
 
     from parallel_bridge.adapters.vllm import check_vllm_version
-    from parallel_bridge.checkpoint.vllm_format import register_vllm_formats
     from parallel_bridge.models.hybrid_llama import ARCHITECTURE, build_for_vllm
-    from parallel_bridge.registry import MODULES_ENV, register_model
+    from parallel_bridge.serving.megatron_format import register_vllm_formats
+    from parallel_bridge.serving.registry import MODULES_ENV, register_model
     from parallel_bridge.sync.engine import register_weight_transfer
 
     check_vllm_version(vllm.__version__)

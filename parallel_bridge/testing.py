@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from parallel_bridge.launch import free_port
+from parallel_bridge.parallel.launch import free_port
 
 __all__ = ["DistributedTestError", "free_port", "run_distributed", "torchrun_env"]
 

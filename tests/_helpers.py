@@ -1,5 +1,5 @@
 """Helpers the test modules share: greedy generation through a real vLLM engine, the parity comparison
-against a reference (the bound is :mod:`parallel_bridge.parity`'s rule), and one forward/backward step
+against a reference (the bound is :mod:`parallel_bridge.numerics.parity`'s rule), and one forward/backward step
 through a pipeline stage."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from parallel_bridge import parity
+from parallel_bridge.numerics import parity
 
 KERNEL_CAPS = {
     "ATEN_CPU_CAPABILITY": "avx2",
@@ -49,7 +49,7 @@ def greedy(model, tp, prompts, max_tokens, *, logprobs=0, in_process=True, **eng
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.serving import in_process_engine, llm_engine
+    from parallel_bridge.serving.engines import in_process_engine, llm_engine
 
     engine_kwargs.setdefault("max_logprobs", max(logprobs, 20))
     with in_process_engine(tp if in_process else 0), llm_engine(

@@ -19,7 +19,7 @@ def _engine_logprobs(folder: str) -> str:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.serving import in_process_engine, llm_engine
+    from parallel_bridge.serving.engines import in_process_engine, llm_engine
 
     with in_process_engine(1), llm_engine(model=folder, skip_tokenizer_init=True, dtype="float32", max_model_len=64,
                                           enforce_eager=True, max_logprobs=128) as llm:

@@ -3,7 +3,7 @@
 Used by the Megatron adapter tests: the sharded block (Column/RowParallelLinear
 on the context's TP group) must match :func:`reference_block` on full weights.
 Weights use Megatron's layouts (grouped QKV, gated fc1) so that
-``parallel_bridge.megatron_layout`` moves them between TP sizes.
+``parallel_bridge.spec.megatron_layout`` moves them between TP sizes.
 """
 
 import torch
@@ -43,8 +43,7 @@ def full_weights(num_layers: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def length(num_layers: int, seq: int, tokens: int = 0) -> int:
     """Terms summed along the block's path (the parity rule's ``K``): the forward's, or with ``tokens`` the
     gradients' (backward retraces the path, and weight gradients also sum over the batch's tokens)."""
-    from parallel_bridge import parity
-
+    from parallel_bridge.numerics import parity
     forward = parity.reduction_length(hidden=HIDDEN, ffn=FFN, layers=num_layers, vocab=0, heads=HEADS,
                                       head_dim=HEAD_DIM, seq_len=seq) - HIDDEN  # no output layer
     return 2 * forward + tokens if tokens else forward

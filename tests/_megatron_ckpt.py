@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from parallel_bridge import parity
 from parallel_bridge.adapters import megatron as pm
 from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.numerics import parity
+from parallel_bridge.parallel.launch import context_from_torchrun
 
 SIZES = {"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "ffn_hidden_size": 256}
 PROMPTS = [[5, 17, 42], [3, 9, 27, 81, 11, 2], [64]]

@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import _megatron_block as blk  # noqa: E402
 
-from parallel_bridge import megatron_layout as ml  # noqa: E402
 from parallel_bridge.adapters import deepspeed as pds  # noqa: E402
 from parallel_bridge.adapters import megatron as pm  # noqa: E402
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.parallel.launch import context_from_torchrun
+from parallel_bridge.spec import megatron_layout as ml  # noqa: E402
 
 LR = 1e-2
 

@@ -4,8 +4,8 @@ import dataclasses
 
 import torch
 
-from parallel_bridge import megatron_layout as ml
-from parallel_bridge.checkpoint.gpt_config import GPTConfig
+from parallel_bridge.spec import megatron_layout as ml
+from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.sync.shards import LocalTensor, ShardWriter
 
 CFG = GPTConfig(

@@ -4,7 +4,7 @@ own model class of the family through ``load_format="megatron"`` at TP=1 and TP=
 Hugging Face folder that stock transformers loads.
 
 Parity: the full first-step log-softmax over the vocabulary matches megatron-core's own forward of the same
-checkpoint within the parity rule's bound (``parallel_bridge.parity``: fp32 rounding of the model's sums,
+checkpoint within the parity rule's bound (``parallel_bridge.numerics.parity``: fp32 rounding of the model's sums,
 max and mean, ~1e-4 and ~1e-5 here; vLLM's and transformers' kernels sum in other orders than Megatron's
 unfused ops; measured gaps printed with -s), and 4 greedy tokens are equal. Each family's own tensors carry
 values a dropped or misplaced mapping would change (QKV biases and QK-norm weights are perturbed from
@@ -23,7 +23,7 @@ pytest.importorskip("megatron.core")
 import _megatron_ckpt as mc  # noqa: E402
 from _helpers import compare, first_step_and_tokens, hf_decode  # noqa: E402
 
-from parallel_bridge import parity  # noqa: E402
+from parallel_bridge.numerics import parity  # noqa: E402
 
 FAMILIES = {
     "qwen2": {"groups": 2, "tied": True, "vocab": 100, "padded": 128, "seed": 11, "config": {"add_qkv_bias": True},

@@ -2,7 +2,7 @@
 
 Packed variable-length sequences with GQA and RoPE. Tolerance: fp32 against a
 float64 reference of the same math: one implementation against exact, so half the
-parity rule's value bound (``parallel_bridge.parity.value_bound``) over the terms summed
+parity rule's value bound (``parallel_bridge.numerics.parity.value_bound``) over the terms summed
 (scores over head_dim, softmax and weighted sum over <= 23 keys; gradients retrace
 that path and sum over the queries of a kv head).
 """
@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from parallel_bridge import parity
-from parallel_bridge.attention import TrainableAttention, rotary, varlen_causal_attention
+from parallel_bridge.models.attention import TrainableAttention, rotary, varlen_causal_attention
+from parallel_bridge.numerics import parity
 
 LENGTHS = [5, 23, 1, 11]
 HEADS, KV, D = 8, 2, 32
@@ -87,7 +87,7 @@ def test_rotary_is_relative():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rotary_and_its_gradient_equal_the_reference(dtype):
     """The training path's fused RoPE (hand-written backward) against the plain one, both autograd."""
-    from parallel_bridge.attention import apply_rotary, rotary_table
+    from parallel_bridge.models.attention import apply_rotary, rotary_table
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(40, 4, 64, generator=g).to(dtype).requires_grad_(True)

@@ -20,10 +20,10 @@ from _sync_rounds import full_tensors, publish
 from torch import nn
 
 from parallel_bridge import ParallelContext
-from parallel_bridge.checkpoint import megatron_args as ma
-from parallel_bridge.checkpoint.gpt_config import CheckpointError, GPTConfig
 from parallel_bridge.checkpoint.outputs import MARKER
-from parallel_bridge.cli import main
+from parallel_bridge.cli.main import main
+from parallel_bridge.spec import megatron_args as ma
+from parallel_bridge.spec.model import CheckpointError, GPTConfig
 from parallel_bridge.sync.shards import RoundError, RoundReader
 from parallel_bridge.testing import run_distributed
 
@@ -330,7 +330,7 @@ def test_unknown_convert_target(tmp_path, capsys):
 
 
 def test_unexpected_errors_say_where_the_traceback_went(monkeypatch, capsys):
-    import parallel_bridge.cli as cli
+    import parallel_bridge.cli.main as cli
 
     def boom(args):
         raise ZeroDivisionError("division by zero")
@@ -414,7 +414,7 @@ def test_model_config_values(values, says):
 
 # ------------------------------------------------------------------- loaders fill every parameter
 def test_vllm_parameter_left_unfilled_is_named():
-    from parallel_bridge.checkpoint.vllm_format import fill_parameters
+    from parallel_bridge.serving.megatron_format import fill_parameters
 
     params = {"model.norm.weight": torch.empty(4), "model.layers.0.self_attn.o_proj.bias": torch.empty(4)}
     with pytest.raises(CheckpointError, match=r"no checkpoint tensor filled vLLM's parameters "
@@ -449,7 +449,7 @@ def test_registering_over_a_vllm_architecture_needs_override():
     from vllm import ModelRegistry
 
     from parallel_bridge import register_model
-    from parallel_bridge.registry import unregister
+    from parallel_bridge.serving.registry import unregister
 
     with pytest.raises(ValueError, match=r"vLLM already has a model 'LlamaForCausalLM' \(vllm.model_executor.models"
                                          r".llama.LlamaForCausalLM\).*pass override=True"):

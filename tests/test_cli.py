@@ -44,8 +44,8 @@ def test_demo_quick_trains_saves_serves_and_agrees(demo_out):
     assert report["train_tp"] == 2 and report["serve_tp"] == 1
     assert report["greedy_equal"] == len(report["cases"])  # served = trained, token for token
     # served logprobs within the parity rule's bound, recomputed here from the model's sizes and its logits' scale
-    from parallel_bridge import parity
-    from parallel_bridge.demo import DemoModel
+    from parallel_bridge.cli.demo import DemoModel
+    from parallel_bridge.numerics import parity
 
     bound = parity.bound_for(DemoModel(), report["max_abs_logit"], DemoModel().max_sequence_length)
     assert report["parity_bound"]["max"] == pytest.approx(bound.max)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from parallel_bridge import ParallelContext
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.parallel.launch import context_from_torchrun
 
 
 def test_single_process_default_needs_nothing_initialized():

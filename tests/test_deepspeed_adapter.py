@@ -15,13 +15,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel_bridge import ParallelContext, parity
+from parallel_bridge import ParallelContext
+from parallel_bridge.numerics import parity
 from parallel_bridge.testing import run_distributed
 
 pytest.importorskip("deepspeed")
 from parallel_bridge.adapters import deepspeed as pds  # noqa: E402
 from parallel_bridge.adapters.deepspeed import context_from_deepspeed
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.parallel.launch import context_from_torchrun
 
 pytestmark = pytest.mark.usefixtures("deepspeed_cpu_extension")
 
@@ -119,8 +120,8 @@ def _megatron_in_zero1():
     import _megatron_block as blk
     import deepspeed
 
-    from parallel_bridge import megatron_layout as ml
     from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.spec import megatron_layout as ml
 
     deepspeed.init_distributed(dist_backend="gloo")
     ctx = context_from_torchrun(tp=2, timeout_s=120)
@@ -147,8 +148,7 @@ def _megatron_in_zero1():
 def test_megatron_tp_layers_inside_zero1_engine():
     import _megatron_block as blk
 
-    from parallel_bridge import megatron_layout as ml
-
+    from parallel_bridge.spec import megatron_layout as ml
     results = run_distributed(_megatron_in_zero1, 4, timeout_s=400)
     full = {k: v.clone().requires_grad_(True) for k, v in blk.full_weights(1).items()}
     opt = torch.optim.AdamW(full.values(), lr=LR)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from parallel_bridge import VLLM_ORDER
 from parallel_bridge.adapters.vllm import context_from_vllm
-from parallel_bridge.launch import context_from_device_mesh, context_from_torchrun, device_mesh_of
+from parallel_bridge.parallel.launch import context_from_device_mesh, context_from_torchrun, device_mesh_of
 from parallel_bridge.testing import DistributedTestError, run_distributed
 
 pytestmark = pytest.mark.slow

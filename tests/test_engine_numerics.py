@@ -50,7 +50,7 @@ def tiny_llama(tmp_path_factory):
 
 
 def _engine(folder):
-    from parallel_bridge.serving import in_process_engine, llm_engine
+    from parallel_bridge.serving.engines import in_process_engine, llm_engine
 
     return in_process_engine(1), llm_engine(model=str(folder), skip_tokenizer_init=True, dtype="float32",
                                             max_model_len=32, enforce_eager=True)

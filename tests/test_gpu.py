@@ -9,7 +9,7 @@ reason, where there is no CUDA device.
 import pytest
 import torch
 
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.parallel.launch import context_from_torchrun
 from parallel_bridge.testing import run_distributed
 
 pytestmark = [
@@ -36,8 +36,8 @@ def test_parallel_context_over_nccl():
 def _megatron_layer_on_cuda():
     import _megatron_block as blk
 
-    from parallel_bridge import megatron_layout as ml
     from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.spec import megatron_layout as ml
 
     torch.backends.cuda.matmul.allow_tf32 = False
     ctx = context_from_torchrun(tp=torch.cuda.device_count(), timeout_s=120)
@@ -56,8 +56,7 @@ def test_megatron_tensor_parallel_layer_on_cuda():
     bound (TP partial sums, CUDA's and the CPU's kernels summing in other orders)."""
     import _megatron_block as blk
 
-    from parallel_bridge import parity
-
+    from parallel_bridge.numerics import parity
     pytest.importorskip("megatron.core")
     for got, want in run_distributed(_megatron_layer_on_cuda, torch.cuda.device_count(), init=False, timeout_s=300):
         assert (got - want).abs().max().item() <= parity.value_bound(want.abs().max().item(), blk.length(1, 16))
@@ -71,7 +70,7 @@ def test_trainable_attention_training_path_on_cuda():
     gradients round the same chain back once more, so 5e-2."""
     from test_attention import HEADS, KV, LENGTHS, D, reference
 
-    from parallel_bridge.attention import TrainableAttention
+    from parallel_bridge.models.attention import TrainableAttention
 
     g = torch.Generator().manual_seed(0)
     t = sum(LENGTHS)
@@ -91,8 +90,8 @@ def test_trainable_attention_training_path_on_cuda():
 
 
 def test_layout_code_on_device_tensors():
-    from parallel_bridge import megatron_layout as ml
-    from parallel_bridge.schema import GroupedQKV
+    from parallel_bridge.spec import megatron_layout as ml
+    from parallel_bridge.spec.schema import GroupedQKV
 
     g = torch.Generator().manual_seed(1)
     names = ("decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.0.mlp.linear_fc1.weight",

@@ -5,7 +5,7 @@ Qwen2 with QKV biases and tied embeddings, Mistral with a 4-token sliding window
 loaded by megatron-core's own loader (``dist_checkpointing.load`` into a GPTModel built at TP=2 through the
 project's Megatron adapter) and served by vLLM from the imported checkpoint: the round trip
 HF -> Megatron -> vLLM. Parity with transformers' forward: the full first-step log-softmax within the parity rule's bound
-(``parallel_bridge.parity``, max and mean; the three stacks sum in different orders) and equal greedy tokens.
+(``parallel_bridge.numerics.parity``, max and mean; the three stacks sum in different orders) and equal greedy tokens.
 """
 
 import hashlib

@@ -2,7 +2,7 @@
 
 import pytest
 
-from parallel_bridge import layout
+from parallel_bridge.parallel import layout
 
 megatron_ps = pytest.importorskip("megatron.core.parallel_state")
 

@@ -3,7 +3,7 @@
 Tolerance: fp32 results of the sharded layers may differ from the single-process
 reference only by summation order (partial sums all-reduced across TP ranks,
 gradients summed across DP replicas): the parity rule's value bound
-(``parallel_bridge.parity.value_bound``: 7 u sqrt(K) times the values' magnitude, K the
+(``parallel_bridge.numerics.parity.value_bound``: 7 u sqrt(K) times the values' magnitude, K the
 terms summed along the path); the measured maximum is printed with -s.
 """
 
@@ -15,15 +15,16 @@ import torch
 import torch.distributed as dist
 from _helpers import pipeline_step
 
-from parallel_bridge import ParallelContext, parity
-from parallel_bridge import megatron_layout as ml
+from parallel_bridge import ParallelContext
+from parallel_bridge.numerics import parity
+from parallel_bridge.spec import megatron_layout as ml
 from parallel_bridge.testing import run_distributed
 
 pytest.importorskip("megatron.core")
 
 from parallel_bridge.adapters import megatron as pm  # noqa: E402
 from parallel_bridge.adapters.megatron import context_from_megatron
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge.parallel.launch import context_from_torchrun
 
 
 def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, what: str, length: int) -> float:

@@ -2,7 +2,7 @@
 
 Parity: the full next-token log-softmax over the vocabulary for each prompt
 matches Megatron's own forward of the same checkpoint within the parity rule's
-bound (``parallel_bridge.parity``, max and mean; vLLM's kernels and Megatron's
+bound (``parallel_bridge.numerics.parity``, max and mean; vLLM's kernels and Megatron's
 unfused ops sum in different orders; measured gaps printed with -s), and 4 greedy
 tokens are equal.
 """
@@ -218,8 +218,8 @@ def test_convert_refuses_existing_output_and_leaves_nothing_on_failure(checkpoin
 
 def test_tp_that_does_not_divide_heads():
     from parallel_bridge.checkpoint.megatron_reader import GPTConfig
-    from parallel_bridge.checkpoint.vllm_format import check_serving_tp
-    from parallel_bridge.schema import GroupedQKV
+    from parallel_bridge.serving.megatron_format import check_serving_tp
+    from parallel_bridge.spec.schema import GroupedQKV
 
     cfg = GPTConfig(2, 128, 4, 2, 256, 100, 128)
     with pytest.raises(CheckpointError, match="tensor-parallel size 3 does not divide num_attention_heads=4"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel_bridge import parity
+from parallel_bridge.numerics import parity
 from parallel_bridge.testing import free_port
 
 pytest.importorskip("deepspeed")

@@ -41,7 +41,7 @@ def test_wheel_and_sdist_hold_the_package(built):
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[vllm.general_plugins]" in text and "parallel_bridge = parallel_bridge.plugin:register" in text
-    assert "parallel-bridge = parallel_bridge.cli:main" in text
+    assert "parallel-bridge = parallel_bridge.cli.main:main" in text
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "Provides-Extra: cpu" in metadata and 'Requires-Dist: vllm<0.33,>=0.32; extra == "vllm"' in metadata
     members = tarfile.open(sdist).getnames()

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from parallel_bridge import parity
+from parallel_bridge.numerics import parity
 
 pytest.importorskip("transformers")
 

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from parallel_bridge import register_model
-from parallel_bridge.attention import TrainableAttention
-from parallel_bridge.registry import registered, unregister
-from parallel_bridge.tp_split import heads_per_rank
+from parallel_bridge.models.attention import TrainableAttention
+from parallel_bridge.serving.registry import registered, unregister
+from parallel_bridge.spec.tp_split import heads_per_rank
 
 vllm = pytest.importorskip("vllm")
 
@@ -160,7 +160,7 @@ def test_unsupported_head_dim_on_cpu_lists_supported_sizes():
 def test_registrations_reach_vllm_processes_only_inside_the_scope(name, monkeypatch):
     import os
 
-    from parallel_bridge.registry import MODULES_ENV, exported_to_vllm_processes
+    from parallel_bridge.serving.registry import MODULES_ENV, exported_to_vllm_processes
 
     monkeypatch.delenv(MODULES_ENV, raising=False)
     register_model(name, Complete)

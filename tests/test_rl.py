@@ -1,5 +1,5 @@
 """`parallel-bridge rl`: the loop runs end to end, the train/serve gap after every push is within the parity
-rule's bound (``parallel_bridge.parity``, max and mean, recomputed here from the model's sizes and the
+rule's bound (``parallel_bridge.numerics.parity``, max and mean, recomputed here from the model's sizes and the
 trainer's largest |logit|: vLLM's kernels and Megatron's sum in different orders), versions advance, the
 figure is a PNG; bad input fails before anything starts; the default run improves held-out accuracy; two
 runs on the same machine print the same table."""
@@ -13,7 +13,7 @@ import sys
 import pytest
 from _helpers import kernel_env
 
-from parallel_bridge import parity
+from parallel_bridge.numerics import parity
 
 pytest.importorskip("vllm")
 pytest.importorskip("megatron.core")
@@ -39,7 +39,7 @@ def _run(*args, timeout=600, capped=None):
 
 
 def _check_report(out, steps):
-    from parallel_bridge.rl import SIZES
+    from parallel_bridge.cli.rl import SIZES
 
     report = json.loads((out / "report.json").read_text())
     rows = report["steps"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from parallel_bridge.tp_split import HF_NAMES, TPSplitError, split_for_tp
+from parallel_bridge.spec.tp_split import HF_NAMES, TPSplitError, split_for_tp
 
 
 @pytest.mark.parametrize(

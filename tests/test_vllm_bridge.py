@@ -2,7 +2,7 @@
 
 Parity: greedy tokens from vLLM equal the greedy decode of the training-mode
 forward with the same weights, and the generated tokens' logprobs are within the
-parity rule's bound (``parallel_bridge.parity``, max and mean: vLLM's paged attention
+parity rule's bound (``parallel_bridge.numerics.parity``, max and mean: vLLM's paged attention
 and our SDPA sum in different orders; measured values are printed with -s).
 """
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from _helpers import compare, greedy
 
-from parallel_bridge import parity
-from parallel_bridge.launch import context_from_torchrun
 from parallel_bridge.models.hybrid_llama import ARCHITECTURE, HybridLlama, HybridLlamaConfig
+from parallel_bridge.numerics import parity
+from parallel_bridge.parallel.launch import context_from_torchrun
 from parallel_bridge.testing import run_distributed
 
 pytest.importorskip("vllm")

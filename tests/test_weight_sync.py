@@ -2,7 +2,7 @@
 
 The engine starts from random (dummy) weights, so before the first push its
 next-token log-softmax differs from the trainer's; after each push it must equal
-the trainer's own forward within the parity rule's bound (``parallel_bridge.parity``,
+the trainer's own forward within the parity rule's bound (``parallel_bridge.numerics.parity``,
 max and mean: vLLM's paged attention and our SDPA sum in different orders). Failure
 cases leave the engine serving the previous weights: greedy tokens and logprobs unchanged.
 """
@@ -14,9 +14,10 @@ import os
 import pytest
 import torch
 
-from parallel_bridge import ParallelContext, parity
-from parallel_bridge.launch import context_from_torchrun
+from parallel_bridge import ParallelContext
 from parallel_bridge.models.hybrid_llama import HybridLlama, HybridLlamaConfig
+from parallel_bridge.numerics import parity
+from parallel_bridge.parallel.launch import context_from_torchrun
 from parallel_bridge.testing import run_distributed
 
 pytest.importorskip("vllm")
@@ -46,7 +47,7 @@ def _serving(active, folder, serve_tp, vocab=CFG.vocab_size):
         return
     from vllm.config import WeightTransferConfig
 
-    from parallel_bridge.serving import llm_engine
+    from parallel_bridge.serving.engines import llm_engine
     from parallel_bridge.sync import BACKEND
 
     with llm_engine(
@@ -122,7 +123,7 @@ def _folder(root, tie=False, kv=CFG.num_key_value_heads):
 def _serving_rank_bytes(model, serve_tp):
     """Bytes of what each serving rank keeps: its slices of every tensor and its real vocabulary rows
     (vLLM pads the vocabulary to a multiple of 64 and splits that evenly)."""
-    from parallel_bridge.checkpoint.vllm_format import rank_parts
+    from parallel_bridge.serving.megatron_format import rank_parts
     from parallel_bridge.sync.engine import _MetaShards
     from parallel_bridge.sync.source import config_of
 
@@ -560,7 +561,7 @@ def test_push_into_a_vllm_server_while_it_serves(server):
 
 
 def _iterate_source(root):
-    from parallel_bridge.schema import to_hf
+    from parallel_bridge.spec.schema import to_hf
     from parallel_bridge.sync import MegatronWeightSource
     from parallel_bridge.sync.source import config_of
 

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from parallel_bridge.context import ParallelContext
+from parallel_bridge.parallel.context import ParallelContext
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from parallel_bridge.adapters.megatron_state import (
     import_megatron,
     memory_buffer,
 )
-from parallel_bridge.context import ParallelContext
-from parallel_bridge.tp_split import split_for_tp
+from parallel_bridge.parallel.context import ParallelContext
+from parallel_bridge.spec.tp_split import split_for_tp
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from parallel_bridge.adapters.megatron_state import import_megatron, memory_buffer
-from parallel_bridge.context import ParallelContext
+from parallel_bridge.parallel.context import ParallelContext
 
 
 class CpuRNGStatesTracker:

@@ -13,8 +13,8 @@ import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
 
-from parallel_bridge.context import ParallelContext
-from parallel_bridge.layout import AXES
+from parallel_bridge.parallel.context import ParallelContext
+from parallel_bridge.parallel.layout import AXES
 
 
 def import_megatron():

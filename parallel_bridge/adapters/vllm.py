@@ -13,8 +13,8 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from parallel_bridge.context import ParallelContext
-from parallel_bridge.layout import VLLM_ORDER
+from parallel_bridge.parallel.context import ParallelContext
+from parallel_bridge.parallel.layout import VLLM_ORDER
 
 logger = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Megatron checkpoints: tensor layouts, readers, and conversion for serving."""
+"""Megatron checkpoints: readers of both formats, records, files, HF export and import, atomic outputs, saving through megatron-core."""

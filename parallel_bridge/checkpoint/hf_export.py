@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from parallel_bridge import schema
 from parallel_bridge.checkpoint.megatron_reader import CheckpointError, MegatronCheckpoint
 from parallel_bridge.checkpoint.outputs import atomic_output, check_output
+from parallel_bridge.spec import schema
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Everything is checked before anything is written: config.json and its family (:meth:`GPTConfig.from_hf`),
 that the target TP x PP splits heads, query groups, FFN, layers and the padded vocabulary, and that every
-safetensors tensor has its place and shape in :mod:`parallel_bridge.schema`. The checkpoint is then written by
+safetensors tensor has its place and shape in :mod:`parallel_bridge.spec.schema`. The checkpoint is then written by
 megatron-core's own code (``dist_checkpointing.save``, the ``torch_dist`` format, whose tensors are global, so
 it loads at the TP x PP asked for and at any other): a megatron-core GPTModel is built on one process, filled
 tensor by tensor through safetensors' own ``safe_open`` and saved, into a temporary folder renamed into place.
@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from parallel_bridge import schema
-from parallel_bridge.checkpoint.gpt_config import CheckpointError, GPTConfig
 from parallel_bridge.checkpoint.outputs import atomic_output, check_output
-from parallel_bridge.tp_split import TPSplitError, split_for_tp
+from parallel_bridge.spec import schema
+from parallel_bridge.spec.model import CheckpointError, GPTConfig
+from parallel_bridge.spec.tp_split import TPSplitError, split_for_tp
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _save_with_megatron(cfg: GPTConfig, plan: Plan, root: Path, iteration: int) 
 
     from parallel_bridge.adapters import megatron as pm
     from parallel_bridge.checkpoint.megatron_save import save_torch_dist
-    from parallel_bridge.launch import single_process_world
+    from parallel_bridge.parallel.launch import single_process_world
 
     with single_process_world() as ctx, pm.cpu_compat(), pm.bind_parallel_state(ctx):
         config = pm.transformer_config(

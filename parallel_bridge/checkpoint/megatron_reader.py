@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from parallel_bridge import megatron_layout as ml
 from parallel_bridge.checkpoint import dcp, records
 from parallel_bridge.checkpoint import megatron_files as mf
-from parallel_bridge.checkpoint.gpt_config import CONFIG_FILE, CheckpointError, GPTConfig
 from parallel_bridge.checkpoint.megatron_files import canonical
-from parallel_bridge.schema import expected_shapes
+from parallel_bridge.spec import megatron_layout as ml
+from parallel_bridge.spec.model import CONFIG_FILE, CheckpointError, GPTConfig
+from parallel_bridge.spec.schema import expected_shapes
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from parallel_bridge.checkpoint.gpt_config import CONFIG_FILE, GPTConfig, sliding_window_of
-from parallel_bridge.context import ParallelContext
+from parallel_bridge.parallel.context import ParallelContext
+from parallel_bridge.spec.model import CONFIG_FILE, GPTConfig, sliding_window_of
 
 
 def gpt_config_of(

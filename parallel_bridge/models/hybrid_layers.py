@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel_bridge.attention import TrainableAttention
-from parallel_bridge.context import ParallelContext
+from parallel_bridge.models.attention import TrainableAttention
 from parallel_bridge.models.kernels import Kernels
+from parallel_bridge.parallel.context import ParallelContext
 
 if TYPE_CHECKING:
     from parallel_bridge.models.hybrid_llama import HybridLlamaConfig

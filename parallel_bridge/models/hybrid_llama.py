@@ -2,7 +2,7 @@
 
 Vocab-parallel embedding and output layer, column/row-parallel QKV/output and
 SwiGLU MLP (megatron-core ``tensor_parallel`` layers on the context's TP group),
-:class:`~parallel_bridge.attention.TrainableAttention`, RMSNorm and RoPE. Its
+:class:`~parallel_bridge.models.attention.TrainableAttention`, RMSNorm and RoPE. Its
 parameter names are megatron-core GPTModel's (``decoder.layers.0.self_attention.
 linear_qkv.weight``...), so a Megatron checkpoint and this model's own saves load
 the same way: :meth:`HybridLlama.load_weights` takes full (unsharded) tensors
@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel_bridge import megatron_layout as ml
-from parallel_bridge import schema
 from parallel_bridge.adapters import megatron as pm
-from parallel_bridge.context import ParallelContext
 from parallel_bridge.models.hybrid_layers import Build, Decoder, Embedding
 from parallel_bridge.models.kernels import kernels_for
-from parallel_bridge.schema import Split
-from parallel_bridge.tp_split import HF_NAMES, split_for_tp
+from parallel_bridge.parallel.context import ParallelContext
+from parallel_bridge.spec import megatron_layout as ml
+from parallel_bridge.spec import schema
+from parallel_bridge.spec.schema import Split
+from parallel_bridge.spec.tp_split import HF_NAMES, split_for_tp
 
 logger = logging.getLogger(__name__)
 

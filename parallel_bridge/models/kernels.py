@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel_bridge.context import ParallelContext
+from parallel_bridge.parallel.context import ParallelContext
 
 
 class RMSNorm(nn.Module):

@@ -4,7 +4,7 @@ Serving side (:class:`SharedMemoryWeightTransferEngine`, one per vLLM worker):
 ``init_transfer_engine`` checks the served model against the trainer's config
 (every parameter this rank will receive, by name and shape) before anything is
 sent. A round is two ``update_weights`` calls: ``stage`` reads this rank's rows
-and columns of the published shards (:func:`~parallel_bridge.checkpoint.vllm_format.rank_parts`
+and columns of the published shards (:func:`~parallel_bridge.serving.megatron_format.rank_parts`
 over a :class:`~parallel_bridge.sync.shards.RoundReader`), verifying each piece's
 hash, into staging tensors, and writes a report; ``commit`` agrees over the
 workers' group that every rank staged cleanly, then swaps the staged tensors in
@@ -34,9 +34,9 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from parallel_bridge.checkpoint.gpt_config import GPTConfig
-from parallel_bridge.checkpoint.vllm_format import VOCAB_PARAMS, rank_parts
-from parallel_bridge.schema import expected_shapes
+from parallel_bridge.serving.megatron_format import VOCAB_PARAMS, rank_parts
+from parallel_bridge.spec.model import GPTConfig
+from parallel_bridge.spec.schema import expected_shapes
 from parallel_bridge.sync.shards import BufferPool, RoundReader
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ mapped once and rewritten in place every round.
 
 :class:`RoundReader` presents those shards as one checkpoint (``config``,
 ``read``, ``read_rows``), so the per-rank slicing written for checkpoint serving
-(:func:`parallel_bridge.checkpoint.vllm_format.rank_parts`) picks each serving
+(:func:`parallel_bridge.serving.megatron_format.rank_parts`) picks each serving
 rank's rows and columns. Every piece copied out is hashed again and compared with
 the sender's hash of the same rows or columns: what a serving rank keeps equals
 what was sent, or the read raises naming the tensor and trainer rank.
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from parallel_bridge import megatron_layout as ml
-from parallel_bridge.checkpoint.gpt_config import GPTConfig
 from parallel_bridge.errors import BridgeError
+from parallel_bridge.spec import megatron_layout as ml
+from parallel_bridge.spec.model import GPTConfig
 
 _ALIGN = 64
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

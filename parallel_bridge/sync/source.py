@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
-from parallel_bridge import megatron_layout as ml
-from parallel_bridge.checkpoint import megatron_args as ma
-from parallel_bridge.checkpoint.gpt_config import GPTConfig
 from parallel_bridge.checkpoint.megatron_files import canonical
-from parallel_bridge.context import ParallelContext
-from parallel_bridge.schema import expected_shapes, to_hf
+from parallel_bridge.parallel.context import ParallelContext
+from parallel_bridge.spec import megatron_args as ma
+from parallel_bridge.spec import megatron_layout as ml
+from parallel_bridge.spec.model import GPTConfig
+from parallel_bridge.spec.schema import expected_shapes, to_hf
 from parallel_bridge.sync.shards import LocalTensor, RoundError, RoundReader, ShardWriter
 
 

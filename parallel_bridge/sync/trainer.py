@@ -29,8 +29,8 @@ from typing import Any, ClassVar, Self
 import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeightTransferEngine
 
-from parallel_bridge.context import ParallelContext
 from parallel_bridge.errors import BridgeError
+from parallel_bridge.parallel.context import ParallelContext
 from parallel_bridge.sync.clients import LLMClient
 from parallel_bridge.sync.engine import BACKEND, register_weight_transfer, report_path, serving_ranks
 from parallel_bridge.sync.shards import ShardWriter

@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from parallel_bridge.registry import exported_to_vllm_processes
+from parallel_bridge.serving.registry import exported_to_vllm_processes
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def in_process_engine(tp: int) -> contextlib.AbstractContextManager[None]:
 @contextlib.contextmanager
 def llm_engine(**kwargs: Any) -> Iterator[Any]:
     """A ``vllm.LLM`` for a ``with`` block: the models this process registered are registered in the
-    processes vLLM starts (:func:`~parallel_bridge.registry.exported_to_vllm_processes`), an engine asked
+    processes vLLM starts (:func:`~parallel_bridge.serving.registry.exported_to_vllm_processes`), an engine asked
     for float32 is checked to compute in float32 in every worker (through a vLLM ``worker_extension_cls``
     unless the caller gives its own)
     (:func:`~parallel_bridge.adapters.vllm_numerics.check_fp32`), and its engine core (and TP workers) are

@@ -17,9 +17,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from parallel_bridge.checkpoint_commands import cmd_convert, cmd_inspect, cmd_serve
+from parallel_bridge.cli.checkpoint_commands import cmd_convert, cmd_inspect, cmd_serve
 from parallel_bridge.errors import BridgeError, CliError
-from parallel_bridge.launch import free_port
+from parallel_bridge.parallel.launch import free_port
 
 logger = logging.getLogger("parallel_bridge")
 
@@ -52,7 +52,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(f"{label:<15}{version or '-':<16}{usable}")
     import torch
 
-    from parallel_bridge.machine import machine_kernels
+    from parallel_bridge.numerics.machine import machine_kernels
 
     print(f"{'cuda':<15}{str(torch.cuda.is_available()):<16}")
     kernels = machine_kernels()
@@ -113,7 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Train under torchrun, save a Megatron checkpoint, serve it with vLLM, report."""
     import shutil
 
-    from parallel_bridge.demo import serve_and_report
+    from parallel_bridge.cli.demo import serve_and_report
 
     if args.train_tp < 1 or args.serve_tp < 1:
         raise CliError(f"--train-tp and --serve-tp must be >= 1, got {args.train_tp} and {args.serve_tp}")
@@ -129,7 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     argv = ["--out", str(out), "--steps", str(steps), "--eval", "6" if args.quick else "12"]
     start = time.perf_counter()
     log = _log_file(args, out)
-    code = torchrun("parallel_bridge.demo", args.train_tp, argv, log=log)
+    code = torchrun("parallel_bridge.cli.demo", args.train_tp, argv, log=log)
     if code != 0:
         raise CliError(f"training failed (torchrun exit code {code}); see {log or 'the output above'}")
     with third_party_output(log):
@@ -144,8 +144,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_rl(args: argparse.Namespace) -> int:
     """The RL loop under torchrun: vLLM samples, Megatron trains, weights pushed every step."""
-    from parallel_bridge.checkpoint.vllm_format import check_serving_tp
-    from parallel_bridge.rl import SIZES as sizes
+    from parallel_bridge.cli.rl import SIZES as sizes
+    from parallel_bridge.serving.megatron_format import check_serving_tp
 
     for name in ("steps", "prompts_per_step", "samples", "train_tp", "serve_tp"):
         if getattr(args, name) < 1:
@@ -181,7 +181,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % (os.cpu_count() or 1)) for r in range(args.serve_tp))
     start = time.perf_counter()
     log = _log_file(args, out)
-    code = torchrun("parallel_bridge.rl", args.train_tp, argv, env, log=log)
+    code = torchrun("parallel_bridge.cli.rl", args.train_tp, argv, env, log=log)
     if code != 0:
         raise CliError(f"the RL run failed (torchrun exit code {code}); see {log or 'the output above'}")
     print(f"rl finished in {time.perf_counter() - start:.0f} s")

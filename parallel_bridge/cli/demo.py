@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 
 from parallel_bridge import ParallelContext
-from parallel_bridge.launch import context_from_torchrun
-from parallel_bridge.machine import machine_kernels
+from parallel_bridge.numerics.machine import machine_kernels
+from parallel_bridge.parallel.launch import context_from_torchrun
 
-logger = logging.getLogger("parallel_bridge.demo")
+logger = logging.getLogger("parallel_bridge.cli.demo")
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789+=")
@@ -92,7 +92,7 @@ def encode_batch(
 @torch.no_grad()
 def greedy_complete(ctx, model, tokenizer, prompts: list[str], max_new: int, vocab: int):
     """Greedy continuations with the training-mode forward (no KV cache), each step's logprob, and the
-    largest |logit| any step saw (the scale of the parity rule, :mod:`parallel_bridge.parity`)."""
+    largest |logit| any step saw (the scale of the parity rule, :mod:`parallel_bridge.numerics.parity`)."""
 
     outs, logprobs, zmax = [], [], 0.0
     for prompt in prompts:
@@ -196,7 +196,7 @@ def eval_cases(n: int) -> list[tuple[str, str]]:
 
 def serve_and_report(out: Path, serve_tp: int) -> dict:
     """Serve ``out/checkpoint`` with vLLM (megatron load format) and compare with training's answers: greedy
-    tokens equal, logprobs within the parity rule's bound (:mod:`parallel_bridge.parity`)."""
+    tokens equal, logprobs within the parity rule's bound (:mod:`parallel_bridge.numerics.parity`)."""
     from transformers import AutoTokenizer
 
     report = json.loads((out / "report.json").read_text())
@@ -222,7 +222,12 @@ def serve(out: Path, serve_tp: int, report: dict, tokenizer):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.serving import describe_engine, environment_defaults, in_process_engine, llm_engine
+    from parallel_bridge.serving.engines import (
+        describe_engine,
+        environment_defaults,
+        in_process_engine,
+        llm_engine,
+    )
 
     settings = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}  # small cache, readable report
     if serve_tp > 1:
@@ -251,8 +256,7 @@ def serve(out: Path, serve_tp: int, report: dict, tokenizer):
 def score(report: dict, outputs, tokenizer) -> None:
     """Served answers into the report's cases; right answers, equal greedy tokens, and the logprob gap
     (cases with equal tokens) against the bound fp32 rounding allows."""
-    from parallel_bridge import parity
-
+    from parallel_bridge.numerics import parity
     trained, served, same = [], [], 0
     for case, o in zip(report["cases"], outputs):
         ids = [t for t in o.outputs[0].token_ids if t != tokenizer.eos_token_id]
@@ -298,7 +302,7 @@ def print_report(report: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The torchrun part: steps 1 and 2 (and the training-mode answers)."""
-    parser = argparse.ArgumentParser(prog="parallel_bridge.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="parallel_bridge.cli.demo", description=__doc__)
     parser.add_argument("--out", default="out/demo")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)

@@ -12,7 +12,7 @@ loader fills the model:
 
 - vLLM's own model of the family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
   ``Qwen3ForCausalLM``; the fast path): each rank reads only the rows/columns of
-  each tensor it keeps, as :mod:`parallel_bridge.schema` splits them (its query and
+  each tensor it keeps, as :mod:`parallel_bridge.spec.schema` splits them (its query and
   kv heads in vLLM's ``qkv_proj`` order, kv heads replicated when fewer than TP,
   its ``[gate | up]`` rows, its input columns of row-parallel weights, its
   vocabulary rows) and copies them into its parameters.
@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from parallel_bridge import schema
 from parallel_bridge.checkpoint.megatron_reader import CheckpointError, MegatronCheckpoint
-from parallel_bridge.schema import Split
-from parallel_bridge.tp_split import TPSplit, TPSplitError, split_for_tp
+from parallel_bridge.spec import schema
+from parallel_bridge.spec.schema import Split
+from parallel_bridge.spec.tp_split import TPSplit, TPSplitError, split_for_tp
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """How megatron-core's GPT tensors are split across tensor-parallel ranks and pipeline stages: shard, merge,
-and the pieces of a slice, for the split each tensor kind has in :mod:`parallel_bridge.schema`.
+and the pieces of a slice, for the split each tensor kind has in :mod:`parallel_bridge.spec.schema`.
 
 Verified against megatron-core 0.16.1's layers (see tests/test_megatron_adapter.py, which moves a
 GPTModel's weights between TP sizes with these functions and checks the loss is unchanged). A gated
 ``linear_fc1`` rank holds ``[gate_shard ; up_shard]``; a grouped ``linear_qkv`` rank holds whole query
-groups (kv replication for serving is :meth:`parallel_bridge.schema.GroupedQKV.shard`).
+groups (kv replication for serving is :meth:`parallel_bridge.spec.schema.GroupedQKV.shard`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from parallel_bridge.schema import Split, split_of
+from parallel_bridge.spec.schema import Split, split_of
 
 SplitKind = Literal["column", "glu", "row", "replicated"]
 

@@ -1,4 +1,4 @@
-"""Process groups of a :class:`~parallel_bridge.context.ParallelContext`: created on first use or adopted
+"""Process groups of a :class:`~parallel_bridge.parallel.context.ParallelContext`: created on first use or adopted
 from whoever made them (vLLM, Megatron, a DeviceMesh), cached beside the context's value."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from parallel_bridge.context import ParallelContext
+    from parallel_bridge.parallel.context import ParallelContext
 
 
 class GroupCache:

@@ -1,5 +1,5 @@
 """The machine facts fp32 results depend on: the CPU, its vector extensions, the kernel family torch takes,
-and the caps a user set. Two machines that differ here sum in other orders (``parallel_bridge.parity``)."""
+and the caps a user set. Two machines that differ here sum in other orders (``parallel_bridge.numerics.parity``)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ It holds the degrees (tp, pp, dp, cp, ep, expert-tp), this rank, the rank order,
 and the process groups of every axis, created lazily or adopted from whoever owns
 them (vLLM, Megatron, a DeviceMesh). Every adapter in ``parallel_bridge.adapters``
 reads the layout from here, so Megatron, DeepSpeed and vLLM layers talk over the
-same groups. Contexts are built where a job starts (:mod:`parallel_bridge.launch`:
+same groups. Contexts are built where a job starts (:mod:`parallel_bridge.parallel.launch`:
 torchrun, a DeviceMesh) or by the adapter of whoever owns the groups
 (``context_from_megatron``, ``context_from_vllm``, ``context_from_deepspeed``).
 
@@ -25,8 +25,8 @@ from enum import StrEnum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from parallel_bridge import groups as _groups
-from parallel_bridge import layout
+from parallel_bridge.parallel import groups as _groups
+from parallel_bridge.parallel import layout
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -118,7 +118,7 @@ class ParallelContext:
     rank: int = 0
     """This process's global rank."""
     order: str = layout.MEGATRON_ORDER
-    """Rank order, fastest axis first (see :mod:`parallel_bridge.layout`)."""
+    """Rank order, fastest axis first (see :mod:`parallel_bridge.parallel.layout`)."""
     backend: str | None = None
     """torch.distributed backend for groups this context creates (None: the default group's)."""
     timeout_s: float = 600.0
@@ -240,13 +240,13 @@ class ParallelContext:
     # -------------------------------------------------------- process groups
     def group(self, name: str) -> dist.ProcessGroup | None:
         """This rank's process group ``name``, adopted or created on first use (collective: every rank
-        asks for the same names in the same order); see :func:`parallel_bridge.groups.bound_group`.
+        asks for the same names in the same order); see :func:`parallel_bridge.parallel.groups.bound_group`.
         Returns None for ``embd``/``pos_embd`` on ranks outside those groups."""
         return _groups.bound_group(self, self._cache, name)
 
     def comm(self, name: str) -> _groups.ParallelGroup:
         """This rank's group ``name`` as an object carrying its ranks and collectives
-        (:class:`~parallel_bridge.groups.ParallelGroup`); the process group is bound on first communication."""
+        (:class:`~parallel_bridge.parallel.groups.ParallelGroup`); the process group is bound on first communication."""
         comm = self._cache.comms.get(name)
         if comm is None:
             ranks = self.ranks(name)

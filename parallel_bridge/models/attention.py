@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel_bridge.context import ParallelContext
-from parallel_bridge.tp_split import heads_per_rank
+from parallel_bridge.parallel.context import ParallelContext
+from parallel_bridge.spec.tp_split import heads_per_rank
 
 logger = logging.getLogger(__name__)
 

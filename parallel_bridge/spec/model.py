@@ -1,6 +1,6 @@
 """The shape of a Llama-family megatron-core GPT as checkpoint readers, exporters and the weight sync
 see it: :class:`GPTConfig`, read from Megatron-LM's ``args`` or the side file, written as the Hugging Face
-config of its family (Llama, Qwen2, Qwen3). The tensors it implies are :mod:`parallel_bridge.schema`'s."""
+config of its family (Llama, Qwen2, Qwen3). The tensors it implies are :mod:`parallel_bridge.spec.schema`'s."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import dataclasses
 import typing
 from typing import Any
 
-from parallel_bridge.checkpoint import megatron_args as ma
 from parallel_bridge.errors import BridgeError
+from parallel_bridge.spec import megatron_args as ma
 
 CONFIG_FILE = "megatron_gpt_config.json"
 """Model configuration beside a checkpoint that carries none (megatron-core-only saves)."""
@@ -75,7 +75,7 @@ class GPTConfig:
         """From a Megatron-LM ``args`` namespace or a dict (the side file), then ``overrides``.
 
         Arguments that change the math away from a Llama GPT are refused by name
-        (:mod:`~parallel_bridge.checkpoint.megatron_args`); so are keys of a dict or of
+        (:mod:`~parallel_bridge.spec.megatron_args`); so are keys of a dict or of
         ``overrides`` that no table knows.
         """
         get = (

@@ -37,11 +37,11 @@ import torch
 import torch.distributed as dist
 
 from parallel_bridge import ParallelContext
-from parallel_bridge.demo import DemoModel, build_model, build_tokenizer, encode_batch
-from parallel_bridge.launch import context_from_torchrun
-from parallel_bridge.machine import machine_kernels
+from parallel_bridge.cli.demo import DemoModel, build_model, build_tokenizer, encode_batch
+from parallel_bridge.numerics.machine import machine_kernels
+from parallel_bridge.parallel.launch import context_from_torchrun
 
-logger = logging.getLogger("parallel_bridge.rl")
+logger = logging.getLogger("parallel_bridge.cli.rl")
 
 LIMIT = 10
 MAX_NEW = 3
@@ -163,7 +163,7 @@ def engine(out: Path, tokenizer_dir: Path, gpt, serve_tp: int):
     """The rollout engine (a ``with`` scope): random weights until the first push, float32 checked."""
     from vllm.config import WeightTransferConfig
 
-    from parallel_bridge.serving import llm_engine
+    from parallel_bridge.serving.engines import llm_engine
     from parallel_bridge.sync import BACKEND
 
     folder = out / "engine"
@@ -185,7 +185,7 @@ def engine(out: Path, tokenizer_dir: Path, gpt, serve_tp: int):
 @torch.no_grad()
 def max_abs_logit(ctx: ParallelContext, model, seqs: list[list[int]]) -> float:
     """The largest |logit| the trainer computes over the sequences' real positions (every TP rank's
-    vocabulary shard): the scale of the parity rule (:mod:`parallel_bridge.parity`)."""
+    vocabulary shard): the scale of the parity rule (:mod:`parallel_bridge.numerics.parity`)."""
     width = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     real = torch.zeros(len(seqs), width, dtype=torch.bool)
@@ -201,8 +201,7 @@ def max_abs_logit(ctx: ParallelContext, model, seqs: list[list[int]]) -> float:
 def measure(ctx: ParallelContext, model, llm, tokenizer, held, seqs, starts) -> dict:
     """Right after a push: the train/serve gap on the sampled tokens against the parity rule's bound, and
     held-out greedy accuracy through the engine (rank 0's; the forward passes are collective)."""
-    from parallel_bridge import parity
-
+    from parallel_bridge.numerics import parity
     logp, _ = token_logprobs(model, seqs, starts)
     zmax = max_abs_logit(ctx, model, seqs)
     if llm is None:
@@ -276,7 +275,7 @@ def shared_tokenizer(ctx: ParallelContext, folder: Path):
 def run(args, ctx: ParallelContext, out: Path) -> dict | None:
     from parallel_bridge.adapters import megatron as pm
     from parallel_bridge.checkpoint.megatron_save import gpt_config_of
-    from parallel_bridge.serving import describe_engine
+    from parallel_bridge.serving.engines import describe_engine
     from parallel_bridge.sync import WeightSync
 
     rank0 = ctx.rank == 0
@@ -365,7 +364,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="parallel_bridge.rl", description=__doc__)
+    parser = argparse.ArgumentParser(prog="parallel_bridge.cli.rl", description=__doc__)
     parser.add_argument("--out", default="out/rl")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--prompts-per-step", type=int, default=32)

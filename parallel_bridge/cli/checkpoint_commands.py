@@ -1,7 +1,7 @@
 """The checkpoint commands of ``parallel-bridge``: inspect, convert and serve a Megatron checkpoint.
 
 Every value is checked before anything starts or is written; failures are :class:`CliError` or
-:class:`~parallel_bridge.checkpoint.gpt_config.CheckpointError`, printed as one line by the CLI.
+:class:`~parallel_bridge.spec.model.CheckpointError`, printed as one line by the CLI.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def check_tokenizer(tokenizer: str) -> None:
 
 def serve_command(args: argparse.Namespace) -> list[str]:
     """The ``vllm serve`` command line for a Megatron checkpoint (checked before anything starts)."""
-    from parallel_bridge.checkpoint.vllm_format import check_serving_tp
+    from parallel_bridge.serving.megatron_format import check_serving_tp
 
     if not 0 < args.port < 65536:
         raise CliError(f"--port {args.port} is not a TCP port (1-65535)")

@@ -1,4 +1,4 @@
-"""Building a :class:`~parallel_bridge.context.ParallelContext` where a job starts: torchrun's environment
+"""Building a :class:`~parallel_bridge.parallel.context.ParallelContext` where a job starts: torchrun's environment
 (initializing the default process group), or a DeviceMesh; and a DeviceMesh from a context."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from parallel_bridge import layout
-from parallel_bridge.context import ParallelContext
+from parallel_bridge.parallel import layout
+from parallel_bridge.parallel.context import ParallelContext
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
