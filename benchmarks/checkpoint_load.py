@@ -45,23 +45,19 @@ def _rss_mb() -> float:
 def _save(root: str, sizes: dict) -> None:
     import torch
 
-    from parallel_bridge.adapters import megatron as pm
-    from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
+    from parallel_bridge.adapters import megatron
+    from parallel_bridge.checkpoint.megatron_save import save_torch_dist
+    from parallel_bridge.spec.model import GPTConfig
 
     ctx = context_from_torchrun(tp=2, timeout_s=600)
-    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
-        pm.model_parallel_manual_seed(ctx, 0)
-        layers = {k: v for k, v in sizes.items() if k != "vocab_size"}
-        config = pm.transformer_config(
-            ctx, **layers, vocab_size=sizes["vocab_size"], perform_initialization=False
-        )
-        model = pm.build_gpt_model(ctx, config, vocab_size=sizes["vocab_size"], max_sequence_length=4096)
+    spec = GPTConfig(**sizes)
+    with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
+        megatron.model_parallel_manual_seed(ctx, 0)
+        _, model = megatron.gpt_model(ctx, spec, perform_initialization=False)
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02)
-        save_torch_dist(
-            ctx, model, root, 1, gpt_config_of(config, sizes["vocab_size"], sizes["vocab_size"], 4096, False)
-        )
+        save_torch_dist(ctx, model, root, 1, spec)
 
 
 def _measure(kind: str, root: str, out: str, queue) -> None:

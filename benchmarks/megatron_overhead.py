@@ -42,7 +42,7 @@ def main() -> None:
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.adapters import megatron
 
     ctx = context_from_torchrun()
     init = torch.nn.init.xavier_normal_
@@ -64,8 +64,8 @@ def main() -> None:
         return lambda x: row(torch.relu(col(x)[0]))[0]
 
     mps.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-    with pm.cpu_compat():
-        adapter = mlp(pm.model_parallel_config(ctx, params_dtype=dtype), ctx.tp_group)
+    with megatron.cpu_compat():
+        adapter = mlp(megatron.model_parallel_config(ctx, params_dtype=dtype), ctx.tp_group)
         by_hand = mlp(
             ModelParallelConfig(
                 use_cpu_initialization=not cuda, params_dtype=dtype, gradient_accumulation_fusion=False

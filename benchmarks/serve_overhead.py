@@ -26,30 +26,25 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 def _save_hybrid(folder: str, sizes: dict) -> None:
     import torch
 
-    from parallel_bridge.models.hybrid_llama import HybridLlama, HybridLlamaConfig
+    from parallel_bridge.models.hybrid_llama import HybridLlama
+    from parallel_bridge.spec.model import GPTConfig
 
     torch.manual_seed(0)
-    HybridLlama(HybridLlamaConfig(**sizes), context_from_torchrun()).save_pretrained(folder)
+    HybridLlama(GPTConfig(**sizes), context_from_torchrun()).save_pretrained(folder)
 
 
 def convert_to_hf(src: Path, dst: Path) -> None:
     """The hybrid folder as a stock Llama folder (HF names, LlamaForCausalLM)."""
-    from types import SimpleNamespace
-
     from safetensors.torch import load_file, save_file
 
+    from parallel_bridge.spec.model import GPTConfig
     from parallel_bridge.spec.schema import to_hf
 
     cfg = json.loads((src / "config.json").read_text())
-    shape = SimpleNamespace(  # what the schema's HF mapping reads
-        num_attention_heads=cfg["num_attention_heads"],
-        num_query_groups=cfg["num_key_value_heads"],
-        head_dim=cfg["hidden_size"] // cfg["num_attention_heads"],
-        vocab_size=cfg["vocab_size"],
-    )
+    spec = GPTConfig.from_hf(cfg)
     out = {}
     for name, tensor in load_file(str(src / "model.safetensors")).items():
-        out.update({k: v.contiguous() for k, v in to_hf(name, tensor, shape)})
+        out.update({k: v.contiguous() for k, v in to_hf(name, tensor, spec)})
     dst.mkdir(parents=True)
     save_file(out, str(dst / "model.safetensors"))
     cfg["architectures"] = ["LlamaForCausalLM"]
@@ -93,10 +88,10 @@ def main() -> None:
     sizes = {
         "vocab_size": 4096,
         "hidden_size": args.hidden,
-        "num_hidden_layers": args.layers,
+        "num_layers": args.layers,
         "num_attention_heads": args.hidden // 64,
-        "num_key_value_heads": args.hidden // 128,
-        "intermediate_size": 3 * args.hidden,
+        "num_query_groups": args.hidden // 128,
+        "ffn_hidden_size": 3 * args.hidden,
         "max_position_embeddings": 256,
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,14 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
 from parallel_bridge.parallel.launch import context_from_torchrun
+from parallel_bridge.spec.model import GPTConfig
 
-CFG = dict(
-    vocab_size=16000,
+CFG = GPTConfig(
+    num_layers=6,
     hidden_size=1024,
-    num_hidden_layers=6,
     num_attention_heads=16,
-    num_key_value_heads=8,
-    intermediate_size=2816,
+    num_query_groups=8,
+    ffn_hidden_size=2816,
+    vocab_size=16000,
     max_position_embeddings=256,
 )
 PUSHES = 3
@@ -42,9 +43,8 @@ PUSHES = 3
 def _hf_state(model):
     """Full Hugging Face tensors (gathered over TP: the checkpoint path's cost) on every rank."""
     from parallel_bridge.spec.schema import to_hf
-    from parallel_bridge.sync.source import config_of
 
-    cfg = config_of(model)
+    cfg = GPTConfig.of_model(model)
     out = {}
     for name, t in model.full_state_dict().items():
         for hf, part in to_hf(name, t, cfg):
@@ -77,15 +77,15 @@ def _run(folder: str, serve_tp: int) -> dict:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from parallel_bridge.adapters import megatron as pm
-    from parallel_bridge.models.hybrid_llama import HybridLlama, HybridLlamaConfig
+    from parallel_bridge.adapters import megatron
+    from parallel_bridge.models.hybrid_llama import HybridLlama
     from parallel_bridge.sync import BACKEND, WeightSync
 
     ctx = context_from_torchrun(tp=2, timeout_s=600)
-    cfg = HybridLlamaConfig(**CFG)
+    cfg = CFG
     torch.manual_seed(0)
     out = {}
-    with pm.cpu_compat():
+    with megatron.cpu_compat():
         model = HybridLlama(cfg, ctx)
         state = _hf_state(model)
         ckpt = Path(folder) / "ckpt"
@@ -93,7 +93,7 @@ def _run(folder: str, serve_tp: int) -> dict:
             import json
 
             ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / "config.json").write_text(json.dumps(cfg.to_hf_dict("LlamaForCausalLM")))
+            (ckpt / "config.json").write_text(json.dumps(cfg.to_hf("LlamaForCausalLM")))
             save_file(state, str(ckpt / "model.safetensors"))
         del state
         dist.barrier()
@@ -120,7 +120,7 @@ def _run(folder: str, serve_tp: int) -> dict:
             sent = best.sent_bytes.get(ctx.rank, 0)
             received = max(best.received_bytes.values())
             dist.barrier()
-            raw = _raw_ceiling(max(sent, 64), received, Path(sync.engine.root))
+            raw = _raw_ceiling(max(sent, 64), received, Path(sync.sender.root))
             raws = [None] * ctx.world_size
             dist.all_gather_object(raws, raw)
             # the checkpoint round trip: gather, save to disk, vLLM's reload_weights from the folder

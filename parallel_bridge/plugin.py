@@ -15,6 +15,8 @@ import logging
 import os
 from importlib.metadata import entry_points
 
+from parallel_bridge.errors import MissingDependencyError
+
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "parallel_bridge.models"
@@ -28,7 +30,7 @@ def register() -> None:
     from parallel_bridge.models.hybrid_llama import ARCHITECTURE, build_for_vllm
     from parallel_bridge.serving.megatron_format import register_vllm_formats
     from parallel_bridge.serving.registry import MODULES_ENV, register_model
-    from parallel_bridge.sync.engine import register_weight_transfer
+    from parallel_bridge.sync.receiver import register_weight_transfer
 
     check_vllm_version(vllm.__version__)
     register_model(ARCHITECTURE, build_for_vllm)
@@ -38,7 +40,7 @@ def register() -> None:
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise ImportError(
+            raise MissingDependencyError(
                 f"{MODULES_ENV} names module {module!r}, which this vLLM process cannot import ({e}); "
                 "make it importable here (PYTHONPATH) or remove it"
             ) from e

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from parallel_bridge.errors import ConfigError
 from parallel_bridge.parallel.launch import free_port
 
 __all__ = ["DistributedTestError", "free_port", "run_distributed", "torchrun_env"]
@@ -116,7 +117,7 @@ def run_distributed(
     running at ``timeout_s``.
     """
     if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+        raise ConfigError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

@@ -10,13 +10,14 @@ import os
 from pathlib import Path
 
 from parallel_bridge import register_model
-from parallel_bridge.models.hybrid_llama import HybridLlama, HybridLlamaConfig
+from parallel_bridge.models.hybrid_llama import HybridLlama
+from parallel_bridge.spec.model import GPTConfig
 
 PROBE_DIR_ENV = "PB_TEST_PROBE_DIR"
 
 
 def _config(vllm_config):
-    return HybridLlamaConfig.from_hf(vllm_config.model_config.hf_config)
+    return GPTConfig.from_hf(vllm_config.model_config.hf_config)
 
 
 class ProbeHybrid(HybridLlama):

@@ -3,7 +3,7 @@
 Used by the Megatron adapter tests: the sharded block (Column/RowParallelLinear
 on the context's TP group) must match :func:`reference_block` on full weights.
 Weights use Megatron's layouts (grouped QKV, gated fc1) so that
-``parallel_bridge.spec.megatron_layout`` moves them between TP sizes.
+``parallel_bridge.spec.sharding`` moves them between TP sizes.
 """
 
 import torch

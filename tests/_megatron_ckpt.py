@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from parallel_bridge.adapters import megatron as pm
-from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
+from parallel_bridge.adapters import megatron
+from parallel_bridge.checkpoint.megatron_save import save_torch_dist
 from parallel_bridge.numerics import parity
 from parallel_bridge.parallel.launch import context_from_torchrun
+from parallel_bridge.spec.model import GPTConfig
 
 SIZES = {"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "ffn_hidden_size": 256}
 PROMPTS = [[5, 17, 42], [3, 9, 27, 81, 11, 2], [64]]
@@ -19,26 +20,22 @@ STEPS = 4
 SEQ = 64
 
 
+def spec_of(variant) -> GPTConfig:
+    """The model spec of a test variant (its family settings under megatron-core's names)."""
+    family = dict(variant.get("config", {}))
+    window = family.pop("window_size", None)
+    return GPTConfig(
+        **SIZES, num_query_groups=variant["groups"], vocab_size=variant["vocab"], padded_vocab_size=variant["padded"],
+        max_position_embeddings=SEQ, tie_embeddings=variant["tied"], rotary_base=variant.get("rotary_base", 10000.0),
+        rope_scaling_factor=variant.get("rope_scaling_factor"), sliding_window=None if window is None else window[0] + 1,
+        **family,
+    )
+
+
 def build(ctx, variant):
+    """(TransformerConfig, GPTModel) of the variant on the context's groups, family tensors perturbed."""
     extra = {"pipeline_dtype": torch.float32} if ctx.pp > 1 else {}
-    config = pm.transformer_config(
-        ctx,
-        **SIZES,
-        num_query_groups=variant["groups"],
-        vocab_size=variant["padded"],
-        init_method_std=0.2,
-        **extra,
-        **variant.get("config", {}),  # family settings: add_qkv_bias, qk_layernorm
-    )
-    model = pm.build_gpt_model(
-        ctx,
-        config,
-        vocab_size=variant["padded"],
-        max_sequence_length=SEQ,
-        share_embeddings_and_output_weights=variant["tied"],
-        rotary_base=variant.get("rotary_base", 10000),
-        rope_scaling_factor=variant.get("rope_scaling_factor"),
-    )
+    config, model = megatron.gpt_model(ctx, spec_of(variant), init_method_std=0.2, **extra)
     _perturb_family_tensors(ctx, model)
     return config, model
 
@@ -86,15 +83,10 @@ def megatron_decode(ctx, model, vocab):
 
 def save_dist(root, tp, pp, variant):
     ctx = context_from_torchrun(tp=tp, pp=pp, timeout_s=120)
-    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
-        pm.model_parallel_manual_seed(ctx, variant["seed"])
-        config, model = build(ctx, variant)
-        gpt = gpt_config_of(
-            config, variant["vocab"], variant["padded"], SEQ, variant["tied"],
-            rotary_base=variant.get("rotary_base", 10000),
-            rope_scaling_factor=variant.get("rope_scaling_factor"),
-        )
-        save_torch_dist(ctx, model, root, 10, gpt)
+    with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
+        megatron.model_parallel_manual_seed(ctx, variant["seed"])
+        _, model = build(ctx, variant)
+        save_torch_dist(ctx, model, root, 10, spec_of(variant))
 
 
 def reference_from_dist(root, variant, tp=1, iteration=10):
@@ -102,8 +94,8 @@ def reference_from_dist(root, variant, tp=1, iteration=10):
     from megatron.core import dist_checkpointing
 
     ctx = context_from_torchrun(tp=tp, timeout_s=120)
-    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
-        pm.model_parallel_manual_seed(ctx, 999)
+    with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
+        megatron.model_parallel_manual_seed(ctx, 999)
         _, model = build(ctx, variant)
         state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(root) / f"iter_{iteration:07d}"))
         model.load_state_dict(state)
@@ -146,8 +138,8 @@ def megatron_lm_args(config, variant):
 def save_legacy(root, tp, variant):
     """Per-rank torch.save files as Megatron-LM's legacy 'torch' format writes them; returns Megatron's decode."""
     ctx = context_from_torchrun(tp=tp, timeout_s=120)
-    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
-        pm.model_parallel_manual_seed(ctx, variant["seed"])
+    with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
+        megatron.model_parallel_manual_seed(ctx, variant["seed"])
         config, model = build(ctx, variant)
         folder = Path(root) / "iter_0000010" / f"mp_rank_{ctx.tp_rank:02d}"
         folder.mkdir(parents=True, exist_ok=True)

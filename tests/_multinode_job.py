@@ -17,19 +17,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _megatron_block as blk  # noqa: E402
 
 from parallel_bridge.adapters import deepspeed as pds  # noqa: E402
-from parallel_bridge.adapters import megatron as pm  # noqa: E402
+from parallel_bridge.adapters import megatron  # noqa: E402
 from parallel_bridge.parallel.launch import context_from_torchrun
-from parallel_bridge.spec import megatron_layout as ml  # noqa: E402
+from parallel_bridge.spec import schema  # noqa: E402
 
 LR = 1e-2
 
 
 def _layer(ctx, full, index):
     extra = {"pipeline_dtype": torch.float32} if ctx.pp > 1 else {}
-    layer = blk.MegatronLayer(ctx, pm.model_parallel_config(ctx, perform_initialization=False, **extra))
+    layer = blk.MegatronLayer(ctx, megatron.model_parallel_config(ctx, perform_initialization=False, **extra))
     with torch.no_grad():
         for name, p in layer.params().items():
-            p.copy_(ml.shard(f"decoder.layers.{index}." + name, full[f"layers.{index}." + name], ctx.tp, ctx.tp_rank))
+            p.copy_(schema.shard(f"decoder.layers.{index}." + name, full[f"layers.{index}." + name], ctx.tp, ctx.tp_rank))
     return layer
 
 
@@ -78,7 +78,7 @@ def main() -> None:
     record = {"node": node, "local_rank": int(os.environ["LOCAL_RANK"])}
     nodes: list = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, node)
-    with pm.cpu_compat():
+    with megatron.cpu_compat():
         for name, kwargs, run in (("tp2dp2", {}, zero1_step), ("tp2pp2", {"pp": 2}, pipeline_forward)):
             ctx = context_from_torchrun(tp=2, timeout_s=120, **kwargs)
             record[name] = {

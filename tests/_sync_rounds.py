@@ -4,7 +4,7 @@ import dataclasses
 
 import torch
 
-from parallel_bridge.spec import megatron_layout as ml
+from parallel_bridge.spec import schema
 from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.sync.shards import LocalTensor, ShardWriter
 
@@ -26,7 +26,7 @@ META = {"source_pp": 1, "config": dataclasses.asdict(CFG)}
 def publish(root, full, tp, version=1, skip=None, writers=None):
     writers = writers or [None] * tp
     for t in range(tp):
-        local = {n: ml.shard(n, x, tp, t) for n, x in full.items()}
+        local = {n: schema.shard(n, x, tp, t) for n, x in full.items()}
         if writers[t] is None:
             layout = [LocalTensor(n, tuple(x.shape), x.dtype) for n, x in local.items()]
             writers[t] = ShardWriter(root, t, 0, layout)

@@ -22,8 +22,9 @@ from torch import nn
 from parallel_bridge import ParallelContext
 from parallel_bridge.checkpoint.outputs import MARKER
 from parallel_bridge.cli.main import main
-from parallel_bridge.spec import megatron_args as ma
-from parallel_bridge.spec.model import CheckpointError, GPTConfig
+from parallel_bridge.errors import CheckpointError, ModelConfigError
+from parallel_bridge.spec import megatron_args
+from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.sync.shards import RoundError, RoundReader
 from parallel_bridge.testing import run_distributed
 
@@ -345,15 +346,15 @@ def test_unexpected_errors_say_where_the_traceback_went(monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------- the argument catalogue
-@pytest.mark.parametrize("name", sorted(ma.NEUTRAL))
+@pytest.mark.parametrize("name", sorted(megatron_args.NEUTRAL))
 def test_every_math_changing_argument_away_from_llama_is_refused_by_name(name):
     """Walks the list: each argument at a value vLLM's Llama does not compute is refused, naming it."""
     odd = {"normalization": "LayerNorm", "position_embedding_type": "learned_absolute", "softmax_type": "learnable",
            "swiglu": False, "gated_linear_unit": False, "rotary_percent": 0.5, "glu_linear_offset": 1.0}
-    value = odd.get(name, 7 if ma.NEUTRAL[name][0][0] is None else True)
+    value = odd.get(name, 7 if megatron_args.NEUTRAL[name][0][0] is None else True)
     args = {**ARGS, name: value} if name not in ("swiglu", "gated_linear_unit") else {**ARGS, "swiglu": False,
                                                                                     "gated_linear_unit": False}
-    with pytest.raises(CheckpointError, match=rf"{name}={value!s}.*refused"):
+    with pytest.raises(ModelConfigError, match=rf"{name}={value!s}.*refused"):
         GPTConfig.from_args(argparse.Namespace(**args))
 
 
@@ -372,9 +373,9 @@ def test_every_transformer_config_field_is_classified():
 
     layout = {f.name for f in dataclasses.fields(ModelParallelConfig)}
     fields = {f.name for f in dataclasses.fields(TransformerConfig)} - layout
-    unclassified = sorted(fields - ma.MAPPED - ma.NO_MATH - set(ma.NEUTRAL))
+    unclassified = sorted(fields - megatron_args.MAPPED - megatron_args.NO_MATH - set(megatron_args.NEUTRAL))
     assert not unclassified, f"classify these in parallel_bridge/checkpoint/megatron_args.py: {unclassified}"
-    assert not (ma.MAPPED & ma.NO_MATH) and not (set(ma.NEUTRAL) & (ma.MAPPED | ma.NO_MATH))
+    assert not (megatron_args.MAPPED & megatron_args.NO_MATH) and not (set(megatron_args.NEUTRAL) & (megatron_args.MAPPED | megatron_args.NO_MATH))
 
 
 def test_an_unclassified_field_away_from_its_default_is_refused():
@@ -388,8 +389,8 @@ def test_an_unclassified_field_away_from_its_default_is_refused():
         attention_sink_tokens: int = 0  # a field a newer megatron-core might add
 
     kwargs = dict(num_layers=2, hidden_size=128, num_attention_heads=4, add_bias_linear=False)
-    assert ma.unclassified_changes(NewerConfig(**kwargs)) == []
-    assert ma.unclassified_changes(NewerConfig(**kwargs, attention_sink_tokens=4)) == [
+    assert megatron_args.unclassified_changes(NewerConfig(**kwargs)) == []
+    assert megatron_args.unclassified_changes(NewerConfig(**kwargs, attention_sink_tokens=4)) == [
         "attention_sink_tokens=4 (an argument parallel_bridge does not know)"
     ]
 
@@ -407,7 +408,7 @@ def test_an_unclassified_field_away_from_its_default_is_refused():
 def test_model_config_values(values, says):
     base = dict(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=256,
                 vocab_size=100, padded_vocab_size=128)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ModelConfigError) as e:
         GPTConfig(**{**base, **values})
     assert says in str(e.value)
 

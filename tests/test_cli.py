@@ -44,10 +44,10 @@ def test_demo_quick_trains_saves_serves_and_agrees(demo_out):
     assert report["train_tp"] == 2 and report["serve_tp"] == 1
     assert report["greedy_equal"] == len(report["cases"])  # served = trained, token for token
     # served logprobs within the parity rule's bound, recomputed here from the model's sizes and its logits' scale
-    from parallel_bridge.cli.demo import DemoModel
+    from parallel_bridge.cli.demo import MODEL
     from parallel_bridge.numerics import parity
 
-    bound = parity.bound_for(DemoModel(), report["max_abs_logit"], DemoModel().max_sequence_length)
+    bound = parity.bound_for(MODEL, report["max_abs_logit"], MODEL.max_position_embeddings)
     assert report["parity_bound"]["max"] == pytest.approx(bound.max)
     gap = parity.Gap(report["max_abs_logprob_diff"], report["mean_abs_logprob_diff"], 1)
     bound.check(gap, "demo: served vs trained")

@@ -120,17 +120,17 @@ def _megatron_in_zero1():
     import _megatron_block as blk
     import deepspeed
 
-    from parallel_bridge.adapters import megatron as pm
-    from parallel_bridge.spec import megatron_layout as ml
+    from parallel_bridge.adapters import megatron
+    from parallel_bridge.spec import schema
 
     deepspeed.init_distributed(dist_backend="gloo")
     ctx = context_from_torchrun(tp=2, timeout_s=120)
     full = blk.full_weights(1)
-    with pm.cpu_compat():
-        layer = blk.MegatronLayer(ctx, pm.model_parallel_config(ctx, perform_initialization=False))
+    with megatron.cpu_compat():
+        layer = blk.MegatronLayer(ctx, megatron.model_parallel_config(ctx, perform_initialization=False))
         with torch.no_grad():
             for name, p in layer.params().items():
-                p.copy_(ml.shard("decoder.layers.0." + name, full["layers.0." + name], ctx.tp, ctx.tp_rank))
+                p.copy_(schema.shard("decoder.layers.0." + name, full["layers.0." + name], ctx.tp, ctx.tp_rank))
         opt = torch.optim.AdamW(layer.parameters(), lr=LR)
         micro = 4 // ctx.dp
         engine, *_ = pds.initialize(ctx, layer, _ds_config(1, micro), optimizer=opt)
@@ -148,7 +148,7 @@ def _megatron_in_zero1():
 def test_megatron_tp_layers_inside_zero1_engine():
     import _megatron_block as blk
 
-    from parallel_bridge.spec import megatron_layout as ml
+    from parallel_bridge.spec import schema
     results = run_distributed(_megatron_in_zero1, 4, timeout_s=400)
     full = {k: v.clone().requires_grad_(True) for k, v in blk.full_weights(1).items()}
     opt = torch.optim.AdamW(full.values(), lr=LR)
@@ -167,7 +167,7 @@ def test_megatron_tp_layers_inside_zero1_engine():
         want = full["layers.0." + name].detach()
         for dp_rank in (0, 1):
             shards = [p[name] for tp_rank, d, p in sorted(results) if d == dp_rank]
-            got = ml.merge("decoder.layers.0." + name, shards)
+            got = schema.merge("decoder.layers.0." + name, shards)
             diff = (got - want).abs()
             assert diff.max().item() <= 3 * 2 * ADAM_STEP, (name, dp_rank, diff.max().item())  # 3 steps
             ratio = diff.mean().item() / parity.value_bound(want.abs().max().item(), length)

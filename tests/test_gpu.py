@@ -36,16 +36,16 @@ def test_parallel_context_over_nccl():
 def _megatron_layer_on_cuda():
     import _megatron_block as blk
 
-    from parallel_bridge.adapters import megatron as pm
-    from parallel_bridge.spec import megatron_layout as ml
+    from parallel_bridge.adapters import megatron
+    from parallel_bridge.spec import schema
 
     torch.backends.cuda.matmul.allow_tf32 = False
     ctx = context_from_torchrun(tp=torch.cuda.device_count(), timeout_s=120)
     full = blk.full_weights(1)
-    layer = blk.MegatronLayer(ctx, pm.model_parallel_config(ctx, perform_initialization=False)).cuda()
+    layer = blk.MegatronLayer(ctx, megatron.model_parallel_config(ctx, perform_initialization=False)).cuda()
     with torch.no_grad():
         for name, p in layer.params().items():
-            p.copy_(ml.shard("decoder.layers.0." + name, full["layers.0." + name], ctx.tp, ctx.tp_rank))
+            p.copy_(schema.shard("decoder.layers.0." + name, full["layers.0." + name], ctx.tp, ctx.tp_rank))
         x = torch.randn(16, 2, blk.HIDDEN, generator=torch.Generator().manual_seed(0))
         got = layer(x.cuda()).cpu()
     return got, blk.reference_block(x, full, range(1))
@@ -90,8 +90,8 @@ def test_trainable_attention_training_path_on_cuda():
 
 
 def test_layout_code_on_device_tensors():
-    from parallel_bridge.spec import megatron_layout as ml
-    from parallel_bridge.spec.schema import GroupedQKV
+    from parallel_bridge.spec import schema
+    from parallel_bridge.spec.sharding import GroupedQKV
 
     g = torch.Generator().manual_seed(1)
     names = ("decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.0.mlp.linear_fc1.weight",
@@ -99,11 +99,11 @@ def test_layout_code_on_device_tensors():
     for name in names:
         full = torch.randn(48, 32, generator=g)
         for tp in (1, 2, 4):
-            shards = [ml.shard(name, full.cuda(), tp, r) for r in range(tp)]
+            shards = [schema.shard(name, full.cuda(), tp, r) for r in range(tp)]
             assert all(s.is_cuda for s in shards)
             for r, s in enumerate(shards):
-                assert torch.equal(s.cpu(), ml.shard(name, full, tp, r)), (name, tp, r)
-            assert torch.equal(ml.merge(name, shards).cpu(), full), (name, tp)
+                assert torch.equal(s.cpu(), schema.shard(name, full, tp, r)), (name, tp, r)
+            assert torch.equal(schema.merge(name, shards).cpu(), full), (name, tp)
     qkv = torch.randn((8 + 2 * 2) * 16, 32, generator=g)
     rows = GroupedQKV(8, 2, 16).rank_rows(2, 1, order="qkv")
     on_device = torch.cat([qkv.cuda()[s : s + n] for s, n in rows])

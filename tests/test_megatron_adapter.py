@@ -17,12 +17,12 @@ from _helpers import pipeline_step
 
 from parallel_bridge import ParallelContext
 from parallel_bridge.numerics import parity
-from parallel_bridge.spec import megatron_layout as ml
+from parallel_bridge.spec import schema
 from parallel_bridge.testing import run_distributed
 
 pytest.importorskip("megatron.core")
 
-from parallel_bridge.adapters import megatron as pm  # noqa: E402
+from parallel_bridge.adapters import megatron  # noqa: E402
 from parallel_bridge.adapters.megatron import context_from_megatron
 from parallel_bridge.parallel.launch import context_from_torchrun
 
@@ -48,16 +48,16 @@ def _block_run(tp, pp, num_layers):
 
     ctx = context_from_torchrun(tp=tp, pp=pp, timeout_s=60)
     overrides = {"pipeline_dtype": torch.float32} if pp > 1 else {}
-    config = pm.model_parallel_config(ctx, perform_initialization=False, **overrides)
+    config = megatron.model_parallel_config(ctx, perform_initialization=False, **overrides)
     full = blk.full_weights(num_layers)
     per_stage = num_layers // pp
-    offset = ml.layer_offset(num_layers, pp, ctx.pp_rank)
+    offset = schema.layer_offset(num_layers, pp, ctx.pp_rank)
     layers = torch.nn.ModuleList(pm_layer(blk, ctx, config) for _ in range(per_stage))
     with torch.no_grad():
         for i, layer in enumerate(layers):
             for name, p in layer.params().items():
                 key = f"layers.{offset + i}.{name}"
-                p.copy_(ml.shard(key.replace("layers.", "decoder.layers."), full[key], tp, ctx.tp_rank))
+                p.copy_(schema.shard(key.replace("layers.", "decoder.layers."), full[key], tp, ctx.tp_rank))
     x_all, probe_all = _inputs()
     # data parallel: each replica takes its slice of the batch
     bs = x_all.shape[1] // ctx.dp
@@ -122,7 +122,7 @@ def test_megatron_block_matches_full_weight_reference(world, tp, pp, num_layers)
     for key in full:
         stage = [r for r in results if key in r["grads"] and r["dp_rank"] == 0]
         shards = [r["grads"][key] for r in sorted(stage, key=lambda r: r["tp_rank"])]
-        merged = ml.merge("decoder." + key, shards)
+        merged = schema.merge("decoder." + key, shards)
         worst = max(worst, assert_close_scaled(merged, full[key].grad, f"gradient of {key}", backward))
     print(f"\n[megatron block tp={tp} pp={pp} world={world}] worst max|diff| / bound = {worst:.2f}")
 
@@ -155,15 +155,15 @@ def _gpt_step(tp, pp, full_state):
     tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=g)
     ids, labels = tokens[:, :-1], tokens[:, 1:]
     pos = torch.arange(SEQ).unsqueeze(0).expand(2, -1)
-    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
-        pm.model_parallel_manual_seed(ctx, 1234)
-        config = pm.transformer_config(ctx, **GPT, vocab_size=VOCAB, **extra)
-        model = pm.build_gpt_model(ctx, config, vocab_size=VOCAB, max_sequence_length=SEQ)
-        offset = ml.layer_offset(GPT["num_layers"], pp, ctx.pp_rank)
+    with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
+        megatron.model_parallel_manual_seed(ctx, 1234)
+        config = megatron.transformer_config(ctx, **GPT, vocab_size=VOCAB, **extra)
+        model = megatron.build_gpt_model(ctx, config, vocab_size=VOCAB, max_sequence_length=SEQ)
+        offset = schema.layer_offset(GPT["num_layers"], pp, ctx.pp_rank)
         if full_state is not None:
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    p.copy_(ml.shard(name, full_state[ml.to_global_name(name, offset)], tp, ctx.tp_rank))
+                    p.copy_(schema.shard(name, full_state[schema.global_name(name, offset)], tp, ctx.tp_rank))
         losses = []
 
         def stage(x):
@@ -180,7 +180,7 @@ def _gpt_step(tp, pp, full_state):
             with torch.no_grad():
                 for p in model.parameters():
                     p -= 0.5 * p.grad  # untied embeddings: no embedding-group all-reduce needed
-        state = {ml.to_global_name(n, offset): p.detach().clone() for n, p in model.named_parameters()}
+        state = {schema.global_name(n, offset): p.detach().clone() for n, p in model.named_parameters()}
     return {"losses": losses, "state": state, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank}
 
 
@@ -201,7 +201,7 @@ def test_gpt_model_training_step_tp2_and_tp2xpp2_match_tp1():
             shards = [
                 r["state"][key] for r in sorted(results, key=lambda r: r["tp_rank"]) if key in r["state"]
             ]
-            merged = ml.merge(key, shards[:tp])
+            merged = schema.merge(key, shards[:tp])
             bound = parity.value_bound(want.abs().max().item(), 2 * GPT_LENGTH + 2 * SEQ)
             assert (merged - want).abs().max().item() <= bound, key
         print(f"\n[gpt tp={tp} pp={pp}] losses {losses[0]} vs tp1 {ref['losses']}")
@@ -245,12 +245,12 @@ def _bind_foreign_group():
     before = _pg_count()
     full = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
-    with pm.cpu_compat(), pm.bind_parallel_state(ctx, names=["tp"]):
+    with megatron.cpu_compat(), megatron.bind_parallel_state(ctx, names=["tp"]):
         bound = mps.get_tensor_model_parallel_group() is foreign
         layer = RowParallelLinear(
             6,
             8,
-            config=pm.model_parallel_config(ctx, perform_initialization=False),
+            config=megatron.model_parallel_config(ctx, perform_initialization=False),
             init_method=torch.nn.init.zeros_,
             bias=False,
             input_is_parallel=True,
@@ -310,7 +310,7 @@ def _cpu_compat_paths():
     results = {}
 
     def column(**kw):
-        cfg = pm.model_parallel_config(ctx, perform_initialization=False, **kw.pop("cfg", {}))
+        cfg = megatron.model_parallel_config(ctx, perform_initialization=False, **kw.pop("cfg", {}))
         layer = ColumnParallelLinear(
             6, 8, config=cfg, init_method=torch.nn.init.zeros_, bias=False, tp_group=ctx.tp_group, **kw
         )
@@ -324,8 +324,8 @@ def _cpu_compat_paths():
         results["without"] = "ran"
     except (AssertionError, RuntimeError) as e:
         results["without"] = str(e)
-    with pm.cpu_compat():
-        pm.model_parallel_manual_seed(ctx, 42)
+    with megatron.cpu_compat():
+        megatron.model_parallel_manual_seed(ctx, 42)
         out, _ = column(gather_output=True)(x)
         results["gather"] = _over_bound(out, x @ w1.T, 6)
         # sequence parallel: input split on the sequence, output reduce-scattered back to it
@@ -334,7 +334,7 @@ def _cpu_compat_paths():
         row = RowParallelLinear(
             8,
             6,
-            config=pm.model_parallel_config(ctx, perform_initialization=False, **seq_cfg),
+            config=megatron.model_parallel_config(ctx, perform_initialization=False, **seq_cfg),
             init_method=torch.nn.init.zeros_,
             bias=False,
             input_is_parallel=True,
@@ -400,28 +400,28 @@ def test_sizes_not_divisible_by_tp(change, match):
     ctx = ParallelContext(tp=4)
     kwargs = {**SIZES, "num_attention_heads": 8, "num_query_groups": 4, **change}
     with pytest.raises(ValueError, match=match):
-        pm.transformer_config(ctx, **kwargs)
+        megatron.transformer_config(ctx, **kwargs)
 
 
 def test_sequence_parallel_needs_tp():
     with pytest.raises(
         ValueError, match="sequence_parallel=True needs tensor parallelism, but the context has tp=1"
     ):
-        pm.model_parallel_config(ParallelContext(), sequence_parallel=True)
+        megatron.model_parallel_config(ParallelContext(), sequence_parallel=True)
 
 
 def test_pipeline_needs_dtype():
     with pytest.raises(ValueError, match=r"pipeline parallelism \(pp=2\) needs pipeline_dtype"):
-        pm.model_parallel_config(ParallelContext(pp=2))
+        megatron.model_parallel_config(ParallelContext(pp=2))
 
 
 def test_override_disagreeing_with_context():
     with pytest.raises(ValueError, match="tensor_model_parallel_size=4 disagrees with the context's tp=2"):
-        pm.model_parallel_config(ParallelContext(tp=2), tensor_model_parallel_size=4)
+        megatron.model_parallel_config(ParallelContext(tp=2), tensor_model_parallel_size=4)
 
 
 def test_config_carries_the_context_degrees():
-    cfg = pm.transformer_config(
+    cfg = megatron.transformer_config(
         ParallelContext(tp=2, pp=2, dp=2, ep=2),
         **SIZES,
         pipeline_dtype=torch.float32,
@@ -437,8 +437,8 @@ def test_megatron_missing_names_the_extra():
     code = (
         "import sys; sys.modules['megatron'] = None\n"
         "from parallel_bridge import ParallelContext\n"
-        "from parallel_bridge.adapters import megatron as pm\n"
-        "try:\n    pm.model_parallel_config(ParallelContext())\n"
+        "from parallel_bridge.adapters import megatron\n"
+        "try:\n    megatron.model_parallel_config(ParallelContext())\n"
         "except ImportError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -12,7 +12,8 @@ import shutil
 import pytest
 import torch
 
-from parallel_bridge.checkpoint.megatron_reader import CheckpointError, MegatronCheckpoint
+from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
+from parallel_bridge.errors import CheckpointError
 from parallel_bridge.testing import run_distributed
 
 pytest.importorskip("vllm")
@@ -219,7 +220,7 @@ def test_convert_refuses_existing_output_and_leaves_nothing_on_failure(checkpoin
 def test_tp_that_does_not_divide_heads():
     from parallel_bridge.checkpoint.megatron_reader import GPTConfig
     from parallel_bridge.serving.megatron_format import check_serving_tp
-    from parallel_bridge.spec.schema import GroupedQKV
+    from parallel_bridge.spec.sharding import GroupedQKV
 
     cfg = GPTConfig(2, 128, 4, 2, 256, 100, 128)
     with pytest.raises(CheckpointError, match="tensor-parallel size 3 does not divide num_attention_heads=4"):

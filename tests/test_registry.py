@@ -137,10 +137,10 @@ def test_load_weights_uses_each_parameters_weight_loader(name):
 def test_head_counts_not_divisible_by_tp():
     with pytest.raises(ValueError, match="tensor-parallel size 4 does not divide num_attention_heads=6"):
         heads_per_rank(6, 2, 4)
-    with pytest.raises(ValueError, match="tensor-parallel size 4 does not divide num_key_value_heads=6"):
+    with pytest.raises(ValueError, match="tensor-parallel size 4 does not divide num_query_groups=6"):
         heads_per_rank(12, 6, 4)
     with pytest.raises(
-        ValueError, match="num_key_value_heads=3 is below tensor-parallel size 4 and does not divide it"
+        ValueError, match="num_query_groups=3 is below tensor-parallel size 4 and does not divide it"
     ):
         heads_per_rank(12, 3, 4)
     assert heads_per_rank(8, 2, 4) == (2, 1)  # kv heads replicated

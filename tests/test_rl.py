@@ -39,7 +39,7 @@ def _run(*args, timeout=600, capped=None):
 
 
 def _check_report(out, steps):
-    from parallel_bridge.cli.rl import SIZES
+    from parallel_bridge.cli.rl import MODEL
 
     report = json.loads((out / "report.json").read_text())
     rows = report["steps"]
@@ -47,7 +47,7 @@ def _check_report(out, steps):
     for r in rows:
         for key in ("reward", "heldout_acc", "mismatch_max", "mismatch_mean", "push_s", "push_bytes"):
             assert math.isfinite(r[key]), (key, r)
-        bound = parity.bound_for(SIZES, r["max_abs_logit"], SIZES.max_sequence_length)
+        bound = parity.bound_for(MODEL, r["max_abs_logit"], MODEL.max_position_embeddings)
         assert (r["bound_max"], r["bound_mean"]) == (pytest.approx(bound.max), pytest.approx(bound.mean))
         bound.check(parity.Gap(r["mismatch_max"], r["mismatch_mean"], 1), f"RL step {r['step']}")
         assert r["push_bytes"] > 0

@@ -1,5 +1,5 @@
 """The shared-memory round format: reading any slice of the TP-sharded tensors returns exactly the full
-tensor's slice (pinned to megatron_layout.merge) and reads only the slice's bytes. Pure CPU, no processes.
+tensor's slice (pinned to the sharding objects' merge) and reads only the slice's bytes. Pure CPU, no processes.
 Corrupt, stale and missing rounds are refused by name: see test_bad_inputs.py."""
 
 import pytest

@@ -13,27 +13,28 @@ import pytest
 import torch
 from _helpers import compare, greedy
 
-from parallel_bridge.models.hybrid_llama import ARCHITECTURE, HybridLlama, HybridLlamaConfig
+from parallel_bridge.models.hybrid_llama import ARCHITECTURE, HybridLlama
 from parallel_bridge.numerics import parity
 from parallel_bridge.parallel.launch import context_from_torchrun
+from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.testing import run_distributed
 
 pytest.importorskip("vllm")
 
-CFG = HybridLlamaConfig(
-    vocab_size=96,
+CFG = GPTConfig(
+    num_layers=2,
     hidden_size=128,
-    num_hidden_layers=2,
     num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=256,
+    num_query_groups=2,
+    ffn_hidden_size=256,
+    vocab_size=96,
     max_position_embeddings=128,
 )
 PERM = torch.randperm(CFG.vocab_size, generator=torch.Generator().manual_seed(5)).tolist()
 PROMPTS = [[3, PERM[3]], [10, 11, 12, 13, PERM[13]], [50], [7, 7, 7, 7, 7, 7, 7]]
 MAX_NEW = 8
 LENGTH = parity.reduction_length(
-    hidden=CFG.hidden_size, ffn=CFG.intermediate_size, layers=CFG.num_hidden_layers, vocab=CFG.vocab_size,
+    hidden=CFG.hidden_size, ffn=CFG.ffn_hidden_size, layers=CFG.num_layers, vocab=CFG.vocab_size,
     heads=CFG.num_attention_heads, head_dim=CFG.hidden_size // CFG.num_attention_heads,
     seq_len=max(map(len, PROMPTS)) + MAX_NEW,
 )
@@ -53,11 +54,11 @@ def _pattern_batch(g, n, length):
 
 
 def _train_and_decode(folder, steps):
-    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.adapters import megatron
 
     ctx = context_from_torchrun(tp=2, timeout_s=120)
     torch.manual_seed(0)
-    with pm.cpu_compat():
+    with megatron.cpu_compat():
         model = HybridLlama(CFG, ctx)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         g = torch.Generator().manual_seed(1)

@@ -15,25 +15,26 @@ import pytest
 import torch
 
 from parallel_bridge import ParallelContext
-from parallel_bridge.models.hybrid_llama import HybridLlama, HybridLlamaConfig
+from parallel_bridge.models.hybrid_llama import HybridLlama
 from parallel_bridge.numerics import parity
 from parallel_bridge.parallel.launch import context_from_torchrun
+from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.testing import run_distributed
 
 pytest.importorskip("vllm")
 
-CFG = HybridLlamaConfig(
-    vocab_size=90,  # padded to 90/92 by the trainer, to 128 rows by vLLM: padding rows must be dropped
+CFG = GPTConfig(
+    num_layers=2,
     hidden_size=128,
-    num_hidden_layers=2,
     num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=256,
+    num_query_groups=2,
+    ffn_hidden_size=256,
+    vocab_size=90,  # padded to 90/92 by the trainer, to 128 rows by vLLM: padding rows must be dropped
     max_position_embeddings=128,
 )
 PROMPTS = [[3, 17, 5], [10, 11, 12, 13, 40], [50]]
 LENGTH = parity.reduction_length(
-    hidden=CFG.hidden_size, ffn=CFG.intermediate_size, layers=CFG.num_hidden_layers, vocab=CFG.vocab_size,
+    hidden=CFG.hidden_size, ffn=CFG.ffn_hidden_size, layers=CFG.num_layers, vocab=CFG.vocab_size,
     heads=CFG.num_attention_heads, head_dim=CFG.hidden_size // CFG.num_attention_heads,
     seq_len=max(map(len, PROMPTS)),
 )
@@ -112,45 +113,42 @@ def _train(model, steps, seed):
         opt.step()
 
 
-def _folder(root, tie=False, kv=CFG.num_key_value_heads):
-    cfg = HybridLlamaConfig(**{**CFG.__dict__, "tie_word_embeddings": tie, "num_key_value_heads": kv})
+def _folder(root, tie=False, kv=CFG.num_query_groups):
+    cfg = CFG.replace(tie_embeddings=tie, num_query_groups=kv)
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "config.json"), "w") as f:
-        json.dump(cfg.to_hf_dict("LlamaForCausalLM"), f)
+        json.dump(cfg.to_hf("LlamaForCausalLM"), f)
     return cfg
 
 
 def _serving_rank_bytes(model, serve_tp):
     """Bytes of what each serving rank keeps: its slices of every tensor and its real vocabulary rows
     (vLLM pads the vocabulary to a multiple of 64 and splits that evenly)."""
-    from parallel_bridge.serving.megatron_format import rank_parts
-    from parallel_bridge.sync.engine import _MetaShards
-    from parallel_bridge.sync.source import config_of
-
-    cfg = config_of(model)
+    from parallel_bridge.spec.store import ShapeStore, rank_parts
+    cfg = GPTConfig.of_model(model)
     per = -(-cfg.vocab_size // 64) * 64 // serve_tp
     return {
         r: sum(
             t.numel() * 4
             for _, t in rank_parts(
-                _MetaShards(cfg), serve_tp, r, (min(r * per, cfg.vocab_size), min((r + 1) * per, cfg.vocab_size))
+                ShapeStore(cfg), serve_tp, r, (min(r * per, cfg.vocab_size), min((r + 1) * per, cfg.vocab_size))
             )
         )
         for r in range(serve_tp)
     }
 
 
-def _push_and_compare(root, serve_tp, tie, train_tp=2, kv=CFG.num_key_value_heads):
-    from parallel_bridge.adapters import megatron as pm
+def _push_and_compare(root, serve_tp, tie, train_tp=2, kv=CFG.num_query_groups):
+    from parallel_bridge.adapters import megatron
     from parallel_bridge.sync import WeightSync
 
     ctx = context_from_torchrun(tp=train_tp, timeout_s=120)
     if ctx.rank == 0:
         _folder(root, tie, kv)
-    cfg = HybridLlamaConfig(**{**CFG.__dict__, "tie_word_embeddings": tie, "num_key_value_heads": kv})
+    cfg = CFG.replace(tie_embeddings=tie, num_query_groups=kv)
     torch.manual_seed(0)
     out = {}
-    with pm.cpu_compat():
+    with megatron.cpu_compat():
         model = HybridLlama(cfg, ctx)
         with _serving(ctx.rank == 0, root, serve_tp) as llm:
             sync = WeightSync(ctx, model, llm, timeout_s=60)
@@ -211,7 +209,7 @@ def _expect_sync_error(fn, *needles):
 
 
 def _failures(root):
-    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.adapters import megatron
     from parallel_bridge.sync import WeightSync
     from parallel_bridge.sync.shards import ShardWriter
 
@@ -220,7 +218,7 @@ def _failures(root):
         _folder(root)
     torch.manual_seed(0)
     out, unchanged = {}, []
-    with pm.cpu_compat():
+    with megatron.cpu_compat():
         model = HybridLlama(CFG, ctx)
         with _serving(ctx.rank == 0, root, 1) as llm:
             sync = WeightSync(ctx, model, llm, timeout_s=8)
@@ -258,7 +256,7 @@ def _failures(root):
 
             # 3. a push while one is running (re-entered from the engine client on rank 0)
             if llm:
-                client = sync.engine.client
+                client = sync.sender.client
                 start = client.start_weight_update
                 client.start_weight_update = lambda: sync.push()
             out["busy"] = _expect_sync_error(sync.push, "already in progress")
@@ -272,7 +270,7 @@ def _failures(root):
             )
 
             # 5. a model of other sizes: refused at init, naming the tensor and both shapes
-            other = HybridLlama(HybridLlamaConfig(**{**CFG.__dict__, "intermediate_size": 384}), ctx)
+            other = HybridLlama(CFG.replace(ffn_hidden_size=384), ctx)
             out["shape"] = _expect_sync_error(
                 lambda: WeightSync(ctx, other, llm), "mlp.gate_up_proj.weight", "(768, 128)", "(512, 128)"
             )
@@ -324,17 +322,17 @@ def _pp_push(root):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from parallel_bridge.adapters import megatron as pm
-    from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
+    from parallel_bridge.adapters import megatron
+    from parallel_bridge.checkpoint.megatron_save import save_torch_dist
     from parallel_bridge.sync import WeightSync
 
     v = PP_VARIANT
     ctx = context_from_torchrun(tp=2, pp=2, timeout_s=120)
     out = {}
-    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
-        pm.model_parallel_manual_seed(ctx, v["seed"])
-        config, model = mc.build(ctx, v)
-        gpt = gpt_config_of(config, v["vocab"], v["padded"], mc.SEQ, v["tied"])
+    with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
+        megatron.model_parallel_manual_seed(ctx, v["seed"])
+        _, model = mc.build(ctx, v)
+        gpt = mc.spec_of(v)
         save_torch_dist(ctx, model, os.path.join(root, "ckpt"), 10, gpt)
         if ctx.rank == 0:
             os.makedirs(os.path.join(root, "serve"))
@@ -377,7 +375,7 @@ def _deepspeed_push(root):
     import deepspeed
 
     from parallel_bridge.adapters import deepspeed as pds
-    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.adapters import megatron
     from parallel_bridge.sync import WeightSync
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -385,7 +383,7 @@ def _deepspeed_push(root):
     if ctx.rank == 0:
         _folder(root)
     out = {}
-    with pm.cpu_compat():
+    with megatron.cpu_compat():
         with _serving(ctx.rank == 0, root, 1) as llm:
             for stage, seed in ((3, 1), (2, 3), (1, 2)):
                 torch.manual_seed(seed)
@@ -458,13 +456,13 @@ def _server_push(url):
     """Trainer TP=2 pushing into a `vllm serve` server; rank 0 keeps requests flowing during a push."""
     import threading
 
-    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.adapters import megatron
     from parallel_bridge.sync import ServerClient, WeightSync
 
     ctx = context_from_torchrun(tp=2, timeout_s=120)
     torch.manual_seed(0)
     out = {}
-    with pm.cpu_compat():
+    with megatron.cpu_compat():
         model = HybridLlama(CFG, ctx)
         sync = WeightSync(ctx, model, ServerClient(url) if ctx.rank == 0 else None, timeout_s=60)
         sync.push()
@@ -563,7 +561,6 @@ def test_push_into_a_vllm_server_while_it_serves(server):
 def _iterate_source(root):
     from parallel_bridge.spec.schema import to_hf
     from parallel_bridge.sync import MegatronWeightSource
-    from parallel_bridge.sync.source import config_of
 
     ctx = context_from_torchrun(tp=2, timeout_s=60)
     torch.manual_seed(0)
@@ -572,7 +569,7 @@ def _iterate_source(root):
     source.publish_local(root)
     meta = [(m.name, m.shape) for m in source.metadata()]
     got = {name: t for name, t in source}
-    cfg = config_of(model)
+    cfg = GPTConfig.of_model(model)
     want = {}
     for name, t in model.full_state_dict().items():  # the gathered reference
         want.update(dict(to_hf(name, t, cfg)))
@@ -594,7 +591,7 @@ def test_source_yields_full_hf_tensors_for_vllms_nccl_backend(tmp_path):
 
 
 def _gpt_model(**fields):
-    """What config_of reads of a megatron-core GPTModel: a Llama-style TransformerConfig with ``fields``."""
+    """What GPTConfig.of_model reads of a megatron-core GPTModel: a Llama-style TransformerConfig with ``fields``."""
     import types
 
     from megatron.core.transformer import TransformerConfig
@@ -612,11 +609,9 @@ def _gpt_model(**fields):
 def test_math_changing_megatron_settings_are_refused(field, value):
     """A GPTModel whose config changes the math vLLM's Llama family computes is refused by name, not synced."""
     pytest.importorskip("megatron.core")
-    from parallel_bridge.sync.source import config_of
-
     with pytest.raises(ValueError, match=f"{field}=.*refused"):
-        config_of(_gpt_model(**{field: value}))
-    assert config_of(_gpt_model()).num_layers == 2
+        GPTConfig.of_model(_gpt_model(**{field: value}))
+    assert GPTConfig.of_model(_gpt_model()).num_layers == 2
 
 
 @pytest.mark.parametrize(
@@ -631,10 +626,8 @@ def test_family_settings_map_to_their_family(field, value, family, mapped):
     """QK layernorm (Qwen3), QKV biases (Qwen2) and a causal sliding window (Mistral) are mapped, so the sync
     serves vLLM's model of that family."""
     pytest.importorskip("megatron.core")
-    from parallel_bridge.sync.source import config_of
-
-    cfg = config_of(_gpt_model(**{field: value}))
-    assert cfg.family[0] == family and {k: getattr(cfg, k) for k in mapped} == mapped
+    cfg = GPTConfig.of_model(_gpt_model(**{field: value}))
+    assert cfg.family.model_type == family and {k: getattr(cfg, k) for k in mapped} == mapped
 
 
 def _world_mismatch():

@@ -22,6 +22,13 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from parallel_bridge.errors import (
+    ConfigError,
+    DistributedError,
+    IntegrationError,
+    MissingDependencyError,
+    WrongTypeError,
+)
 from parallel_bridge.parallel.context import ParallelContext
 
 logger = logging.getLogger(__name__)
@@ -32,7 +39,7 @@ def import_deepspeed():
     try:
         import deepspeed
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             "deepspeed is not installed: install the extra with `pip install parallel-bridge[deepspeed]` "
             f"(DS_BUILD_OPS=0 pip install deepspeed>=0.19.8) ({e})"
         ) from e
@@ -104,7 +111,7 @@ class DeepSpeedUlyssesMPU(DeepSpeedSequenceParallelMPU):
 
     def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
         if sequence_parallel_size != self.ctx.cp:
-            raise ValueError(
+            raise ConfigError(
                 f"DeepSpeed asked for sequence parallel size {sequence_parallel_size}, "
                 f"but the context has cp={self.ctx.cp}"
             )
@@ -115,7 +122,7 @@ def make_mpu(ctx: ParallelContext) -> DeepSpeedMPU:
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() != ctx.world_size:
-        raise ValueError(
+        raise ConfigError(
             f"the context describes {ctx.world_size} ranks (tp={ctx.tp} x pp={ctx.pp} x dp={ctx.dp} "
             f"x cp={ctx.cp}) but torch.distributed has {dist.get_world_size()}"
         )
@@ -148,7 +155,7 @@ def expert_groups(ctx: ParallelContext) -> Iterator[str]:
     from deepspeed.utils import groups
 
     if ctx.etp != ctx.tp:
-        raise ValueError(
+        raise ConfigError(
             f"DeepSpeed's expert groups assume etp == tp; the context has etp={ctx.etp}, tp={ctx.tp}"
         )
     name = f"ep_size_{ctx.ep}"
@@ -169,20 +176,20 @@ def expert_groups(ctx: ParallelContext) -> Iterator[str]:
 def check_batch_config(ctx: ParallelContext, config: dict[str, Any]) -> None:
     """Raise ValueError naming the numbers when the config's batch sizes don't fit the data-parallel size."""
     if not isinstance(config, dict):
-        raise TypeError(f"the DeepSpeed config must be a dict, got {type(config).__name__}")
+        raise WrongTypeError(f"the DeepSpeed config must be a dict, got {type(config).__name__}")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"DeepSpeed config {key}={value!r} must be an integer, not {type(value).__name__}")
+            raise WrongTypeError(f"DeepSpeed config {key}={value!r} must be an integer, not {type(value).__name__}")
         if value is not None and value < 1:
-            raise ValueError(f"DeepSpeed config {key}={value} must be >= 1")
+            raise ConfigError(f"DeepSpeed config {key}={value} must be >= 1")
     dp = ctx.dp * ctx.cp if ctx.cp > 1 else ctx.dp
     train = config.get("train_batch_size")
     micro = config.get("train_micro_batch_size_per_gpu")
     accum = config.get("gradient_accumulation_steps")
     where = f"data-parallel size {dp} (dp={ctx.dp}" + (f" x cp={ctx.cp})" if ctx.cp > 1 else ")")
     if train is not None and micro is not None and accum is not None and train != micro * accum * dp:
-        raise ValueError(
+        raise ConfigError(
             f"train_batch_size={train} != train_micro_batch_size_per_gpu={micro} x "
             f"gradient_accumulation_steps={accum} x {where} = {micro * accum * dp}"
         )
@@ -191,11 +198,11 @@ def check_batch_config(ctx: ParallelContext, config: dict[str, Any]) -> None:
         (accum, "gradient_accumulation_steps"),
     ):
         if train is not None and per_rank is not None and train % (per_rank * dp):
-            raise ValueError(f"train_batch_size={train} is not divisible by {label}={per_rank} x {where}")
+            raise ConfigError(f"train_batch_size={train} is not divisible by {label}={per_rank} x {where}")
     if train is not None and train % dp:
-        raise ValueError(f"train_batch_size={train} is not divisible by the {where}")
+        raise ConfigError(f"train_batch_size={train} is not divisible by the {where}")
     if train is None and micro is None:
-        raise ValueError("the DeepSpeed config needs train_batch_size or train_micro_batch_size_per_gpu")
+        raise ConfigError("the DeepSpeed config needs train_batch_size or train_micro_batch_size_per_gpu")
 
 
 def initialize(ctx: ParallelContext, model: Any, config: dict[str, Any], **kwargs: Any):
@@ -212,12 +219,12 @@ def initialize(ctx: ParallelContext, model: Any, config: dict[str, Any], **kwarg
 
         installed = groups._EXPERT_PARALLEL_GROUP.get(f"ep_size_{ctx.ep}")
         if installed is None or dist.get_process_group_ranks(installed) != ctx.ranks("ep"):
-            raise ValueError(
+            raise ConfigError(
                 f"the context has ep={ctx.ep}: call initialize and train inside `with expert_groups(ctx):`, "
                 "so DeepSpeed's MoE layers use the context's expert groups"
             )
     if "mpu" in kwargs:
-        raise ValueError("pass the layout as the ParallelContext, not an mpu")
+        raise ConfigError("pass the layout as the ParallelContext, not an mpu")
     return deepspeed.initialize(model=model, config=config, mpu=make_mpu(ctx), **kwargs)
 
 
@@ -232,7 +239,7 @@ def context_from_deepspeed(timeout_s: float = 600.0) -> ParallelContext:
     from deepspeed.utils import bwc, groups
 
     if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialized: call deepspeed.init_distributed() first")
+        raise DistributedError("torch.distributed is not initialized: call deepspeed.init_distributed() first")
     mpu = groups.mpu
     world, rank = dist.get_world_size(), dist.get_rank()
     tp = 1 if mpu is None else bwc.bwc_tensor_model_parallel_world_size(mpu)
@@ -263,4 +270,4 @@ def context_from_deepspeed(timeout_s: float = 600.0) -> ParallelContext:
             continue
         if all(ctx.ranks(n) == r for n, r in ranks.items()):
             return ctx.with_groups(actual)
-    raise RuntimeError(f"DeepSpeed's groups {ranks} match no rank order of tp={tp}, pp={pp}, ep={ep}")
+    raise IntegrationError(f"DeepSpeed's groups {ranks} match no rank order of tp={tp}, pp={pp}, ep={ep}")

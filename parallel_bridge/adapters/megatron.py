@@ -32,7 +32,9 @@ from parallel_bridge.adapters.megatron_state import (
     import_megatron,
     memory_buffer,
 )
+from parallel_bridge.errors import ConfigError
 from parallel_bridge.parallel.context import ParallelContext
+from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.spec.tp_split import split_for_tp
 
 logger = logging.getLogger(__name__)
@@ -75,15 +77,15 @@ def _parallel_kwargs(ctx: ParallelContext, overrides: dict[str, Any]) -> dict[st
         ("ep", "expert_model_parallel_size"),
     ):
         if field in overrides and overrides[field] != getattr(ctx, degree):
-            raise ValueError(
+            raise ConfigError(
                 f"{field}={overrides[field]} disagrees with the context's {degree}={getattr(ctx, degree)}; "
                 f"change the ParallelContext instead"
             )
     kwargs.update(overrides)
     if kwargs.get("sequence_parallel") and ctx.tp == 1:
-        raise ValueError("sequence_parallel=True needs tensor parallelism, but the context has tp=1")
+        raise ConfigError("sequence_parallel=True needs tensor parallelism, but the context has tp=1")
     if ctx.pp > 1 and kwargs.get("pipeline_dtype") is None:
-        raise ValueError(
+        raise ConfigError(
             f"pipeline parallelism (pp={ctx.pp}) needs pipeline_dtype (the dtype sent between "
             f"stages), e.g. pipeline_dtype=torch.float32"
         )
@@ -116,7 +118,7 @@ def transformer_config(
         ctx.tp, num_attention_heads, num_query_groups, ffn, vocab_size, replicate_kv=False, pad_vocab=False
     )
     if hidden_size % num_attention_heads:
-        raise ValueError(
+        raise ConfigError(
             f"num_attention_heads={num_attention_heads} does not divide hidden_size={hidden_size}"
         )
     kwargs: dict[str, Any] = {
@@ -208,10 +210,18 @@ def build_gpt_model(
     )
 
 
+def gpt_model(ctx: ParallelContext, spec: GPTConfig, **config_overrides: Any) -> tuple[Any, Any]:
+    """megatron-core's ``TransformerConfig`` and ``GPTModel`` of a model spec on the context's groups
+    (``config_overrides``: training settings such as ``init_method_std``, ``pipeline_dtype``)."""
+    config = transformer_config(ctx, **spec.megatron_config(), vocab_size=spec.padded_vocab_size, **config_overrides)
+    return config, build_gpt_model(ctx, config, **spec.megatron_model())
+
+
 __all__ = [
     "CpuRNGStatesTracker",
     "bind_parallel_state",
     "build_gpt_model",
+    "gpt_model",
     "context_from_megatron",
     "cpu_compat",
     "import_megatron",

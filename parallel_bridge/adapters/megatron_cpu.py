@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from parallel_bridge.adapters.megatron_state import import_megatron, memory_buffer
+from parallel_bridge.errors import ConfigError, IntegrationError, UnknownNameError
 from parallel_bridge.parallel.context import ParallelContext
 
 
@@ -43,16 +44,16 @@ class CpuRNGStatesTracker:
     def add(self, name: str, seed: int) -> None:
         self._is_initialized = True
         if seed in self.seeds_:
-            raise ValueError(f"seed {seed} already exists")
+            raise ConfigError(f"seed {seed} already exists")
         if name in self.states_:
-            raise ValueError(f"rng state {name} already exists")
+            raise ConfigError(f"rng state {name} already exists")
         self.seeds_.add(seed)
         self.states_[name] = torch.Generator().manual_seed(seed).get_state()
 
     @contextlib.contextmanager
     def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
         if name not in self.states_:
-            raise KeyError(f"rng state {name} is not added; call model_parallel_manual_seed first")
+            raise UnknownNameError(f"rng state {name} is not added; call model_parallel_manual_seed first")
         outer = torch.get_rng_state()
         torch.set_rng_state(self.states_[name])
         try:
@@ -143,7 +144,7 @@ def model_parallel_manual_seed(ctx: ParallelContext, seed: int) -> None:
         return
     tracker = mrandom._CUDA_RNG_STATE_TRACKER
     if not isinstance(tracker, CpuRNGStatesTracker):
-        raise RuntimeError(
+        raise IntegrationError(
             "on CPU, call model_parallel_manual_seed inside parallel_bridge.adapters.megatron.cpu_compat()"
         )
     torch.manual_seed(seed)

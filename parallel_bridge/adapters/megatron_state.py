@@ -13,6 +13,7 @@ import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
 
+from parallel_bridge.errors import IntegrationError, MissingDependencyError, UnknownNameError
 from parallel_bridge.parallel.context import ParallelContext
 from parallel_bridge.parallel.layout import AXES
 
@@ -22,7 +23,7 @@ def import_megatron():
     try:
         import megatron.core as mcore
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             "megatron-core is not installed: install the extra with "
             f"`pip install parallel-bridge[megatron]` (megatron-core>=0.16.1) ({e})"
         ) from e
@@ -87,7 +88,7 @@ def bind_parallel_state(
     names = tuple(dict.fromkeys(("tp", "pp", "dp", *(names or STATE_GLOBALS))))
     unknown = [n for n in names if n not in STATE_GLOBALS]
     if unknown:
-        raise KeyError(f"cannot bind {unknown}; bindable groups are {list(STATE_GLOBALS)}")
+        raise UnknownNameError(f"cannot bind {unknown}; bindable groups are {list(STATE_GLOBALS)}")
     touched = [g for pair in STATE_GLOBALS.values() for g in pair if g] + list(_STATE_OVERRIDES)
     saved = {g: getattr(mps, g) for g in touched if hasattr(mps, g)}
     try:
@@ -136,7 +137,7 @@ def context_from_megatron(timeout_s: float = 600.0) -> ParallelContext:
     from megatron.core import parallel_state as mps
 
     if not mps.model_parallel_is_initialized():
-        raise RuntimeError(
+        raise IntegrationError(
             "megatron.core.parallel_state is not initialized: call "
             "parallel_state.initialize_model_parallel(...) first, or build the context with "
             "context_from_torchrun() and use bind_parallel_state()"
@@ -164,4 +165,4 @@ def context_from_megatron(timeout_s: float = 600.0) -> ParallelContext:
             return ctx.with_groups(
                 {n: getattr(mps, g) for n, (g, _) in STATE_GLOBALS.items() if getattr(mps, g) is not None}
             )
-    raise RuntimeError(f"megatron's groups {actual} match no rank order of the axes {used}")
+    raise IntegrationError(f"megatron's groups {actual} match no rank order of the axes {used}")

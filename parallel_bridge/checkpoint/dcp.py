@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from parallel_bridge.checkpoint import records
-from parallel_bridge.spec.model import CheckpointError
+from parallel_bridge.errors import CheckpointError
 
 
 def read_slices(

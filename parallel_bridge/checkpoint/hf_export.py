@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from parallel_bridge.checkpoint.megatron_reader import CheckpointError, MegatronCheckpoint
+from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
 from parallel_bridge.checkpoint.outputs import atomic_output, check_output
+from parallel_bridge.errors import CheckpointError
 from parallel_bridge.spec import schema
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def export_hf(
     out = Path(out)
     check_output(out, [ckpt.root] + ([Path(tokenizer)] if tokenizer is not None else []), overwrite)
     if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
+        raise CheckpointError(f"tokenizer folder {tokenizer} does not exist")
     cfg = ckpt.config
     with atomic_output(out, str(ckpt.path)) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]

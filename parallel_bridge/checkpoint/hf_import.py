@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from parallel_bridge.checkpoint.outputs import atomic_output, check_output
+from parallel_bridge.errors import CheckpointError, ModelConfigError, UnknownTensorError
 from parallel_bridge.spec import schema
-from parallel_bridge.spec.model import CheckpointError, GPTConfig
+from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.spec.tp_split import TPSplitError, split_for_tp
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,10 @@ def plan_import(folder: Path, tp: int, pp: int) -> tuple[GPTConfig, Plan]:
     for flag, value in (("--tp", tp), ("--pp", pp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CheckpointError(f"{flag} must be a positive integer, got {value!r}")
-    cfg = GPTConfig.from_hf(raw, padded_vocab(int(raw.get("vocab_size") or 1), tp))
+    try:
+        cfg = GPTConfig.from_hf(raw, padded_vocab(int(raw.get("vocab_size") or 1), tp))
+    except ModelConfigError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     try:
         split_for_tp(tp, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size,
                      cfg.padded_vocab_size, replicate_kv=False, pad_vocab=False)
@@ -103,7 +107,10 @@ def plan_import(folder: Path, tp: int, pp: int) -> tuple[GPTConfig, Plan]:
     if cfg.tie_embeddings:
         extra = [n for n in extra if n != "lm_head.weight"]  # a tied head saved anyway
     if extra:
-        raise CheckpointError(f"{folder}: tensors {extra[:4]} have no place in a {raw['model_type']} model of this config")
+        raise UnknownTensorError(
+            f"{folder}: tensors {extra[:4]} have no place in a {raw['model_type']} model of this config: no tensor "
+            "kind declares them, so nothing would be written for them; refused"
+        )
     return cfg, plan
 
 
@@ -125,23 +132,12 @@ def _save_with_megatron(cfg: GPTConfig, plan: Plan, root: Path, iteration: int) 
     """Build the model with megatron-core on a world of one, fill it, save it with megatron-core's own code."""
     from safetensors import safe_open
 
-    from parallel_bridge.adapters import megatron as pm
+    from parallel_bridge.adapters import megatron
     from parallel_bridge.checkpoint.megatron_save import save_torch_dist
     from parallel_bridge.parallel.launch import single_process_world
 
-    with single_process_world() as ctx, pm.cpu_compat(), pm.bind_parallel_state(ctx):
-        config = pm.transformer_config(
-            ctx, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-            num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
-            ffn_hidden_size=cfg.ffn_hidden_size, kv_channels=cfg.head_dim, layernorm_epsilon=cfg.norm_epsilon,
-            add_qkv_bias=cfg.add_qkv_bias, qk_layernorm=cfg.qk_layernorm, perform_initialization=False,
-            window_size=None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0),
-        )
-        model = pm.build_gpt_model(
-            ctx, config, vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
-            share_embeddings_and_output_weights=cfg.tie_embeddings, rotary_base=cfg.rotary_base,
-            rope_scaling_factor=cfg.rope_scaling_factor,
-        )
+    with single_process_world() as ctx, megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
+        _, model = megatron.gpt_model(ctx, cfg, perform_initialization=False)
         params = dict(model.named_parameters())
         with torch.no_grad(), contextlib.ExitStack() as files:
             handles: dict[Path, Any] = {}  # each safetensors file opened once

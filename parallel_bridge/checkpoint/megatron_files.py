@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from parallel_bridge.spec.model import CheckpointError
+from parallel_bridge.errors import CheckpointError
 
 _TE_NORMS = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",

@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 
-from parallel_bridge.checkpoint import dcp, records
-from parallel_bridge.checkpoint import megatron_files as mf
+from parallel_bridge.checkpoint import dcp, megatron_files, records
 from parallel_bridge.checkpoint.megatron_files import canonical
-from parallel_bridge.spec import megatron_layout as ml
-from parallel_bridge.spec.model import CONFIG_FILE, CheckpointError, GPTConfig
-from parallel_bridge.spec.schema import expected_shapes
+from parallel_bridge.errors import CheckpointError, ModelConfigError, UnknownTensorError
+from parallel_bridge.spec import schema
+from parallel_bridge.spec.model import CONFIG_FILE, GPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,8 @@ class TensorInfo:
 
 
 class MegatronCheckpoint:
-    """One iteration of a Megatron GPT checkpoint, read tensor by tensor."""
+    """One iteration of a Megatron GPT checkpoint, read tensor by tensor: a
+    :class:`~parallel_bridge.spec.store.TensorStore`."""
 
     format: str
     path: Path
@@ -69,10 +69,10 @@ class MegatronCheckpoint:
         root = Path(path)
         if not root.exists():
             raise CheckpointError(f"checkpoint folder {root} does not exist")
-        folder = mf.iteration_folder(root, iteration)
+        folder = megatron_files.iteration_folder(root, iteration)
         if (folder / "metadata.json").exists() or (folder / ".metadata").exists():
             ckpt: MegatronCheckpoint = _TorchDist(folder)
-        elif any(mf.RANK_DIR.match(p.name) for p in folder.iterdir() if p.is_dir()):
+        elif any(megatron_files.RANK_DIR.match(p.name) for p in folder.iterdir() if p.is_dir()):
             ckpt = _Legacy(folder)
         else:
             raise CheckpointError(
@@ -80,7 +80,7 @@ class MegatronCheckpoint:
                 f"(mp_rank_XX folders)"
             )
         ckpt.root = root
-        ckpt.iteration = mf.iteration_of(folder)
+        ckpt.iteration = megatron_files.iteration_of(folder)
         ckpt._load_config(root, overrides or {})
         ckpt._check_shapes()
         return ckpt
@@ -115,11 +115,14 @@ class MegatronCheckpoint:
                 f"beside it; write one (num_layers, hidden_size, num_attention_heads, num_query_groups, "
                 f"ffn_hidden_size, vocab_size, padded_vocab_size, ...) or pass overrides"
             )
-        self.config = GPTConfig.from_args(args, overrides)
+        try:
+            self.config = GPTConfig.from_args(args, overrides)
+        except ModelConfigError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
 
     def _check_shapes(self) -> None:
         cfg = self.config
-        expected = expected_shapes(cfg)
+        expected = schema.expected_shapes(cfg)
         for name, shape in expected.items():
             if name not in self.tensors:
                 raise CheckpointError(
@@ -131,12 +134,18 @@ class MegatronCheckpoint:
                 )
         extra = sorted(n for n in self.tensors if n not in expected and not n.endswith("_extra_state"))
         if extra:
-            raise CheckpointError(
-                f"{self.path}: tensors {extra[:4]} have no place in a Llama-family GPT of this config (MoE, MLA, "
-                f"biases the config does not declare, or another architecture?); the schema does not know them"
+            raise UnknownTensorError(
+                f"{self.path}: tensors {extra[:4]} have no place in a {cfg.family.model_type} GPT of this config (MoE, "
+                f"MLA, biases the config does not declare, or another architecture?); no tensor kind declares them"
             )
 
     # ------------------------------------------------------------------ reads
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The full shape of tensor ``name``."""
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: no tensor {name}")
+        return self.tensors[name].shape
+
     def read(
         self, name: str, dim: int | None = None, start: int = 0, length: int | None = None
     ) -> torch.Tensor:
@@ -280,7 +289,7 @@ class _Legacy(MegatronCheckpoint):
         self.path = folder
         dirs = {}
         for p in folder.iterdir():
-            m = mf.RANK_DIR.match(p.name)
+            m = megatron_files.RANK_DIR.match(p.name)
             if p.is_dir() and m:
                 if m[3] is not None:
                     raise CheckpointError(f"{p}: expert-parallel checkpoints (MoE) are not supported")
@@ -319,7 +328,7 @@ class _Legacy(MegatronCheckpoint):
             for local in state:
                 if local.endswith("_extra_state"):
                     continue
-                name = canonical(ml.to_global_name(local, offset))
+                name = canonical(schema.global_name(local, offset))
                 self._where[name] = (p, local)
             offset += len(local_layers)
         for name, (p, local) in self._where.items():
@@ -349,18 +358,19 @@ class _Legacy(MegatronCheckpoint):
         return state
 
     def _merge(self, name: str, shapes: list[torch.Size], p: int) -> list[int]:
-        """The full shape from the TP shards' shapes; Megatron splits evenly, so they must all be equal."""
+        """The full shape from the TP shards' shapes; Megatron splits evenly, so they must all be equal. A
+        tensor no kind declares keeps its shard's shape here: the checkpoint is refused once its config is
+        read (which names the feature, MoE say, before the tensor)."""
         for t, s in enumerate(shapes[1:], 1):
             if s != shapes[0]:
                 raise CheckpointError(
                     f"tensor {name}: shard {tuple(s)} in {self._files[(t, p)]} disagrees with {tuple(shapes[0])} "
                     f"in {self._files[(0, p)]}; Megatron's tensor-parallel shards of one tensor have equal shapes"
                 )
-        shape = list(shapes[0])
-        dim = {"column": 0, "glu": 0, "row": 1}.get(ml.split_kind(name))
-        if dim is not None:
-            shape[dim] *= len(shapes)
-        return shape
+        try:
+            return list(schema.sharding_of(name).full_shape(shapes[0], len(shapes)))
+        except UnknownTensorError:
+            return list(shapes[0])
 
     def _args(self) -> Any:
         return self._first_args
@@ -372,7 +382,7 @@ class _Legacy(MegatronCheckpoint):
             raise CheckpointError(f"{self.path}: no tensor {name}")
         p, local = self._where[name]
         shards = [self._model_state(t, p)[local] for t in range(self.source_tp)]
-        full = ml.merge(name, shards)
+        full = schema.sharding_of(name).merge(name, shards)
         if dim is not None:
             n = length if length is not None else full.shape[dim] - start
             full = full.narrow(dim, start, n)

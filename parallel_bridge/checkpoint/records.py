@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from parallel_bridge.spec.model import CheckpointError
+from parallel_bridge.errors import CheckpointError
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
 _CHUNK = 16 << 20

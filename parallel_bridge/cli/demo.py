@@ -14,12 +14,12 @@ Everything lands in one output folder: ``tokenizer/``, ``checkpoint/``, ``report
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ import torch.distributed as dist
 from parallel_bridge import ParallelContext
 from parallel_bridge.numerics.machine import machine_kernels
 from parallel_bridge.parallel.launch import context_from_torchrun
+from parallel_bridge.spec.model import GPTConfig
 
 logger = logging.getLogger("parallel_bridge.cli.demo")
 
@@ -35,17 +36,12 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789+=")
 
 
-@dataclass(frozen=True)
-class DemoModel:
-    """Sizes of the demo model (head_dim 32: a size vLLM's CPU attention supports)."""
-
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
-    ffn_hidden_size: int = 256
-    vocab_size: int = 32  # 16 symbols, padded so that any TP up to 32 divides it
-    max_sequence_length: int = 16
+MODEL = GPTConfig(
+    num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=256,
+    vocab_size=len(SPECIALS) + len(CHARS), padded_vocab_size=32, max_position_embeddings=16,
+)
+"""The demo's model: head_dim 32 (a size vLLM's CPU attention supports); its 16 symbols padded to 32 rows so
+that any TP up to 32 divides them."""
 
 
 def build_tokenizer(folder: Path):
@@ -115,27 +111,21 @@ def greedy_complete(ctx, model, tokenizer, prompts: list[str], max_new: int, voc
     return outs, logprobs, zmax
 
 
-def build_model(ctx: ParallelContext, sizes: DemoModel, seed: int):
-    """The demo's megatron-core GPTModel (and its TransformerConfig) on the context's groups; call it
-    inside ``cpu_compat`` and ``bind_parallel_state``."""
-    from parallel_bridge.adapters import megatron as pm
+def build_model(ctx: ParallelContext, spec: GPTConfig, seed: int):
+    """The megatron-core GPTModel of ``spec`` on the context's groups, seeded; call it inside ``cpu_compat``
+    and ``bind_parallel_state``."""
+    from parallel_bridge.adapters import megatron
 
-    pm.model_parallel_manual_seed(ctx, seed)
-    layer_sizes = {k: v for k, v in asdict(sizes).items() if k not in ("vocab_size", "max_sequence_length")}
-    config = pm.transformer_config(ctx, **layer_sizes, vocab_size=sizes.vocab_size, init_method_std=0.02)
-    model = pm.build_gpt_model(
-        ctx, config, vocab_size=sizes.vocab_size, max_sequence_length=sizes.max_sequence_length
-    )
-    return config, model
+    megatron.model_parallel_manual_seed(ctx, seed)
+    return megatron.gpt_model(ctx, spec, init_method_std=0.02)[1]
 
 
 def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
     from tqdm import tqdm
 
-    from parallel_bridge.adapters import megatron as pm
-    from parallel_bridge.checkpoint.megatron_save import gpt_config_of, save_torch_dist
+    from parallel_bridge.adapters import megatron
+    from parallel_bridge.checkpoint.megatron_save import save_torch_dist
 
-    sizes = DemoModel()
     tokenizer = build_tokenizer(out / "tokenizer") if rank0 else None
     dist.barrier()
     if not rank0:
@@ -143,10 +133,10 @@ def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
 
         tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     rng = random.Random(0)  # the same batches on every TP rank
-    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
-        config, model = build_model(ctx, sizes, seed=1234)
+    with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
+        model = build_model(ctx, MODEL, seed=1234)
         optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        seq = sizes.max_sequence_length
+        seq = MODEL.max_position_embeddings
         pos = torch.arange(seq).unsqueeze(0).expand(args.batch, -1)
         losses = []
         bar = tqdm(range(args.steps), desc="      train", disable=not rank0, ncols=80, mininterval=2.0)
@@ -162,15 +152,14 @@ def train(args, ctx: ParallelContext, out: Path, rank0: bool) -> dict:
         train_s = time.perf_counter() - start
         if rank0:
             print(f"[2/4] saving with megatron-core's dist_checkpointing -> {out / 'checkpoint'}")
-        gpt = gpt_config_of(config, len(tokenizer), sizes.vocab_size, sizes.max_sequence_length, False)
-        save_torch_dist(ctx, model, out / "checkpoint", args.steps, gpt)
+        save_torch_dist(ctx, model, out / "checkpoint", args.steps, MODEL)
         if rank0:  # a config.json makes the tokenizer folder one vLLM and transformers read without complaint
-            (out / "tokenizer" / "config.json").write_text(json.dumps(gpt.to_hf(), indent=2))
+            (out / "tokenizer" / "config.json").write_text(json.dumps(MODEL.to_hf(), indent=2))
         model.eval()
         cases = eval_cases(args.eval)
         outs, lps, zmax = greedy_complete(ctx, model, tokenizer, [p for p, _ in cases], MAX_NEW, len(tokenizer))
     return {
-        "model": asdict(sizes),
+        "model": dataclasses.asdict(MODEL),
         "train_tp": ctx.tp,
         "first_loss": sum(losses[:10]) / min(10, len(losses)),
         "last_loss": sum(losses[-10:]) / min(10, len(losses)),
@@ -239,7 +228,7 @@ def serve(out: Path, serve_tp: int, report: dict, tokenizer):
         tokenizer=str(out / "tokenizer"),
         tensor_parallel_size=serve_tp,
         dtype="float32",
-        max_model_len=report["model"]["max_sequence_length"],
+        max_model_len=report["model"]["max_position_embeddings"],
         enforce_eager=True,
     ) as llm:
         line = describe_engine(llm)
@@ -268,7 +257,7 @@ def score(report: dict, outputs, tokenizer) -> None:
             trained.append(case["train_logprobs"])
             served.append(case["served_logprobs"])
     gap = parity.Gap.between(served, trained) if any(served) else parity.Gap(0.0, 0.0, 0)
-    bound = parity.bound_for(DemoModel(), report["max_abs_logit"], DemoModel().max_sequence_length)
+    bound = parity.bound_for(MODEL, report["max_abs_logit"], MODEL.max_position_embeddings)
     report.update(
         correct=sum(c["served_output"] == c["answer"] for c in report["cases"]),
         greedy_equal=same,

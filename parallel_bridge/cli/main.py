@@ -144,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_rl(args: argparse.Namespace) -> int:
     """The RL loop under torchrun: vLLM samples, Megatron trains, weights pushed every step."""
-    from parallel_bridge.cli.rl import SIZES as sizes
+    from parallel_bridge.cli.rl import MODEL as sizes
     from parallel_bridge.serving.megatron_format import check_serving_tp
 
     for name in ("steps", "prompts_per_step", "samples", "train_tp", "serve_tp"):

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from parallel_bridge import ParallelContext
-from parallel_bridge.cli.demo import DemoModel, build_model, build_tokenizer, encode_batch
+from parallel_bridge.cli.demo import MODEL as DEMO_MODEL
+from parallel_bridge.cli.demo import build_model, build_tokenizer, encode_batch
 from parallel_bridge.numerics.machine import machine_kernels
 from parallel_bridge.parallel.launch import context_from_torchrun
 
@@ -45,7 +46,7 @@ logger = logging.getLogger("parallel_bridge.cli.rl")
 
 LIMIT = 10
 MAX_NEW = 3
-SIZES = DemoModel(vocab_size=16)
+MODEL = DEMO_MODEL.replace(padded_vocab_size=DEMO_MODEL.vocab_size)
 """The demo's model without vocabulary padding: the policy's softmax is over exactly the 16 symbols
 vLLM serves (padding rows would hold probability mass the engine never samples: a train/serve gap)."""
 
@@ -146,7 +147,7 @@ def warm_up(model, tokenizer, train_pairs, steps: int, seed: int) -> list[float]
     """Supervised steps on packed ``<s>a+b=c</s>`` sentences of training pairs only."""
     rng = random.Random(seed)
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    seq = SIZES.max_sequence_length
+    seq = MODEL.max_position_embeddings
     pos = torch.arange(seq).unsqueeze(0).expand(32, -1)
     losses = []
     for _ in range(steps):
@@ -159,7 +160,7 @@ def warm_up(model, tokenizer, train_pairs, steps: int, seed: int) -> list[float]
     return losses
 
 
-def engine(out: Path, tokenizer_dir: Path, gpt, serve_tp: int):
+def engine(out: Path, tokenizer_dir: Path, serve_tp: int):
     """The rollout engine (a ``with`` scope): random weights until the first push, float32 checked."""
     from vllm.config import WeightTransferConfig
 
@@ -168,13 +169,13 @@ def engine(out: Path, tokenizer_dir: Path, gpt, serve_tp: int):
 
     folder = out / "engine"
     folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(gpt.to_hf(), indent=2))
+    (folder / "config.json").write_text(json.dumps(MODEL.to_hf(), indent=2))
     return llm_engine(
         model=str(folder),
         tokenizer=str(tokenizer_dir),
         load_format="dummy",  # random until the first push fills it
         dtype="float32",
-        max_model_len=SIZES.max_sequence_length,
+        max_model_len=MODEL.max_position_embeddings,
         enforce_eager=True,
         tensor_parallel_size=serve_tp,
         seed=0,
@@ -209,7 +210,7 @@ def measure(ctx: ParallelContext, model, llm, tokenizer, held, seqs, starts) -> 
     served = serve_logprobs(llm, seqs, starts)
     trained = [[float(logp[i, starts[i] - 1 + j]) for j in range(len(lps))] for i, lps in enumerate(served)]
     gap = parity.Gap.between(trained, served)
-    bound = parity.bound_for(SIZES, zmax, SIZES.max_sequence_length)
+    bound = parity.bound_for(MODEL, zmax, MODEL.max_position_embeddings)
     flat = [(a, b) for t, s in zip(trained, served) for a, b in zip(t, s)]
     worst = max(flat, key=lambda ab: abs(ab[0] - ab[1]))
     return {
@@ -267,14 +268,13 @@ def shared_tokenizer(ctx: ParallelContext, folder: Path):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    if len(tokenizer) != SIZES.vocab_size:
-        raise RuntimeError(f"the tokenizer has {len(tokenizer)} symbols, the model {SIZES.vocab_size}")
+    if len(tokenizer) != MODEL.vocab_size:
+        raise RuntimeError(f"the tokenizer has {len(tokenizer)} symbols, the model {MODEL.vocab_size}")
     return tokenizer
 
 
 def run(args, ctx: ParallelContext, out: Path) -> dict | None:
-    from parallel_bridge.adapters import megatron as pm
-    from parallel_bridge.checkpoint.megatron_save import gpt_config_of
+    from parallel_bridge.adapters import megatron
     from parallel_bridge.serving.engines import describe_engine
     from parallel_bridge.sync import WeightSync
 
@@ -282,16 +282,15 @@ def run(args, ctx: ParallelContext, out: Path) -> dict | None:
     tok_dir = out / "tokenizer"
     tokenizer = shared_tokenizer(ctx, tok_dir)
     train_pairs, held = pairs()
-    with pm.cpu_compat(), pm.bind_parallel_state(ctx):
-        config, model = build_model(ctx, SIZES, seed=args.seed)
+    with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
+        model = build_model(ctx, MODEL, seed=args.seed)
         if rank0:
             print(f"[1/3] warm-up: {args.warmup} supervised steps at TP={ctx.tp} (stopped early on purpose)")
         losses = warm_up(model, tokenizer, train_pairs, args.warmup, args.seed)
-        gpt = gpt_config_of(config, len(tokenizer), SIZES.vocab_size, SIZES.max_sequence_length, False)
         if rank0:
             print(f"[2/3] vLLM engine at TP={args.serve_tp}; first weight push")
-            (tok_dir / "config.json").write_text(json.dumps(gpt.to_hf(), indent=2))
-        with engine(out, tok_dir, gpt, args.serve_tp) if rank0 else contextlib.nullcontext() as llm:
+            (tok_dir / "config.json").write_text(json.dumps(MODEL.to_hf(), indent=2))
+        with engine(out, tok_dir, args.serve_tp) if rank0 else contextlib.nullcontext() as llm:
             sync = WeightSync(ctx, model, llm, vocab_size=len(tokenizer), timeout_s=120)
             first = sync.push()
             start_acc = greedy_accuracy(llm, tokenizer, held) if rank0 else None

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel_bridge.errors import LayoutError
 from parallel_bridge.parallel.context import ParallelContext
 from parallel_bridge.spec.tp_split import heads_per_rank
 
@@ -191,13 +192,13 @@ class TrainableAttention(nn.Module):
         if current_platform.is_cpu():
             supported = cpu_supported_head_sizes()
             if supported is not None and self.head_dim not in supported:
-                raise ValueError(
+                raise LayoutError(
                     f"head_dim={self.head_dim} is not supported by vLLM's CPU attention backend; "
                     f"supported head sizes are {supported}"
                 )
         digits = [int(t) for t in prefix.replace(".", " ").split() if t.isdigit()]
         if digits != [self.layer_index]:
-            raise ValueError(
+            raise LayoutError(
                 f"vLLM attention prefix {prefix!r} must contain exactly the layer index {self.layer_index}"
             )
         return Attention(

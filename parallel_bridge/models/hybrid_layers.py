@@ -18,7 +18,7 @@ from parallel_bridge.models.kernels import Kernels
 from parallel_bridge.parallel.context import ParallelContext
 
 if TYPE_CHECKING:
-    from parallel_bridge.models.hybrid_llama import HybridLlamaConfig
+    from parallel_bridge.spec.model import GPTConfig
 
 
 INIT = functools.partial(nn.init.normal_, std=0.02)
@@ -29,7 +29,7 @@ class Build:
     """What every layer is built from: the model's sizes, the layout, megatron-core's parallel config,
     the kernels backend, and vLLM's config when serving (None in training)."""
 
-    cfg: HybridLlamaConfig
+    spec: GPTConfig
     ctx: ParallelContext
     mcfg: Any
     kernels: Kernels
@@ -54,7 +54,7 @@ class Build:
 
     def norm(self) -> nn.Module:
         """The backend's RMSNorm over the hidden size."""
-        return self.kernels.norm(self.cfg.hidden_size, self.cfg.rms_norm_eps, self.mcfg.params_dtype)
+        return self.kernels.norm(self.spec.hidden_size, self.spec.norm_epsilon, self.mcfg.params_dtype)
 
 
 class SelfAttention(nn.Module):
@@ -62,23 +62,23 @@ class SelfAttention(nn.Module):
 
     def __init__(self, b: Build, index: int, prefix: str) -> None:
         super().__init__()
-        cfg, d = b.cfg, b.cfg.head_dim
+        spec, d = b.spec, b.spec.head_dim
         self.kernels = b.kernels
         attention = TrainableAttention(
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
+            spec.num_attention_heads,
+            spec.num_query_groups,
             d,
             layer_index=index,
             ctx=b.ctx,
-            rope_theta=cfg.rope_theta,
-            max_positions=cfg.max_position_embeddings,
+            rope_theta=spec.rotary_base,
+            max_positions=spec.max_position_embeddings,
             vllm_config=b.vllm_config,
             prefix=f"{prefix}.core_attention",
         )
         heads, kv = attention.num_heads, attention.num_kv_heads  # this rank's
-        self.linear_qkv = b.column(cfg.hidden_size, b.ctx.tp * (heads + 2 * kv) * d)
+        self.linear_qkv = b.column(spec.hidden_size, b.ctx.tp * (heads + 2 * kv) * d)
         self.core_attention = attention
-        self.linear_proj = b.row(cfg.num_attention_heads * d, cfg.hidden_size)
+        self.linear_proj = b.row(spec.num_attention_heads * d, spec.hidden_size)
         self.groups, self.per_group, self.head_dim = kv, heads // kv, d
 
     def forward(
@@ -100,8 +100,8 @@ class MLP(nn.Module):
     def __init__(self, b: Build) -> None:
         super().__init__()
         self.kernels = b.kernels
-        self.linear_fc1 = b.column(b.cfg.hidden_size, 2 * b.cfg.intermediate_size)
-        self.linear_fc2 = b.row(b.cfg.intermediate_size, b.cfg.hidden_size)
+        self.linear_fc1 = b.column(b.spec.hidden_size, 2 * b.spec.ffn_hidden_size)
+        self.linear_fc2 = b.row(b.spec.ffn_hidden_size, b.spec.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.kernels.linear(self.linear_fc1, x, reduce=False).chunk(2, dim=-1)
@@ -127,7 +127,7 @@ class Decoder(nn.Module):
     def __init__(self, b: Build, prefix: str) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            DecoderLayer(b, i, f"{prefix}.layers.{i}") for i in range(b.cfg.num_hidden_layers)
+            DecoderLayer(b, i, f"{prefix}.layers.{i}") for i in range(b.spec.num_layers)
         )
         self.final_layernorm = b.norm()
 
@@ -138,5 +138,5 @@ class Embedding(nn.Module):
         from megatron.core.tensor_parallel import VocabParallelEmbedding
 
         self.word_embeddings = VocabParallelEmbedding(
-            padded_vocab, b.cfg.hidden_size, init_method=INIT, config=b.mcfg, tp_group=b.ctx.tp_group
+            padded_vocab, b.spec.hidden_size, init_method=INIT, config=b.mcfg, tp_group=b.ctx.tp_group
         )

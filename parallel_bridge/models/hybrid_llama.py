@@ -12,7 +12,6 @@ under those names and keeps this rank's shard, through each parameter's
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -24,65 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel_bridge.adapters import megatron as pm
+from parallel_bridge.adapters import megatron
+from parallel_bridge.errors import CheckpointError, LayoutError, ModelConfigError, UnknownTensorError
 from parallel_bridge.models.hybrid_layers import Build, Decoder, Embedding
 from parallel_bridge.models.kernels import kernels_for
 from parallel_bridge.parallel.context import ParallelContext
-from parallel_bridge.spec import megatron_layout as ml
 from parallel_bridge.spec import schema
-from parallel_bridge.spec.schema import Split
-from parallel_bridge.spec.tp_split import HF_NAMES, split_for_tp
+from parallel_bridge.spec.model import GPTConfig
+from parallel_bridge.spec.sharding import GROUPED_QKV, VOCAB, GroupedQKV
+from parallel_bridge.spec.tp_split import split_for_tp
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "ParallelBridgeHybridLlama"
 """The name this model is registered under in vLLM (``architectures`` in config.json)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HybridLlamaConfig:
-    """Model sizes; the field names of Hugging Face's LlamaConfig where one exists."""
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_hf(cls, hf_config: Any) -> HybridLlamaConfig:
-        """From a transformers config object or dict (e.g. vLLM's ``model_config.hf_config``)."""
-        get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
-        values = {f.name: get(f.name) for f in dataclasses.fields(cls) if get(f.name) is not None}
-        values.setdefault("num_key_value_heads", values.get("num_attention_heads"))
-        rope = get("rope_parameters") or get("rope_scaling") or {}
-        if "rope_theta" not in values and isinstance(rope, dict) and "rope_theta" in rope:
-            values["rope_theta"] = rope["rope_theta"]
-        return cls(**values)
-
-    def to_hf_dict(self, architecture: str = ARCHITECTURE) -> dict[str, Any]:
-        """A Llama-style config.json body naming ``architecture``."""
-        return {
-            "architectures": [architecture],
-            "model_type": "llama",
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "torch_dtype": "float32",
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "pad_token_id": 0,
-            **dataclasses.asdict(self),
-        }
 
 
 class HybridLlama(nn.Module):
@@ -91,7 +45,7 @@ class HybridLlama(nn.Module):
 
     def __init__(
         self,
-        cfg: HybridLlamaConfig,
+        spec: GPTConfig,
         ctx: ParallelContext | None = None,
         *,
         vllm_config: Any = None,
@@ -101,30 +55,26 @@ class HybridLlama(nn.Module):
         super().__init__()
         ctx = ctx or ParallelContext()
         if ctx.pp != 1:
-            raise ValueError(f"HybridLlama runs without pipeline parallelism; the context has pp={ctx.pp}")
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(
-                f"num_attention_heads={cfg.num_attention_heads} does not divide hidden_size={cfg.hidden_size}"
-            )
+            raise LayoutError(f"HybridLlama runs without pipeline parallelism; the context has pp={ctx.pp}")
+        _check_features(spec)
         serving = vllm_config is not None
         split = split_for_tp(  # training splits kv heads; vLLM serving may replicate them
             ctx.tp,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.intermediate_size,
-            cfg.vocab_size,
+            spec.num_attention_heads,
+            spec.num_query_groups,
+            spec.ffn_hidden_size,
+            spec.padded_vocab_size,
             replicate_kv=serving,
-            names=HF_NAMES,
         )
-        self.cfg, self.ctx = cfg, ctx
-        self.padded_vocab = split.padded_vocab
+        # the vocabulary padded to a multiple of tp: the rows the ranks hold together
+        self.spec, self.ctx = spec.replace(padded_vocab_size=split.padded_vocab), ctx
         self.kernels = kernels_for(ctx, serving)
-        mcfg = pm.model_parallel_config(ctx, params_dtype=params_dtype, perform_initialization=not serving)
-        build = Build(cfg, ctx, mcfg, self.kernels, vllm_config)
-        self.embedding = Embedding(build, self.padded_vocab)
+        mcfg = megatron.model_parallel_config(ctx, params_dtype=params_dtype, perform_initialization=not serving)
+        build = Build(self.spec, ctx, mcfg, self.kernels, vllm_config)
+        self.embedding = Embedding(build, self.spec.padded_vocab_size)
         self.decoder = Decoder(build, f"{prefix}.decoder")
-        if not cfg.tie_word_embeddings:
-            self.output_layer = build.column(cfg.hidden_size, self.padded_vocab)
+        if not spec.tie_embeddings:
+            self.output_layer = build.column(spec.hidden_size, self.spec.padded_vocab_size)
         for name, param in self.named_parameters():
             param.weight_loader = functools.partial(self._load_full, name)
 
@@ -148,14 +98,14 @@ class HybridLlama(nn.Module):
         return self.decoder.final_layernorm(h)
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """This rank's vocabulary shard of the logits [T, padded_vocab / tp] (differentiable in training)."""
-        if self.cfg.tie_word_embeddings:
+        """This rank's vocabulary shard of the logits [T, padded_vocab_size / tp] (differentiable in training)."""
+        if self.spec.tie_embeddings:
             return self.kernels.vocab_logits(None, self.embedding.word_embeddings.weight, hidden)
         return self.kernels.vocab_logits(self.output_layer, self.output_layer.weight, hidden)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [T, vocab_size] on every rank (padding rows dropped)."""
-        return self.ctx.comm("tp").all_gather(self.local_logits(hidden_states))[:, : self.cfg.vocab_size]
+        return self.ctx.comm("tp").all_gather(self.local_logits(hidden_states))[:, : self.spec.vocab_size]
 
     def loss(
         self,
@@ -170,29 +120,24 @@ class HybridLlama(nn.Module):
         full = self.local_logits(self(input_ids, positions, cu_seqlens=cu_seqlens))
         if self.ctx.tp > 1:
             full = gather_from_tensor_model_parallel_region(full, group=self.ctx.tp_group)
-        return F.cross_entropy(full[:, : self.cfg.vocab_size].float(), labels)
+        return F.cross_entropy(full[:, : self.spec.vocab_size].float(), labels)
 
     # ------------------------------------------------------------ weights
     def _shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of the full tensor ``name``, as the schema splits its kind."""
-        cfg, ctx = self.cfg, self.ctx
-        split = schema.split_of(name)
-        if split is Split.VOCAB:
-            if full.shape[0] < cfg.vocab_size:
-                raise ValueError(
-                    f"tensor {name} has {full.shape[0]} vocabulary rows; the model has vocab_size={cfg.vocab_size}"
-                )
-            # rows past the vocabulary are the saver's padding; pad again for this TP size
-            full = F.pad(full[: cfg.vocab_size], (0, 0, 0, self.padded_vocab - cfg.vocab_size))
-        if split is Split.QKV:
-            qkv = schema.GroupedQKV(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-            return qkv.shard(name, full, ctx.tp, ctx.tp_rank)
-        return ml.shard(name, full, ctx.tp, ctx.tp_rank)
+        """This rank's part of the full tensor ``name``, as its kind's sharding says (kv heads replicated
+        when the model serves at a TP above its query groups)."""
+        spec, ctx = self.spec, self.ctx
+        sharding = schema.sharding_of(name)
+        if sharding is VOCAB:  # rows past the vocabulary are the saver's padding; pad again for this TP size
+            full = sharding.pad_for(name, full, spec, spec.padded_vocab_size)
+        if sharding is GROUPED_QKV:
+            return GroupedQKV.of(spec).replicated_kv_shard(name, full, ctx.tp, ctx.tp_rank)
+        return sharding.shard(name, full, ctx.tp, ctx.tp_rank)
 
     def _load_full(self, name: str, param: nn.Parameter, full: torch.Tensor) -> None:
         shard = self._shard(name, full)
         if shard.shape != param.shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"tensor {name}: this rank's shard has shape {tuple(shard.shape)} but the parameter has "
                 f"{tuple(param.shape)}; does the checkpoint match the model config?"
             )
@@ -208,7 +153,7 @@ class HybridLlama(nn.Module):
             if name.endswith("_extra_state") or name.endswith("rotary_pos_emb.inv_freq"):
                 continue
             if name not in params:
-                raise KeyError(f"checkpoint tensor {name} matches no parameter of {type(self).__name__}")
+                raise UnknownTensorError(f"checkpoint tensor {name} matches no parameter of {type(self).__name__}")
             params[name].weight_loader(params[name], full)
             loaded.add(name)
         return loaded
@@ -219,12 +164,11 @@ class HybridLlama(nn.Module):
         out = {}
         tp = self.ctx.comm("tp")
         for name, param in self.named_parameters():
-            shards = [param.detach()]
-            if ml.split_kind(name) != "replicated":
-                shards = tp.all_gather_list(param.detach())
-            full = ml.merge(name, shards)
-            if "word_embeddings" in name or name.startswith("output_layer"):
-                full = full[: self.cfg.vocab_size]
+            sharding = schema.sharding_of(name)
+            shards = [param.detach()] if sharding.dim is None else tp.all_gather_list(param.detach())
+            full = sharding.merge(name, shards)
+            if sharding is VOCAB:
+                full = full[: self.spec.vocab_size]
             out[name] = full.clone()
         return out
 
@@ -236,13 +180,27 @@ class HybridLlama(nn.Module):
         if self.ctx.rank == 0:
             folder = Path(folder)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "config.json").write_text(json.dumps(self.cfg.to_hf_dict(architecture), indent=2))
+            (folder / "config.json").write_text(json.dumps(self.spec.to_hf(architecture), indent=2))
             save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
 
 
 def build_for_vllm(vllm_config: Any, parallel_context: ParallelContext) -> HybridLlama:
-    """The factory registered for :data:`ARCHITECTURE`: sizes from the served folder's config.json."""
-    cfg = HybridLlamaConfig.from_hf(vllm_config.model_config.hf_config)
+    """The factory registered for :data:`ARCHITECTURE`: the spec from the served folder's config.json."""
+    spec = GPTConfig.from_hf(vllm_config.model_config.hf_config)
     return HybridLlama(
-        cfg, parallel_context, vllm_config=vllm_config, params_dtype=vllm_config.model_config.dtype
+        spec, parallel_context, vllm_config=vllm_config, params_dtype=vllm_config.model_config.dtype
     )
+
+
+_PLAIN = (("add_bias_linear", False), ("add_qkv_bias", False), ("qk_layernorm", False), ("rope_scaling_factor", None),
+          ("sliding_window", None))
+"""Features HybridLlama's layers do not build, at the values that mean "absent"."""
+
+
+def _check_features(spec: GPTConfig) -> None:
+    """Refuse a spec with features HybridLlama's plain Llama layers do not compute, naming each."""
+    off = [f"{name}={getattr(spec, name)!r}" for name, plain in _PLAIN if getattr(spec, name) != plain]
+    if spec.head_dim * spec.num_attention_heads != spec.hidden_size:
+        off.append(f"kv_channels={spec.kv_channels} (head_dim other than hidden_size / num_attention_heads)")
+    if off:
+        raise ModelConfigError(f"HybridLlama builds plain Llama layers; this spec has {', '.join(off)}")

@@ -25,6 +25,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from parallel_bridge.errors import LayoutError, UnknownNameError, WrongTypeError
 from parallel_bridge.parallel import groups as _groups
 from parallel_bridge.parallel import layout
 
@@ -131,34 +132,34 @@ class ParallelContext:
         for name in ("tp", "pp", "dp", "cp", "ep", "rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+                raise WrongTypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
         if self.etp is None:
             object.__setattr__(self, "etp", self.tp)
         for name in ("tp", "pp", "dp", "cp", "ep", "etp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise LayoutError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(
+            raise LayoutError(
                 f"rank {self.rank} is outside the world of {self.world_size} ranks "
                 f"(tp={self.tp} x cp={self.cp} x dp={self.dp} x pp={self.pp})"
             )
         if self.backend is not None and (not isinstance(self.backend, str) or not self.backend):
-            raise TypeError(f"backend must be a torch.distributed backend name like 'gloo' or 'nccl', got {self.backend!r}")
+            raise WrongTypeError(f"backend must be a torch.distributed backend name like 'gloo' or 'nccl', got {self.backend!r}")
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)):
-            raise TypeError(f"timeout_s must be a number of seconds, got {self.timeout_s!r} ({type(self.timeout_s).__name__})")
+            raise WrongTypeError(f"timeout_s must be a number of seconds, got {self.timeout_s!r} ({type(self.timeout_s).__name__})")
         if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+            raise LayoutError(f"timeout_s must be positive, got {self.timeout_s}")
         object.__setattr__(self, "order", "-".join(layout.complete_order(self.order, self._sizes("dense"))))
         expert_block = self.etp * self.ep * self.pp
         if self.world_size % expert_block:
-            raise ValueError(
+            raise LayoutError(
                 f"expert layout does not fit: etp={self.etp} x ep={self.ep} x pp={self.pp} = "
                 f"{expert_block} does not divide the world size {self.world_size}"
             )
         layout.complete_order(self.order, self._sizes("expert"))
         if self.all_ranks("pp") != self._groups_of("expert", "pp"):
-            raise ValueError(
+            raise LayoutError(
                 f"order {self.order!r} puts pipeline stages on different ranks for the expert "
                 f"layers (etp={self.etp}, ep={self.ep}) than for the dense ones; put 'pp' last"
             )
@@ -228,7 +229,7 @@ class ParallelContext:
             return [[g[0]] for g in self.all_ranks("pp")]
         if name == "world":
             return [list(range(self.world_size))]
-        raise KeyError(f"unknown group {name!r}; known groups are {list(GROUP_NAMES)}")
+        raise UnknownNameError(f"unknown group {name!r}; known groups are {list(GROUP_NAMES)}")
 
     def ranks(self, name: str) -> list[int]:
         """The global ranks of this rank's group ``name`` (empty for embd/pos_embd it is not in)."""
@@ -251,7 +252,7 @@ class ParallelContext:
         if comm is None:
             ranks = self.ranks(name)
             if not ranks:
-                raise ValueError(f"rank {self.rank} is in no {name!r} group ({self.describe()})")
+                raise LayoutError(f"rank {self.rank} is in no {name!r} group ({self.describe()})")
             comm = self._cache.comms[name] = _groups.ParallelGroup(
                 name, tuple(ranks), self.rank, functools.partial(self.group, name)
             )
@@ -291,7 +292,7 @@ class ParallelContext:
         known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ParallelContext fields {unknown}; known: {sorted(known)}")
+            raise LayoutError(f"unknown ParallelContext fields {unknown}; known: {sorted(known)}")
         return cls(**data)
 
     def to_json(self) -> str:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from parallel_bridge.errors import DistributedError, LayoutError
+
 if TYPE_CHECKING:
     from parallel_bridge.parallel.context import ParallelContext
 
@@ -61,11 +63,11 @@ def adopt(ctx: ParallelContext, cache: GroupCache, inherited: GroupCache, adopte
         expected = ctx.ranks(name)
         if pg is None:
             if expected:
-                raise ValueError(f"group {name!r} is None but rank {ctx.rank} belongs to {expected}")
+                raise LayoutError(f"group {name!r} is None but rank {ctx.rank} belongs to {expected}")
         else:
             actual = dist.get_process_group_ranks(pg)
             if list(actual) != expected:
-                raise ValueError(
+                raise LayoutError(
                     f"group {name!r} holds ranks {list(actual)}, but this layout "
                     f"({ctx.describe()}) puts rank {ctx.rank} in {expected}"
                 )
@@ -74,13 +76,13 @@ def adopt(ctx: ParallelContext, cache: GroupCache, inherited: GroupCache, adopte
 
 def _require_distributed(ctx: ParallelContext, name: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
+        raise DistributedError(
             f"cannot make process group {name!r}: torch.distributed is not initialized "
             f"({ctx.describe()}); build the context with context_from_torchrun() "
             f"or call torch.distributed.init_process_group first"
         )
     if dist.get_world_size() != ctx.world_size:
-        raise RuntimeError(
+        raise DistributedError(
             f"cannot make process group {name!r}: the context describes {ctx.world_size} ranks "
             f"but torch.distributed has {dist.get_world_size()}"
         )
@@ -119,14 +121,14 @@ class ParallelGroup:
     def prev_rank(self) -> int:
         """Global rank before this one in the group (pipeline: the previous stage)."""
         if self.is_first:
-            raise ValueError(f"rank {self.rank} is first in its {self.name} group {list(self.ranks)}")
+            raise LayoutError(f"rank {self.rank} is first in its {self.name} group {list(self.ranks)}")
         return self.ranks[self.rank_in_group - 1]
 
     @property
     def next_rank(self) -> int:
         """Global rank after this one in the group (pipeline: the next stage)."""
         if self.is_last:
-            raise ValueError(f"rank {self.rank} is last in its {self.name} group {list(self.ranks)}")
+            raise LayoutError(f"rank {self.rank} is last in its {self.name} group {list(self.ranks)}")
         return self.ranks[self.rank_in_group + 1]
 
     @property

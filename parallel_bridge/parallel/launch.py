@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from parallel_bridge.errors import DistributedError, LayoutError
 from parallel_bridge.parallel import layout
 from parallel_bridge.parallel.context import ParallelContext
 
@@ -51,24 +52,24 @@ def context_from_torchrun(
     for var in _TORCHRUN_VARS:
         raw = env.get(var)
         if raw is None:
-            raise RuntimeError(
+            raise DistributedError(
                 f"environment variable {var} is not set: run under torchrun "
                 f"(torchrun --nproc-per-node N script.py) or set {', '.join(_TORCHRUN_VARS)}"
             )
         try:
             values[var] = int(raw)
         except ValueError:
-            raise ValueError(f"environment variable {var}={raw!r} is not an integer") from None
+            raise LayoutError(f"environment variable {var}={raw!r} is not an integer") from None
     world, rank = values["WORLD_SIZE"], values["RANK"]
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
+        raise LayoutError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
     model = tp * pp * cp
     if dp is None:
         if model < 1 or world % model:
-            raise ValueError(f"tp={tp} x pp={pp} x cp={cp} = {model} does not divide WORLD_SIZE={world}")
+            raise LayoutError(f"tp={tp} x pp={pp} x cp={cp} = {model} does not divide WORLD_SIZE={world}")
         dp = world // model
     elif model * dp != world:
-        raise ValueError(f"tp={tp} x pp={pp} x cp={cp} x dp={dp} = {model * dp} but WORLD_SIZE={world}")
+        raise LayoutError(f"tp={tp} x pp={pp} x cp={cp} x dp={dp} = {model * dp} but WORLD_SIZE={world}")
     ctx = ParallelContext(
         tp=tp,
         pp=pp,
@@ -87,7 +88,7 @@ def context_from_torchrun(
     if not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in env:
-                raise RuntimeError(f"environment variable {var} is not set: run under torchrun")
+                raise DistributedError(f"environment variable {var} is not set: run under torchrun")
         default = "nccl" if torch.cuda.is_available() else "gloo"
         kwargs = {}
         if default == "nccl":
@@ -103,7 +104,7 @@ def context_from_torchrun(
         )
         logger.info("initialized %s process group: rank %d of %d", backend or default, rank, world)
     elif dist.get_world_size() != world or dist.get_rank() != rank:
-        raise RuntimeError(
+        raise DistributedError(
             f"torch.distributed is initialized with rank {dist.get_rank()} of "
             f"{dist.get_world_size()}, but RANK={rank} WORLD_SIZE={world}"
         )
@@ -118,7 +119,7 @@ def single_process_world(backend: str = "gloo", timeout_s: float = 600.0) -> Ite
 
     if dist.is_initialized():
         if dist.get_world_size() != 1:
-            raise RuntimeError(f"a single-process step runs inside a world of {dist.get_world_size()} ranks")
+            raise DistributedError(f"a single-process step runs inside a world of {dist.get_world_size()} ranks")
         yield ParallelContext(timeout_s=timeout_s)
         return
     dist.init_process_group(
@@ -141,13 +142,13 @@ def context_from_device_mesh(mesh: DeviceMesh, **kwargs: Any) -> ParallelContext
 
     names = mesh.mesh_dim_names
     if not names:
-        raise ValueError("the DeviceMesh has no mesh_dim_names; name its dims from tp, cp, dp, pp")
+        raise LayoutError("the DeviceMesh has no mesh_dim_names; name its dims from tp, cp, dp, pp")
     unknown = [n for n in names if n not in ("tp", "cp", "dp", "pp")]
     if unknown:
-        raise ValueError(f"DeviceMesh dims {unknown} are not axes; use names from tp, cp, dp, pp")
+        raise LayoutError(f"DeviceMesh dims {unknown} are not axes; use names from tp, cp, dp, pp")
     grid = mesh.mesh
     if not torch.equal(grid.flatten().cpu(), torch.arange(grid.numel())):
-        raise ValueError(
+        raise LayoutError(
             "the DeviceMesh does not number ranks contiguously; build it with init_device_mesh"
         )
     degrees = dict(zip(names, grid.shape))

@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
+from parallel_bridge.errors import LayoutError
+
 
 class Axis(StrEnum):
     """A parallel axis; its value is the name orders and DeviceMesh dims use."""
@@ -39,16 +41,16 @@ VLLM_ORDER = "tp-cp-pp-dp"
 def parse_order(order: str) -> tuple[str, ...]:
     """Split an order string into axis names, checking each name once and known."""
     if not isinstance(order, str) or not order.strip():
-        raise ValueError(f"order must be a non-empty string like {MEGATRON_ORDER!r}, got {order!r}")
+        raise LayoutError(f"order must be a non-empty string like {MEGATRON_ORDER!r}, got {order!r}")
     tokens = tuple(order.strip().lower().split("-"))
     unknown = [t for t in tokens if t not in AXES]
     if unknown:
-        raise ValueError(
+        raise LayoutError(
             f"order {order!r} names unknown axes {unknown}; use '-'-separated names from {list(AXES)}"
         )
     repeated = sorted({t for t in tokens if tokens.count(t) > 1})
     if repeated:
-        raise ValueError(f"order {order!r} names {repeated} more than once")
+        raise LayoutError(f"order {order!r} names {repeated} more than once")
     return tokens
 
 
@@ -61,10 +63,10 @@ def complete_order(order: str, sizes: Mapping[str, int]) -> tuple[str, ...]:
     tokens = parse_order(order)
     for axis in sizes:
         if axis not in AXES:
-            raise ValueError(f"unknown axis {axis!r}; known axes are {list(AXES)}")
+            raise LayoutError(f"unknown axis {axis!r}; known axes are {list(AXES)}")
     missing = [a for a in AXES if a not in tokens and sizes.get(a, 1) != 1]
     if missing:
-        raise ValueError(
+        raise LayoutError(
             f"order {order!r} leaves out {missing}, whose sizes are "
             f"{[sizes[a] for a in missing]}; add them to the order"
         )
@@ -98,7 +100,7 @@ def rank_groups(sizes: Mapping[str, int], order: str, axes: str | Sequence[str])
     wanted = parse_order(axes) if isinstance(axes, str) else tuple(axes)
     for a in wanted:
         if a not in AXES:
-            raise ValueError(f"unknown axis {a!r}; known axes are {list(AXES)}")
+            raise LayoutError(f"unknown axis {a!r}; known axes are {list(AXES)}")
     dims = [int(sizes.get(t, 1)) for t in tokens]
     strides = _strides(dims)
     inside = [i for i, t in enumerate(tokens) if t in wanted]
@@ -123,5 +125,5 @@ def coordinates(rank: int, sizes: Mapping[str, int], order: str) -> dict[str, in
     dims = [int(sizes.get(t, 1)) for t in tokens]
     world = math.prod(dims)
     if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside the world of {world} ranks")
+        raise LayoutError(f"rank {rank} is outside the world of {world} ranks")
     return dict(zip(tokens, _unravel(rank, dims)))

@@ -12,7 +12,7 @@ loader fills the model:
 
 - vLLM's own model of the family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
   ``Qwen3ForCausalLM``; the fast path): each rank reads only the rows/columns of
-  each tensor it keeps, as :mod:`parallel_bridge.spec.schema` splits them (its query and
+  each tensor it keeps, as each kind's sharding says (:mod:`parallel_bridge.spec.sharding`) (its query and
   kv heads in vLLM's ``qkv_proj`` order, kv heads replicated when fewer than TP,
   its ``[gate | up]`` rows, its input columns of row-parallel weights, its
   vocabulary rows) and copies them into its parameters.
@@ -30,59 +30,23 @@ from typing import Any
 
 import torch
 
-from parallel_bridge.checkpoint.megatron_reader import CheckpointError, MegatronCheckpoint
-from parallel_bridge.spec import schema
-from parallel_bridge.spec.schema import Split
-from parallel_bridge.spec.tp_split import TPSplit, TPSplitError, split_for_tp
+from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
+from parallel_bridge.errors import CheckpointError
+from parallel_bridge.spec.store import VOCAB_PARAMS, rank_parts
+from parallel_bridge.spec.tp_split import TPSplit, TPSplitError, serving_split
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "megatron"
-VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")
-"""vLLM's vocabulary-parallel parameters: real rows first, vLLM's own padding after them."""
 
 
-def check_serving_tp(cfg: Any, tp: int) -> TPSplit:
+def check_serving_tp(spec: Any, tp: int) -> TPSplit:
     """What each of ``tp`` serving ranks keeps of the checkpoint's model (kv heads replicated when fewer
     than tp), or a CheckpointError naming the sizes ``tp`` does not split."""
     try:
-        return split_for_tp(tp, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size)
+        return serving_split(spec, tp)
     except TPSplitError as e:
         raise CheckpointError(str(e)) from None
-
-
-def rank_parts(
-    ckpt: MegatronCheckpoint, tp: int, rank: int, vocab_range: tuple[int, int] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors vLLM's own model of the checkpoint's family keeps on TP rank ``rank``, under vLLM's names,
-    read slice by slice as the schema splits them: only what the rank keeps is read. ``vocab_range`` is the
-    rank's [start, end) of real vocabulary rows (vLLM pads the vocabulary its own way)."""
-    cfg = ckpt.config
-    check_serving_tp(cfg, tp)
-    if vocab_range is None:
-        per = -(-cfg.vocab_size // tp)
-        vocab_range = (min(rank * per, cfg.vocab_size), min((rank + 1) * per, cfg.vocab_size))
-    for name, kind, layer in schema.tensors(cfg):
-        yield kind.name("vllm", layer), _rank_slice(ckpt, name, kind, tp, rank, vocab_range)
-
-
-def _rank_slice(
-    ckpt: MegatronCheckpoint, name: str, kind: schema.TensorKind, tp: int, rank: int, vocab: tuple[int, int]
-) -> torch.Tensor:
-    """Rank ``rank``'s part of tensor ``name`` in vLLM's layout (kv heads replicated, ``[gate ; up]`` halves)."""
-    split, full = kind.split, kind.shape(ckpt.config)
-    if split is Split.VOCAB:
-        return ckpt.read(name, 0, vocab[0], vocab[1] - vocab[0])
-    if split is Split.QKV:
-        return ckpt.read_rows(name, schema.qkv_of(ckpt.config).rank_rows(tp, rank, order="qkv"))
-    if split is Split.GLU:
-        half = full[0] // 2 // tp
-        return ckpt.read_rows(name, [(rank * half, half), (full[0] // 2 + rank * half, half)])
-    if split is Split.REPLICATED:
-        return ckpt.read(name)
-    dim = 1 if split is Split.ROW else 0
-    local = full[dim] // tp
-    return ckpt.read(name, dim, rank * local, local)
 
 
 def fill_parameters(

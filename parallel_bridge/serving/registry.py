@@ -35,6 +35,13 @@ import torch
 from torch import nn
 
 from parallel_bridge.adapters.vllm import context_from_vllm
+from parallel_bridge.errors import (
+    ConfigError,
+    IntegrationError,
+    RegistrationError,
+    UnknownNameError,
+    UnknownTensorError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +84,13 @@ def _resolve(target: Any) -> Any:
         return target
     module, sep, attr = target.partition(":")
     if not sep or not module or not attr:
-        raise ValueError(f"model target {target!r} must look like 'package.module:attribute'")
+        raise ConfigError(f"model target {target!r} must look like 'package.module:attribute'")
     obj = importlib.import_module(module)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ValueError(
+            raise ConfigError(
                 f"model target {target!r}: module {module!r} has no attribute {attr!r}"
             ) from None
     return obj
@@ -112,7 +119,7 @@ def missing_methods(obj: Any) -> list[str]:
 def _check_contract(name: str, obj: Any, what: str) -> None:
     missing = missing_methods(obj)
     if missing:
-        raise TypeError(f"model {name!r}: {what} lacks what vLLM calls: " + "; ".join(missing))
+        raise RegistrationError(f"model {name!r}: {what} lacks what vLLM calls: " + "; ".join(missing))
 
 
 def _make_vllm_class(name: str, target: Any) -> type[nn.Module]:
@@ -133,12 +140,12 @@ def _make_vllm_class(name: str, target: Any) -> type[nn.Module]:
                 else:
                     module = build(vllm_config, ctx)
             except Exception as e:
-                raise RuntimeError(
+                raise IntegrationError(
                     f"model {name!r}: {what} raised {type(e).__name__} while building the model "
                     f"(tp rank {ctx.tp_rank} of {ctx.tp}): {e}"
                 ) from e
             if not isinstance(module, nn.Module):
-                raise TypeError(
+                raise RegistrationError(
                     f"model {name!r}: {what} returned {type(module).__name__}, not a torch.nn.Module"
                 )
             _check_contract(name, module, f"the module {type(module).__name__} built by {what}")
@@ -146,7 +153,7 @@ def _make_vllm_class(name: str, target: Any) -> type[nn.Module]:
 
         def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
             if not hasattr(self.model, "embed_input_ids"):
-                raise NotImplementedError(
+                raise RegistrationError(
                     f"model {name!r} has no {OPTIONAL_METHODS['embed_input_ids']}; vLLM needs it for inputs_embeds"
                 )
             return self.model.embed_input_ids(input_ids)
@@ -183,7 +190,7 @@ def _load_by_name(module: nn.Module, weights) -> set[str]:
     loaded = set()
     for name, tensor in weights:
         if name not in params:
-            raise KeyError(f"checkpoint tensor {name} matches no parameter of {type(module).__name__}")
+            raise UnknownTensorError(f"checkpoint tensor {name} matches no parameter of {type(module).__name__}")
         param = params[name]
         getattr(param, "weight_loader", default_weight_loader)(param, tensor)
         loaded.add(name)
@@ -276,27 +283,27 @@ def register_model(name: str, target: Any, *, override: bool = False) -> type[nn
     changes what every engine of this process serves under that name.
     """
     if not isinstance(name, str) or not name:
-        raise TypeError(f"model name must be a non-empty string, got {name!r}")
+        raise RegistrationError(f"model name must be a non-empty string, got {name!r}")
     if name in _REGISTRY:
         if _REGISTRY[name].target is target or _REGISTRY[name].target == target:
             return _REGISTRY[name].vllm_class
-        raise ValueError(
+        raise ConfigError(
             f"model {name!r} is already registered with {_describe(_REGISTRY[name].target)}; "
             f"refusing to replace it with {_describe(target)} (use another name)"
         )
     existing = _vllm_model_named(name)
     if existing is not None and not override:
-        raise ValueError(
+        raise ConfigError(
             f"vLLM already has a model {name!r} ({existing}); registering would replace it for every engine "
             f"in this process. Choose another name, or pass override=True to replace it"
         )
     resolved = _resolve(target)
     if isinstance(resolved, type):
         if not issubclass(resolved, nn.Module):
-            raise TypeError(f"model {name!r}: class {_describe(resolved)} is not a torch.nn.Module")
+            raise RegistrationError(f"model {name!r}: class {_describe(resolved)} is not a torch.nn.Module")
         _check_contract(name, resolved, f"class {_describe(resolved)}")
     elif not callable(resolved):
-        raise TypeError(f"model {name!r}: target {_describe(target)} is neither callable nor a class")
+        raise RegistrationError(f"model {name!r}: target {_describe(target)} is neither callable nor a class")
     else:
         returns = _return_type(resolved)
         if isinstance(returns, type) and issubclass(returns, nn.Module):
@@ -315,7 +322,7 @@ def register_model(name: str, target: Any, *, override: bool = False) -> type[nn
 def registered(name: str) -> Registration:
     """The registration of ``name``."""
     if name not in _REGISTRY:
-        raise KeyError(f"no model {name!r} is registered; registered: {sorted(_REGISTRY)}")
+        raise UnknownNameError(f"no model {name!r} is registered; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
 
 

@@ -15,6 +15,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from parallel_bridge.spec import families
+
 MAPPED = frozenset(
     """num_layers hidden_size num_attention_heads num_query_groups group_query_attention ffn_hidden_size
     kv_channels vocab_size padded_vocab_size true_vocab_size max_position_embeddings seq_length rotary_base
@@ -115,13 +117,14 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def refused_features(get: Callable[[str, Any], Any]) -> list[str]:
-    """``name=value (what it means)`` for every argument away from vLLM Llama's math; ``get(name, default)``
-    reads the arguments (absent ones count as neutral)."""
+    """``name=value (what it means)`` for every argument away from vLLM Llama's math that no registered family
+    maps; ``get(name, default)`` reads the arguments (absent ones count as neutral)."""
     out = []
     missing = object()
+    claimed = families.megatron_claims()  # values a registered family maps
     for name, (ok, meaning) in NEUTRAL.items():
         value = get(name, missing)
-        if value is missing or any(_same(value, v) for v in ok):
+        if value is missing or any(_same(value, v) for v in (*ok, *claimed.get(name, ()))):
             continue
         out.append(f"{name}={value if isinstance(value, str) else repr(value)} ({meaning})")
     activation = get("activation_func", None)

@@ -7,18 +7,12 @@ that one of them accepts is accepted by all, with the same message when it is no
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from parallel_bridge.errors import ConfigError
 
-HF_NAMES = {
-    "heads": "num_attention_heads",
-    "kv_heads": "num_key_value_heads",
-    "ffn": "intermediate_size",
-    "vocab": "vocab_size",
-}
-"""How sizes are named in messages for models configured with Hugging Face names."""
-MEGATRON_NAMES = {**HF_NAMES, "kv_heads": "num_query_groups", "ffn": "ffn_hidden_size"}
-"""How sizes are named in messages for models configured with Megatron names."""
+NAMES = {"heads": "num_attention_heads", "kv_heads": "num_query_groups", "ffn": "ffn_hidden_size", "vocab": "vocab_size"}
+"""How sizes are named in messages: the model spec's fields (:class:`~parallel_bridge.spec.model.GPTConfig`)."""
 
 
 class TPSplitError(ConfigError):
@@ -56,7 +50,6 @@ def split_for_tp(
     *,
     replicate_kv: bool = True,
     pad_vocab: bool = True,
-    names: dict[str, str] = MEGATRON_NAMES,
 ) -> TPSplit:
     """The split of a model with these totals over ``tp`` ranks, or :class:`TPSplitError`.
 
@@ -67,19 +60,19 @@ def split_for_tp(
         raise TPSplitError(f"tensor-parallel size must be a positive integer, got {tp!r}")
     kv = heads if kv_heads is None else kv_heads
     if heads % kv:
-        raise TPSplitError(f"{names['kv_heads']}={kv} does not divide {names['heads']}={heads}")
+        raise TPSplitError(f"{NAMES['kv_heads']}={kv} does not divide {NAMES['heads']}={heads}")
     replicated = replicate_kv and kv < tp
     # attention first, then the rest: each message names every size of its stage that tp does not divide
     for sizes in (
         {"heads": heads, "kv_heads": None if replicated else kv},
         {"ffn": ffn, "vocab": None if pad_vocab else vocab},
     ):
-        wrong = [f"{names[k]}={v}" for k, v in sizes.items() if v is not None and v % tp]
+        wrong = [f"{NAMES[k]}={v}" for k, v in sizes.items() if v is not None and v % tp]
         if wrong:
             raise TPSplitError(f"tensor-parallel size {tp} does not divide {', '.join(wrong)}")
     if replicated and tp % kv:
         raise TPSplitError(
-            f"{names['kv_heads']}={kv} is below tensor-parallel size {tp} and does not divide it, "
+            f"{NAMES['kv_heads']}={kv} is below tensor-parallel size {tp} and does not divide it, "
             "so kv heads cannot be replicated evenly"
         )
     return TPSplit(
@@ -93,6 +86,11 @@ def split_for_tp(
 
 
 def heads_per_rank(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int]:
-    """(query heads, kv heads) on each TP rank, kv heads replicated when fewer than tp (HF names in errors)."""
-    split = split_for_tp(tp, num_heads, num_kv_heads, names=HF_NAMES)
+    """(query heads, kv heads) on each TP rank, kv heads replicated when fewer than tp."""
+    split = split_for_tp(tp, num_heads, num_kv_heads)
     return split.heads, split.kv_heads
+
+
+def serving_split(spec: Any, tp: int) -> TPSplit:
+    """What each of ``tp`` vLLM serving ranks keeps of a model (kv heads replicated when fewer than tp)."""
+    return split_for_tp(tp, spec.num_attention_heads, spec.num_query_groups, spec.ffn_hidden_size)

@@ -7,10 +7,12 @@ keeps through shared memory, verified by hashes, in rounds that commit on every
 serving rank or on none. Needs vLLM (imported here).
 """
 
+from parallel_bridge.errors import SyncError
 from parallel_bridge.sync.clients import LLMClient, ServerClient
-from parallel_bridge.sync.engine import BACKEND
+from parallel_bridge.sync.receiver import BACKEND
+from parallel_bridge.sync.sender import SyncReport
 from parallel_bridge.sync.source import MegatronWeightSource
-from parallel_bridge.sync.trainer import SyncError, SyncReport, WeightSync
+from parallel_bridge.sync.trainer import WeightSync
 
 __all__ = [
     "BACKEND",

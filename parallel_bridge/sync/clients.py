@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from parallel_bridge.errors import IntegrationError
+
 
 class LLMClient:
     """vLLM's weight-sync client protocol over an in-process ``vllm.LLM`` (whose methods take requests)."""
@@ -47,7 +49,7 @@ class ServerClient:
 
         r = requests.post(f"{self.base_url}/{path}", params=params, timeout=self.timeout_s)
         if r.status_code >= 400:
-            raise RuntimeError(f"POST /{path}: HTTP {r.status_code} {r.text[-500:]}")
+            raise IntegrationError(f"POST /{path}: HTTP {r.status_code} {r.text[-500:]}")
         return r.json() if r.content else {}
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:

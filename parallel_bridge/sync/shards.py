@@ -7,9 +7,9 @@ names, followed by a hash per row (or per column, for row-parallel tensors), and
 an index ``shard_tp{t}_pp{p}.json`` naming the round's version. The file is
 mapped once and rewritten in place every round.
 
-:class:`RoundReader` presents those shards as one checkpoint (``config``,
-``read``, ``read_rows``), so the per-rank slicing written for checkpoint serving
-(:func:`parallel_bridge.serving.megatron_format.rank_parts`) picks each serving
+:class:`RoundReader` presents those shards as a
+:class:`~parallel_bridge.spec.store.TensorStore` (``config``, ``shape``, ``read``, ``read_rows``), so the per-rank slicing written for checkpoint serving
+(:func:`parallel_bridge.spec.store.rank_parts`) picks each serving
 rank's rows and columns. Every piece copied out is hashed again and compared with
 the sender's hash of the same rows or columns: what a serving rank keeps equals
 what was sent, or the read raises naming the tensor and trainer rank.
@@ -26,16 +26,12 @@ from typing import Any
 
 import torch
 
-from parallel_bridge.errors import BridgeError
-from parallel_bridge.spec import megatron_layout as ml
+from parallel_bridge.errors import RoundError
 from parallel_bridge.spec.model import GPTConfig
+from parallel_bridge.spec.schema import sharding_of
 
 _ALIGN = 64
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class RoundError(BridgeError, RuntimeError):
-    """A weight round that cannot be read as sent; the message names the tensor and trainer rank."""
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -81,11 +77,6 @@ def copy_and_hash(dst: torch.Tensor, src: torch.Tensor, along: int) -> torch.Ten
     return total.to(torch.int64)
 
 
-def hash_axis(kind: ml.SplitKind) -> int:
-    """Row hashes for everything read by rows; column hashes for row-parallel weights."""
-    return 1 if kind == "row" else 0
-
-
 @dataclasses.dataclass(frozen=True)
 class LocalTensor:
     """One tensor a trainer rank publishes: global megatron-core name, shape and dtype of its shard."""
@@ -106,14 +97,13 @@ def _stem(tp_rank: int, pp_rank: int) -> str:
 class ShardWriter:
     """One trainer rank's shard file, mapped once and rewritten in place each round."""
 
-    def __init__(self, root: str | Path, tp_rank: int, pp_rank: int, layout: list[LocalTensor]) -> None:
+    def __init__(self, root: str | Path, tp_rank: int, pp_rank: int, tensors: list[LocalTensor]) -> None:
         self.root, self.tp_rank, self.pp_rank = Path(root), tp_rank, pp_rank
-        self.layout = {t.name: t for t in layout}
+        self.tensors = {t.name: t for t in tensors}
         self.entries: dict[str, dict[str, Any]] = {}
         offset = 0
-        for t in layout:
-            kind = ml.split_kind(t.name)
-            axis = hash_axis(kind)
+        for t in tensors:
+            axis = sharding_of(t.name).hash_axis
             hashes = t.shape[axis] if len(t.shape) > axis else 1
             self.entries[t.name] = {
                 "dtype": str(t.dtype).replace("torch.", ""),
@@ -133,17 +123,17 @@ class ShardWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Copy one local tensor and its hashes into the file; returns the bytes written."""
-        spec, e = self.layout[name], self.entries[name]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        want, e = self.tensors[name], self.entries[name]
+        if tuple(tensor.shape) != want.shape or tensor.dtype != want.dtype:
             raise RoundError(
                 f"tensor {name}: the trainer holds {tuple(tensor.shape)} {tensor.dtype} but the round "
-                f"was laid out for {spec.shape} {spec.dtype}"
+                f"was laid out for {want.shape} {want.dtype}"
             )
-        dst = self._view(e["offset"], spec.shape, spec.dtype)
-        h = copy_and_hash(dst, tensor.detach(), hash_axis(ml.split_kind(name)))
+        dst = self._view(e["offset"], want.shape, want.dtype)
+        h = copy_and_hash(dst, tensor.detach(), sharding_of(name).hash_axis)
         self._view(e["hash_offset"], (e["hashes"],), torch.int64).copy_(h.reshape(-1))
         self._written.add(name)
-        return spec.nbytes
+        return want.nbytes
 
     def commit(self, version: int, meta: dict[str, Any]) -> None:
         """Publish the index of this round (atomically: written beside, then renamed)."""
@@ -272,15 +262,11 @@ class RoundReader:
         hashes = buf[e["hash_offset"] : e["hash_offset"] + 8 * e["hashes"]].view(torch.int64)
         return data, hashes, e
 
-    def full_shape(self, name: str) -> tuple[int, ...]:
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The full shape of tensor ``name``: its trainer shards' shape, as its sharding assembles them."""
         if name not in self._where:
             raise RoundError(f"tensor {name} was published by no trainer rank")
-        kind = ml.split_kind(name)
-        shape = list(self._shard(name, 0)[0].shape)
-        sd = ml.split_dim(kind)
-        if sd is not None:
-            shape[sd] *= self.source_tp
-        return tuple(shape)
+        return sharding_of(name).full_shape(self._shard(name, 0)[0].shape, self.source_tp)
 
     def read(
         self,
@@ -291,9 +277,9 @@ class RoundReader:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The full tensor ``name``, or ``length`` entries from ``start`` along ``dim``; verified."""
-        full = self.full_shape(name)
-        kind = ml.split_kind(name)
-        sd = ml.split_dim(kind) if self.source_tp > 1 else None
+        full = self.shape(name)
+        sharding = sharding_of(name)
+        sd = sharding.dim if self.source_tp > 1 else None
         if dim is None:
             dim, start, length = (sd or 0), 0, full[sd or 0]
         length = full[dim] - start if length is None else length
@@ -307,19 +293,19 @@ class RoundReader:
             self._take(name, 0, {dim: (start, length)}, out)
         elif dim == sd:
             at = 0
-            for t, local, n in ml.shard_pieces(kind, first.shape[sd], self.source_tp, start, length):
+            for t, local, n in sharding.pieces(first.shape[sd], self.source_tp, start, length):
                 self._take(name, t, {dim: (local, n)}, out.narrow(dim, at, n))
                 at += n
         else:  # a range of the other dimension: every shard contributes its part of the split one
             at = 0
-            for t, local, n in ml.shard_pieces(kind, first.shape[sd], self.source_tp, 0, full[sd]):
+            for t, local, n in sharding.pieces(first.shape[sd], self.source_tp, 0, full[sd]):
                 self._take(name, t, {dim: (start, length), sd: (local, n)}, out.narrow(sd, at, n))
                 at += n
         return out
 
     def read_rows(self, name: str, index: list[tuple[int, int]]) -> torch.Tensor:
         """Concatenated row ranges ``[(start, length), ...]`` of ``name``, read straight into one tensor."""
-        full = self.full_shape(name)
+        full = self.shape(name)
         out = self._pool.take((sum(n for _, n in index), *full[1:]), self._shard(name, 0)[0].dtype)
         at = 0
         for s, n in index:
@@ -335,7 +321,7 @@ class RoundReader:
         rows (columns) it lies in, which reads more.
         """
         data, hashes, _ = self._shard(name, t)
-        axis = hash_axis(ml.split_kind(name)) if data.dim() > 1 else 0
+        axis = sharding_of(name).hash_axis if data.dim() > 1 else 0
         a_start, a_n = ranges.get(axis, (0, data.shape[axis]))
         block = data.narrow(axis, a_start, a_n)
         rest = [(d, s, n) for d, (s, n) in ranges.items() if d != axis and (s, n) != (0, data.shape[d])]
@@ -354,7 +340,7 @@ class RoundReader:
     ) -> None:
         if not torch.equal(got, want):
             bad = int((got != want).nonzero()[0, 0]) + start
-            what = "column" if received.dim() > 1 and hash_axis(ml.split_kind(name)) == 1 else "row"
+            what = "column" if received.dim() > 1 and sharding_of(name).hash_axis == 1 else "row"
             raise RoundError(
                 f"tensor {name}: checksum mismatch in {what} {bad} of trainer rank tp={t} "
                 f"pp={self._where[name]}'s shard: the bytes received differ from the bytes sent"

@@ -24,12 +24,12 @@ import torch
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
 from parallel_bridge.checkpoint.megatron_files import canonical
+from parallel_bridge.errors import RoundError, SyncError, UnknownTensorError
 from parallel_bridge.parallel.context import ParallelContext
-from parallel_bridge.spec import megatron_args as ma
-from parallel_bridge.spec import megatron_layout as ml
+from parallel_bridge.spec import schema
 from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.spec.schema import expected_shapes, to_hf
-from parallel_bridge.sync.shards import LocalTensor, RoundError, RoundReader, ShardWriter
+from parallel_bridge.sync.shards import LocalTensor, RoundReader, ShardWriter
 
 
 def unwrap(model: Any) -> torch.nn.Module:
@@ -37,54 +37,6 @@ def unwrap(model: Any) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
-
-
-def config_of(model: torch.nn.Module, vocab_size: int | None = None) -> GPTConfig:
-    """The model's shape as the readers know it, from a HybridLlama or a megatron-core GPTModel."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and hasattr(cfg, "intermediate_size"):  # HybridLlama
-        return GPTConfig(
-            num_layers=cfg.num_hidden_layers,
-            hidden_size=cfg.hidden_size,
-            num_attention_heads=cfg.num_attention_heads,
-            num_query_groups=cfg.num_key_value_heads,
-            ffn_hidden_size=cfg.intermediate_size,
-            vocab_size=cfg.vocab_size,
-            padded_vocab_size=model.padded_vocab,
-            max_position_embeddings=cfg.max_position_embeddings,
-            rotary_base=cfg.rope_theta,
-            norm_epsilon=cfg.rms_norm_eps,
-            tie_embeddings=cfg.tie_word_embeddings,
-        )
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "vocab_size"):
-        raise TypeError(
-            f"{type(model).__name__} is neither a megatron-core GPTModel nor a HybridLlama; pass config= "
-            "(a parallel_bridge GPTConfig) to describe it"
-        )
-    from parallel_bridge.checkpoint.megatron_save import gpt_config_of
-
-    if getattr(model, "rotary_scaling", False):
-        raise ValueError(
-            "the GPTModel uses rope scaling, whose factor megatron-core does not keep on the model; pass "
-            "config=GPTConfig(..., rope_scaling_factor=F) to describe it"
-        )
-    attrs = {"position_embedding_type": getattr(model, "position_embedding_type", "rope")}
-    changed = ma.refused_features(lambda k, d: attrs[k] if k in attrs else getattr(config, k, d))
-    changed += ma.unclassified_changes(config)
-    if changed:
-        raise ValueError(
-            f"the model uses {', '.join(changed)}, which vLLM's LlamaForCausalLM does not compute; "
-            "syncing it would serve different numbers, so it is refused"
-        )
-    return gpt_config_of(
-        config,
-        vocab_size or model.vocab_size,
-        model.vocab_size,
-        model.max_sequence_length,
-        model.share_embeddings_and_output_weights,
-        rotary_base=getattr(model, "rotary_base", 10000.0),
-    )
 
 
 @contextlib.contextmanager
@@ -107,43 +59,42 @@ class MegatronWeightSource(WeightSource):
     ) -> None:
         self.ctx = ctx
         self.module = unwrap(model)
-        self.config = config or config_of(self.module, vocab_size)
+        self.config = config or GPTConfig.of_model(self.module, vocab_size)
         self.config.check_supported()
         self.publishes = ctx.dp_rank == 0 and ctx.cp_rank == 0
         self._params = self._local_params()
-        self.layout = [
+        self.local_tensors = [
             LocalTensor(name, tuple(shape), p.dtype) for name, p, shape, keep in self._params if keep
         ]
 
     def _local_params(self) -> list[tuple[str, torch.nn.Parameter, tuple[int, ...], bool]]:
         """(global name, parameter, local shape, published by this rank) for every parameter."""
         cfg, ctx = self.config, self.ctx
-        offset = ml.layer_offset(cfg.num_layers, ctx.pp, ctx.pp_rank)
+        offset = schema.layer_offset(cfg.num_layers, ctx.pp, ctx.pp_rank)
         expected = expected_shapes(cfg)
         out = []
         for local, p in self.module.named_parameters():
-            name = canonical(ml.to_global_name(local, offset))
+            name = canonical(schema.global_name(local, offset))
             shape = tuple(getattr(p, "ds_shape", p.shape))
             if cfg.tie_embeddings and name == "output_layer.weight":
                 continue  # the last stage's copy of the tied embedding
             if name not in expected:
-                raise RoundError(
-                    f"parameter {local} (global name {name}) has no place in the Llama-family schema "
-                    f"(biases, MoE, MLA and other architectures are not synced yet)"
+                raise UnknownTensorError(
+                    f"parameter {local} (global name {name}) is not a tensor of a {cfg.family.model_type} GPT of "
+                    f"this config: no tensor kind declares it, so it cannot be synced"
                 )
-            kind = ml.split_kind(name)
-            full = list(shape)
-            if ml.split_dim(kind) is not None:
-                full[ml.split_dim(kind)] *= ctx.tp
-            if tuple(full) != expected[name]:
+            sharding = schema.sharding_of(name)
+            full = sharding.full_shape(shape, ctx.tp)
+            if full != expected[name]:
                 raise RoundError(
-                    f"tensor {name}: trainer rank {ctx.rank} holds {shape} (full {tuple(full)} at tp={ctx.tp}) "
+                    f"tensor {name}: trainer rank {ctx.rank} holds {shape} (full {full} at tp={ctx.tp}) "
                     f"but the model config implies {expected[name]}"
                 )
-            keep = self.publishes and (kind != "replicated" or ctx.tp_rank == 0)
+            keep = self.publishes and (sharding.dim is not None or ctx.tp_rank == 0)
             out.append((name, p, shape, keep))
         held = {n for n, *_ in out}
-        mine = {n for n in expected if offset <= _layer(n) < offset + cfg.num_layers // ctx.pp}
+        stage = range(offset, offset + cfg.num_layers // ctx.pp)
+        mine = {n for n in expected if schema.layer_of(n) in stage}  # this stage's layers
         missing = sorted(mine - held)
         if missing:
             raise RoundError(f"trainer rank {ctx.rank} (pp stage {ctx.pp_rank}) lacks tensors {missing[:4]}")
@@ -165,7 +116,7 @@ class MegatronWeightSource(WeightSource):
     # ------------------------------------------------------------ vLLM WeightSource
     def metadata(self) -> list[ParamMeta]:
         """Hugging Face names and full shapes of everything iteration yields (no transfer)."""
-        dtype = self.layout[0].dtype if self.layout else torch.float32
+        dtype = self.local_tensors[0].dtype if self.local_tensors else torch.float32
         out = []
         for name, shape in expected_shapes(self.config).items():
             for hf, t in to_hf(name, torch.empty(shape, device="meta"), self.config):
@@ -188,7 +139,7 @@ class MegatronWeightSource(WeightSource):
         if self.publishes:
             writer = getattr(self, "_writer", None)
             if writer is None or str(writer.root) != str(root):
-                writer = self._writer = ShardWriter(root, self.ctx.tp_rank, self.ctx.pp_rank, self.layout)
+                writer = self._writer = ShardWriter(root, self.ctx.tp_rank, self.ctx.pp_rank, self.local_tensors)
             self.publish(writer)
             writer.commit(version, self.round_meta())
         else:
@@ -200,15 +151,9 @@ class MegatronWeightSource(WeightSource):
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full Hugging Face tensors, on trainer rank 0, of the last published round; nothing elsewhere."""
         if self.published is None:
-            raise RuntimeError("publish a round first (WeightSync.publish) before iterating the source")
+            raise SyncError("publish a round first (WeightSync.publish) before iterating the source")
         if self.ctx.rank != 0:
             return
         reader = RoundReader(self.published[0], self.published[1], self.ctx.tp, self.ctx.pp)
         for name in expected_shapes(self.config):
             yield from to_hf(name, reader.read(name), self.config)
-
-
-def _layer(name: str) -> int:
-    parts = name.split(".")
-    return int(parts[2]) if name.startswith("decoder.layers.") else -1
-

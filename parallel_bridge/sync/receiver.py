@@ -1,11 +1,11 @@
 """The ``parallel_bridge_shm`` weight-transfer backend for vLLM's weight-transfer framework.
 
-Serving side (:class:`SharedMemoryWeightTransferEngine`, one per vLLM worker):
+Serving side (:class:`SharedMemoryReceiver`, one per vLLM worker):
 ``init_transfer_engine`` checks the served model against the trainer's config
 (every parameter this rank will receive, by name and shape) before anything is
 sent. A round is two ``update_weights`` calls: ``stage`` reads this rank's rows
-and columns of the published shards (:func:`~parallel_bridge.serving.megatron_format.rank_parts`
-over a :class:`~parallel_bridge.sync.shards.RoundReader`), verifying each piece's
+and columns of the published shards (:func:`~parallel_bridge.spec.store.rank_parts`
+over a :class:`~parallel_bridge.sync.shards.RoundReader`, a TensorStore), verifying each piece's
 hash, into staging tensors, and writes a report; ``commit`` agrees over the
 workers' group that every rank staged cleanly, then swaps the staged tensors in
 and re-runs each layer's ``process_weights_after_loading`` (vLLM's CPU GEMM packs
@@ -13,7 +13,7 @@ the weight). If any rank failed, every rank drops its staging and raises: the
 engine keeps serving the previous weights. The engine core runs these RPCs
 between scheduler steps, so no forward pass sees a mix.
 
-Trainer side: :class:`SharedMemoryTrainerEngine`, built through
+Trainer side: :class:`~parallel_bridge.sync.sender.SharedMemorySender`, built through
 ``WeightTransferTrainerFactory.trainer_init`` on every trainer rank.
 Both are registered (lazily, by module path) by the package's vLLM plugin.
 """
@@ -34,9 +34,9 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from parallel_bridge.serving.megatron_format import VOCAB_PARAMS, rank_parts
+from parallel_bridge.errors import SyncError
 from parallel_bridge.spec.model import GPTConfig
-from parallel_bridge.spec.schema import expected_shapes
+from parallel_bridge.spec.store import VOCAB_PARAMS, ShapeStore, rank_parts
 from parallel_bridge.sync.shards import BufferPool, RoundReader
 
 logger = logging.getLogger(__name__)
@@ -58,22 +58,6 @@ class ShmUpdateInfo(WeightTransferUpdateInfo):
     version: int
 
 
-class _MetaShards:
-    """A checkpoint of meta tensors: what ``rank_parts`` would read, shapes only."""
-
-    def __init__(self, cfg: GPTConfig) -> None:
-        self.config, self._shapes = cfg, expected_shapes(cfg)
-
-    def read(self, name: str, dim: int | None = None, start: int = 0, length: int | None = None):
-        shape = list(self._shapes[name])
-        if dim is not None:
-            shape[dim] = shape[dim] - start if length is None else length
-        return torch.empty(shape, device="meta")
-
-    def read_rows(self, name: str, index: list[tuple[int, int]]):
-        return torch.cat([self.read(name, 0, s, n) for s, n in index])
-
-
 def report_path(root: str | Path, version: int, rank: int) -> Path:
     return Path(root) / f"report_v{version}_rank{rank}.json"
 
@@ -87,7 +71,7 @@ def serving_ranks(root: str | Path) -> list[int]:
     return sorted(json.loads(p.read_text())["rank"] for p in Path(root).glob("engine_rank*.json"))
 
 
-class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
+class SharedMemoryReceiver(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
     """Receives a trainer's Megatron shards from shared memory into vLLM's LlamaForCausalLM."""
 
     init_info_cls = ShmInitInfo
@@ -120,22 +104,22 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
         from vllm.model_executor.models.llama import LlamaForCausalLM
 
         if not isinstance(self.model, LlamaForCausalLM):
-            raise ValueError(
+            raise SyncError(
                 f"the {BACKEND} backend fills vLLM's LlamaForCausalLM; this engine serves "
                 f"{type(self.model).__name__}"
             )
         cfg = GPTConfig(**init_info.config)
-        expected = {name: tuple(t.shape) for name, t in self._parts(_MetaShards(cfg))}
+        expected = {name: tuple(t.shape) for name, t in self._parts(ShapeStore(cfg))}
         for name, shape in expected.items():
             held = self._param_shape(name)
             if held is None:
-                raise ValueError(f"the served model has no parameter {name} (the trainer sends one)")
+                raise SyncError(f"the served model has no parameter {name} (the trainer sends one)")
             if name in VOCAB_PARAMS:
                 ok = held[1:] == shape[1:] and held[0] >= shape[0]
             else:
                 ok = held == shape
             if not ok:
-                raise ValueError(
+                raise SyncError(
                     f"tensor {name}: the trainer's model gives this serving rank {shape} but the served "
                     f"model holds {held}; the two models have different sizes"
                 )
@@ -145,7 +129,7 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
             if have is None and field == "rope_theta":
                 have = (getattr(hf, "rope_parameters", None) or {}).get("rope_theta")
             if have is not None and abs(float(have) - float(want)) > 1e-12 * max(1.0, abs(float(want))):
-                raise ValueError(f"config {field}: the trainer's model has {want}, the served model {have}")
+                raise SyncError(f"config {field}: the trainer's model has {want}, the served model {have}")
         self.info, self.expected = init_info, expected
         _, tp, world_rank = self._rank()
         engine_path(init_info.root, world_rank).write_text(json.dumps({"rank": world_rank, "tp": tp}))
@@ -167,7 +151,7 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
     # ---------------------------------------------------------------- rounds
     def start_weight_update(self) -> None:
         if self.info is None:
-            raise RuntimeError(f"{BACKEND}: init_weight_transfer_engine was not called")
+            raise SyncError(f"{BACKEND}: init_weight_transfer_engine was not called")
         self._staged, self._error = None, None
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
@@ -179,7 +163,7 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
         elif update_info.op == "commit":
             self._commit(update_info.version)
         else:
-            raise ValueError(f"{BACKEND}: unknown update op {update_info.op!r} (stage, commit)")
+            raise SyncError(f"{BACKEND}: unknown update op {update_info.op!r} (stage, commit)")
 
     def _stage(self, version: int) -> None:
         """Read and verify this rank's parts; errors are recorded (and reported), not raised."""
@@ -195,7 +179,7 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
             staged = self._parts(reader)
             for name, value in staged:
                 if tuple(value.shape) != self.expected[name]:
-                    raise ValueError(f"tensor {name}: received {tuple(value.shape)}, expected {self.expected[name]}")
+                    raise SyncError(f"tensor {name}: received {tuple(value.shape)}, expected {self.expected[name]}")
             self._staged, self._staged_version = staged, version
         except Exception as e:  # noqa: BLE001 - reported to the trainer, then raised by commit
             self._error = f"{type(e).__name__}: {e}"
@@ -227,7 +211,7 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpda
         staged, self._staged = self._staged, None
         if not all_ok:
             why = self._error or "another serving rank failed to stage it"
-            raise RuntimeError(
+            raise SyncError(
                 f"weight round {version} aborted on serving rank {world_rank} ({why}); the engine keeps "
                 f"serving version {self.version}"
             )
@@ -278,8 +262,8 @@ def register_weight_transfer() -> None:
     )
 
     for factory, module, cls in (
-        (WeightTransferEngineFactory, __name__, "SharedMemoryWeightTransferEngine"),
-        (WeightTransferTrainerFactory, "parallel_bridge.sync.trainer", "SharedMemoryTrainerEngine"),
+        (WeightTransferEngineFactory, __name__, "SharedMemoryReceiver"),
+        (WeightTransferTrainerFactory, "parallel_bridge.sync.sender", "SharedMemorySender"),
     ):
         try:
             factory.register_engine(BACKEND, module, cls)
