@@ -79,6 +79,7 @@ def _run(folder: str, serve_tp: int) -> dict:
 
     from parallel_bridge.adapters import megatron
     from parallel_bridge.models.hybrid_llama import HybridLlama
+    from parallel_bridge.serving import shutdown
     from parallel_bridge.sync import BACKEND, WeightSync
 
     ctx = context_from_torchrun(tp=2, timeout_s=600)
@@ -160,18 +161,15 @@ def _run(folder: str, serve_tp: int) -> dict:
                 }
         finally:
             if llm is not None:
-                llm.llm_engine.engine_core.shutdown()
+                shutdown(llm)
     return out
 
 
 def _serving_shard_bytes(serve_tp: int) -> int:
-    """Bytes of one serving rank's parameters, as vLLM holds them (vocabulary unpadded)."""
-    c = CFG
-    h, d = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
-    heads, kv, f = c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]
-    per_layer = (heads + 2 * kv) * d * h + heads * d * h + 2 * f * h + f * h
-    vocab_rows = -(-c["vocab_size"] // serve_tp)
-    return 4 * (c["num_hidden_layers"] * (per_layer // serve_tp + 2 * h) + 2 * vocab_rows * h + h)
+    """Bytes of serving rank 0's parameters, as vLLM holds them (vocabulary unpadded): its rank parts."""
+    from parallel_bridge.spec.slices import ShapeStore, rank_parts
+
+    return sum(t.numel() * 4 for _, t in rank_parts(ShapeStore(CFG), serve_tp, 0))
 
 
 def main() -> None:

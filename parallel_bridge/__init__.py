@@ -9,8 +9,10 @@ from parallel_bridge.parallel.groups import ParallelGroup
 from parallel_bridge.parallel.launch import context_from_device_mesh, context_from_torchrun, device_mesh_of
 from parallel_bridge.parallel.layout import MEGATRON_ORDER, VLLM_ORDER, Axis
 from parallel_bridge.serving.registry import register_model
+from parallel_bridge.spec.model import GPTConfig
 
 __all__ = [
+    "GPTConfig",
     "GROUP_NAMES",
     "MEGATRON_ORDER",
     "VLLM_ORDER",

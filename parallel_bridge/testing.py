@@ -131,36 +131,8 @@ def run_distributed(
     ]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + timeout_s
-    outcome: dict[int, tuple[str, Any]] = {}
-    failure: tuple[int, str] | None = None
-    failure_time = 0.0
     try:
-        while len(outcome) < world_size:
-            now = time.monotonic()
-            if failure is not None and now > failure_time + _GRACE_S:
-                break
-            if now > deadline:
-                break
-            try:
-                rank, status, value = results.get(timeout=0.2)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in outcome and not p.is_alive()]
-                if dead and failure is None:
-                    time.sleep(0.5)  # its message may still be in flight
-                    try:
-                        rank, status, value = results.get(timeout=0.5)
-                    except queue.Empty:
-                        r = dead[0]
-                        raise DistributedTestError(
-                            f"rank {r} of {world_size} died with exit code {procs[r].exitcode} "
-                            f"before reporting (killed, or crashed in native code)"
-                        ) from None
-                else:
-                    continue
-            outcome[rank] = (status, _from_bytes(value) if status == "ok" else value)
-            if status == "error" and failure is None:
-                failure, failure_time = (rank, value), time.monotonic()
+        outcome, failure = _collect(procs, results, world_size, time.monotonic() + timeout_s)
         if failure is not None:
             rank, tb = failure
             raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{tb}")
@@ -176,6 +148,36 @@ def run_distributed(
             _kill_group(p)
         for p in procs:
             p.join(timeout=5)
+
+
+def _collect(procs: list[Any], results: Any, world_size: int, deadline: float):
+    """Ranks' reports until all are in, the deadline, or the grace period after the first failure:
+    (rank -> (status, value), the first failure as (rank, traceback) or None)."""
+    outcome: dict[int, tuple[str, Any]] = {}
+    failure: tuple[int, str] | None = None
+    failure_time = 0.0
+    while len(outcome) < world_size:
+        now = time.monotonic()
+        if (failure is not None and now > failure_time + _GRACE_S) or now > deadline:
+            break
+        try:
+            rank, status, value = results.get(timeout=0.2)
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if r not in outcome and not p.is_alive()]
+            if not dead or failure is not None:
+                continue
+            time.sleep(0.5)  # its message may still be in flight
+            try:
+                rank, status, value = results.get(timeout=0.5)
+            except queue.Empty:
+                raise DistributedTestError(
+                    f"rank {dead[0]} of {world_size} died with exit code {procs[dead[0]].exitcode} "
+                    f"before reporting (killed, or crashed in native code)"
+                ) from None
+        outcome[rank] = (status, _from_bytes(value) if status == "ok" else value)
+        if status == "error" and failure is None:
+            failure, failure_time = (rank, value), time.monotonic()
+    return outcome, failure
 
 
 def _kill_group(proc: Any) -> None:

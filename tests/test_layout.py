@@ -4,7 +4,11 @@ import pytest
 
 from parallel_bridge.parallel import layout
 
-megatron_ps = pytest.importorskip("megatron.core.parallel_state")
+
+def _megatron_ps():
+    """megatron-core's parallel_state, the oracle (its tests are skipped without it; the pure ones are not)."""
+    return pytest.importorskip("megatron.core.parallel_state")
+
 
 # (tp, cp, ep, dp, pp, order); world = tp*cp*dp*pp (ep splits inside dp*cp, see context.py)
 CONFIGS = [
@@ -20,7 +24,7 @@ TOKENS = ["tp", "pp", "dp", "cp", "tp-pp", "dp-cp", "tp-cp", "tp-dp", "tp-dp-cp"
 
 @pytest.mark.parametrize("tp,cp,ep,dp,pp,order", CONFIGS)
 def test_rank_groups_equal_megatron_rank_generator(tp, cp, ep, dp, pp, order):
-    gen = megatron_ps.RankGenerator(tp=tp, ep=ep, dp=dp, pp=pp, cp=cp, order=order)
+    gen = _megatron_ps().RankGenerator(tp=tp, ep=ep, dp=dp, pp=pp, cp=cp, order=order)
     sizes = {"tp": tp, "cp": cp, "ep": ep, "dp": dp, "pp": pp}
     for token in TOKENS:
         assert layout.rank_groups(sizes, order, token) == gen.get_ranks(token), token
@@ -29,7 +33,7 @@ def test_rank_groups_equal_megatron_rank_generator(tp, cp, ep, dp, pp, order):
 @pytest.mark.parametrize("etp,ep,edp,pp", [(1, 8, 4, 4), (2, 4, 2, 8), (4, 2, 64, 2)])
 def test_expert_rank_groups_equal_megatron(etp, ep, edp, pp):
     order = layout.MEGATRON_ORDER
-    gen = megatron_ps.RankGenerator(tp=etp, ep=ep, dp=edp, pp=pp, cp=1, order=order)
+    gen = _megatron_ps().RankGenerator(tp=etp, ep=ep, dp=edp, pp=pp, cp=1, order=order)
     sizes = {"tp": etp, "ep": ep, "dp": edp, "pp": pp}
     for token in ["ep", "tp", "dp", "tp-ep", "tp-ep-pp", "pp"]:
         assert layout.rank_groups(sizes, order, token) == gen.get_ranks(token), token

@@ -7,7 +7,6 @@ from torch import nn
 from parallel_bridge import register_model
 from parallel_bridge.models.attention import TrainableAttention
 from parallel_bridge.serving.registry import registered, unregister
-from parallel_bridge.spec.tp_split import heads_per_rank
 
 vllm = pytest.importorskip("vllm")
 
@@ -132,18 +131,6 @@ def test_load_weights_uses_each_parameters_weight_loader(name):
     model = build(register_model(name, lambda vc, ctx: WithLoader()))
     assert model.load_weights([("w", torch.ones(2))]) == {"model.w"}
     assert calls == [2.0] and torch.equal(model.model.w.data, torch.ones(2))
-
-
-def test_head_counts_not_divisible_by_tp():
-    with pytest.raises(ValueError, match="tensor-parallel size 4 does not divide num_attention_heads=6"):
-        heads_per_rank(6, 2, 4)
-    with pytest.raises(ValueError, match="tensor-parallel size 4 does not divide num_query_groups=6"):
-        heads_per_rank(12, 6, 4)
-    with pytest.raises(
-        ValueError, match="num_query_groups=3 is below tensor-parallel size 4 and does not divide it"
-    ):
-        heads_per_rank(12, 3, 4)
-    assert heads_per_rank(8, 2, 4) == (2, 1)  # kv heads replicated
 
 
 def test_unsupported_head_dim_on_cpu_lists_supported_sizes():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from parallel_bridge.spec.tp_split import TPSplitError, split_for_tp
+from parallel_bridge.spec.tp_split import TPSplitError, heads_per_rank, split_for_tp
 
 
 @pytest.mark.parametrize(
@@ -44,3 +44,15 @@ def test_sizes_a_degree_does_not_split_are_named(kwargs, says):
 
 def test_padding_vocab_is_allowed_unless_refused():
     assert split_for_tp(4, 4, vocab=10).padded_vocab == 12
+
+
+def test_head_counts_not_divisible_by_tp():
+    with pytest.raises(ValueError, match="tensor-parallel size 4 does not divide num_attention_heads=6"):
+        heads_per_rank(6, 2, 4)
+    with pytest.raises(ValueError, match="tensor-parallel size 4 does not divide num_query_groups=6"):
+        heads_per_rank(12, 6, 4)
+    with pytest.raises(
+        ValueError, match="num_query_groups=3 is below tensor-parallel size 4 and does not divide it"
+    ):
+        heads_per_rank(12, 3, 4)
+    assert heads_per_rank(8, 2, 4) == (2, 1)  # kv heads replicated

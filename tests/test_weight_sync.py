@@ -124,7 +124,7 @@ def _folder(root, tie=False, kv=CFG.num_query_groups):
 def _serving_rank_bytes(model, serve_tp):
     """Bytes of what each serving rank keeps: its slices of every tensor and its real vocabulary rows
     (vLLM pads the vocabulary to a multiple of 64 and splits that evenly)."""
-    from parallel_bridge.spec.store import ShapeStore, rank_parts
+    from parallel_bridge.spec.slices import ShapeStore, rank_parts
     cfg = GPTConfig.of_model(model)
     per = -(-cfg.vocab_size // 64) * 64 // serve_tp
     return {

@@ -17,7 +17,6 @@ communication extension on first use (cached in ``TORCH_EXTENSIONS_DIR``).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,7 +28,7 @@ from parallel_bridge.errors import (
     MissingDependencyError,
     WrongTypeError,
 )
-from parallel_bridge.parallel.context import ParallelContext
+from parallel_bridge.parallel.context import ParallelContext, context_matching
 
 logger = logging.getLogger(__name__)
 
@@ -255,19 +254,8 @@ def context_from_deepspeed(timeout_s: float = 600.0) -> ParallelContext:
     ranks = {n: dist.get_process_group_ranks(g) for n, g in actual.items()}
     sizes = (("tp", tp), ("ep", ep), ("dp", world // (tp * pp)), ("pp", pp))
     used = [a for a, size in sizes if size > 1] or ["dp"]
-    for perm in itertools.permutations(used):
-        try:
-            ctx = ParallelContext(
-                tp=tp,
-                pp=pp,
-                dp=world // (tp * pp),
-                ep=ep,
-                rank=rank,
-                order="-".join(perm),
-                timeout_s=timeout_s,
-            )
-        except ValueError:
-            continue
-        if all(ctx.ranks(n) == r for n, r in ranks.items()):
-            return ctx.with_groups(actual)
+    degrees = {"tp": tp, "pp": pp, "dp": world // (tp * pp), "ep": ep}
+    ctx = context_matching(degrees, rank, ranks, used, timeout_s)
+    if ctx is not None:
+        return ctx.with_groups(actual)
     raise IntegrationError(f"DeepSpeed's groups {ranks} match no rank order of tp={tp}, pp={pp}, ep={ep}")

@@ -10,11 +10,10 @@ handled in ``STATE_GLOBALS`` by setting only the globals the installed version h
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Iterator, Sequence
 
 from parallel_bridge.errors import IntegrationError, MissingDependencyError, UnknownNameError
-from parallel_bridge.parallel.context import ParallelContext
+from parallel_bridge.parallel.context import ParallelContext, context_matching
 from parallel_bridge.parallel.layout import AXES
 
 
@@ -155,14 +154,9 @@ def context_from_megatron(timeout_s: float = 600.0) -> ParallelContext:
         for name in ("tp", "pp", "dp", "cp", "ep", "expt_tp")
     }
     used = [a for a in AXES if degrees[a] > 1] or ["tp"]
-    for perm in itertools.permutations(used):
-        order = "-".join(perm)
-        try:
-            ctx = ParallelContext(**degrees, rank=dist.get_rank(), order=order, timeout_s=timeout_s)
-        except ValueError:
-            continue
-        if all(ctx.ranks(n) == r for n, r in actual.items()):
-            return ctx.with_groups(
-                {n: getattr(mps, g) for n, (g, _) in STATE_GLOBALS.items() if getattr(mps, g) is not None}
-            )
+    ctx = context_matching(degrees, dist.get_rank(), actual, used, timeout_s)
+    if ctx is not None:
+        return ctx.with_groups(
+            {n: getattr(mps, g) for n, (g, _) in STATE_GLOBALS.items() if getattr(mps, g) is not None}
+        )
     raise IntegrationError(f"megatron's groups {actual} match no rank order of the axes {used}")

@@ -19,37 +19,50 @@ def read_slices(
     reader: Any, metadata: Any, requests: list[tuple[str, list[int], list[int]]]
 ) -> list[torch.Tensor]:
     """Read slices ``(key, offsets, sizes)`` of a DCP checkpoint in one pass of torch's own reader."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner, load
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
-    from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
 
     out = [
         torch.empty(sizes, dtype=metadata.state_dict_metadata[key].properties.dtype)
         for key, _, sizes in requests
     ]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            load({str(n): t for n, t in enumerate(out)}, storage_reader=reader,
+                 planner=_slice_planner(metadata, requests, out), no_dist=True)
+        except CheckpointException as e:  # a BaseException wrapping the reader's own error
+            inner = next(iter(e.failures.values()))[0]
+            if isinstance(inner, CheckpointError):
+                raise inner from None
+            keys = sorted({key for key, _, _ in requests})
+            raise CheckpointError(
+                f"{reader.path}: reading {keys[:3]} failed ({type(inner).__name__}: {inner}); damaged file?"
+            ) from inner
+    return out
+
+
+def _slice_planner(metadata: Any, requests: list[tuple[str, list[int], list[int]]], out: list[torch.Tensor]) -> Any:
+    """A DCP load planner that reads exactly the requested chunks into ``out`` (one tensor per request, so one
+    key can be read in several slices); built on DCP's own ``create_read_items_for_chunk_list``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    def items_of(n: int, key: str, offsets: list[int], sizes: list[int]) -> list[ReadItem]:
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+        return [
+            ReadItem(type=item.type, dest_index=MetadataIndex(fqn=str(n), offset=item.dest_index.offset,
+                                                             index=item.dest_index.index),
+                     dest_offsets=item.dest_offsets, storage_index=item.storage_index,
+                     storage_offsets=item.storage_offsets, lengths=item.lengths)
+            for item in create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk])
+        ]
 
     class SlicePlanner(DefaultLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
-            items = []
-            for n, (key, offsets, sizes) in enumerate(requests):
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-                for item in create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk]):
-                    # the destination names the request, so one key can be read in several slices
-                    dest = MetadataIndex(
-                        fqn=str(n), offset=item.dest_index.offset, index=item.dest_index.index
-                    )
-                    items.append(
-                        ReadItem(
-                            type=item.type,
-                            dest_index=dest,
-                            dest_offsets=item.dest_offsets,
-                            storage_index=item.storage_index,
-                            storage_offsets=item.storage_offsets,
-                            lengths=item.lengths,
-                        )
-                    )
-            return LoadPlan(items)
+            return LoadPlan([item for n, request in enumerate(requests) for item in items_of(n, *request)])
 
         def resolve_tensor(self, read_item):
             dest = out[int(read_item.dest_index.fqn)]
@@ -60,26 +73,7 @@ def read_slices(
         def commit_tensor(self, read_item, tensor) -> None:
             pass
 
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            load(
-                {str(n): t for n, t in enumerate(out)},
-                storage_reader=reader,
-                planner=SlicePlanner(),
-                no_dist=True,
-            )
-        except CheckpointException as e:  # a BaseException wrapping the reader's own error
-            inner = next(iter(e.failures.values()))[0]
-            if isinstance(inner, CheckpointError):
-                raise inner from None
-            keys = sorted({key for key, _, _ in requests})
-            raise CheckpointError(
-                f"{reader.path}: reading {keys[:3]} failed ({type(inner).__name__}: {inner}); damaged file?"
-            ) from inner
-    return out
+    return SlicePlanner()
 
 
 def cached_reader(folder: Path) -> Any:

@@ -17,7 +17,7 @@ import torch
 
 from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
 from parallel_bridge.checkpoint.outputs import atomic_output, check_output
-from parallel_bridge.errors import CheckpointError
+from parallel_bridge.errors import CheckpointError, UnknownTensorError
 from parallel_bridge.spec import schema
 
 logger = logging.getLogger(__name__)
@@ -44,64 +44,88 @@ def export_hf(
     progress: bool = False,
 ) -> Path:
     """Write ``out`` (safetensors shards, index, config.json, tokenizer files); returns its path."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     check_output(out, [ckpt.root] + ([Path(tokenizer)] if tokenizer is not None else []), overwrite)
-    if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise CheckpointError(f"tokenizer folder {tokenizer} does not exist")
-    cfg = ckpt.config
+    tokenizer_files = _tokenizer_files(tokenizer)
+    spec = ckpt.config
+    names = [name for name, _, _ in schema.tensors(spec)]
+    undeclared = sorted(set(ckpt.tensors) - set(names) - {n for n in ckpt.tensors if n.endswith("_extra_state")})
+    if undeclared:
+        raise UnknownTensorError(
+            f"{ckpt.path}: tensors {undeclared[:4]} have no place in a {spec.family.model_type} model of this "
+            "config; exporting without them would drop them silently, so nothing is written"
+        )
     with atomic_output(out, str(ckpt.path)) as tmp:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        sizes = [0]
-        weight_map: dict[str, int] = {}
+        writer = _ShardedWriter(tmp, shard_bytes)
+        for name in _progress(names, progress):
+            for hf_name, tensor in schema.to_hf(name, ckpt.read(name), spec):
+                writer.add(hf_name, tensor)
+        writer.close()
+        config = spec.to_hf()
+        config["torch_dtype"] = str(ckpt.dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for f in tokenizer_files:
+            shutil.copy2(f, tmp / f.name)
+    logger.info("exported %s -> %s", ckpt.path, out)
+    return out
 
-        def flush() -> None:
-            index = len(shards) - 1
-            save_file(shards[index], str(tmp / f"shard-{index:05d}.safetensors"), metadata={"format": "pt"})
-            shards[index] = {}  # free the tensors; the name map keeps the shard number
-            shards.append({})
-            sizes.append(0)
 
-        names = [name for name, _, _ in schema.tensors(cfg)]
-        bar = None
-        if progress:
-            from tqdm import tqdm
+def _tokenizer_files(tokenizer: str | Path | None) -> list[Path]:
+    """The tokenizer files to copy, checked before anything is written."""
+    if tokenizer is None:
+        return []
+    folder = Path(tokenizer)
+    if not folder.is_dir():
+        raise CheckpointError(f"tokenizer folder {tokenizer} does not exist")
+    files = [folder / f for f in TOKENIZER_FILES if (folder / f).exists()]
+    if not files:
+        raise CheckpointError(f"tokenizer folder {tokenizer} holds none of {list(TOKENIZER_FILES)}")
+    return files
 
-            bar = tqdm(total=len(names), desc="export", unit="tensor", ncols=80)
-        for name in names:
-            for hf_name, tensor in schema.to_hf(name, ckpt.read(name), cfg):
-                nbytes = tensor.numel() * tensor.element_size()
-                if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
-                    flush()
-                shards[-1][hf_name] = tensor.contiguous()
-                sizes[-1] += nbytes
-                weight_map[hf_name] = len(shards) - 1
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        flush()
-        count = len(shards) - 1
+
+def _progress(names: list[str], show: bool):
+    if not show:
+        return names
+    from tqdm import tqdm
+
+    return tqdm(names, desc="export", unit="tensor", ncols=80)
+
+
+class _ShardedWriter:
+    """Safetensors shards of at most ``shard_bytes`` (one tensor over it gets a shard of its own), each
+    written as soon as it is full; :meth:`close` names them and writes the index when there are several."""
+
+    def __init__(self, folder: Path, shard_bytes: int) -> None:
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.sizes: list[int] = [0]
+        self.weight_map: dict[str, int] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.sizes[-1] and self.sizes[-1] + nbytes > self.shard_bytes:
+            self._flush()
+        self.current[name] = tensor.contiguous()
+        self.sizes[-1] += nbytes
+        self.weight_map[name] = len(self.sizes) - 1
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        index = len(self.sizes) - 1
+        save_file(self.current, str(self.folder / f"shard-{index:05d}.safetensors"), metadata={"format": "pt"})
+        self.current = {}  # free the tensors; the name map keeps the shard number
+        self.sizes.append(0)
+
+    def close(self) -> None:
+        self._flush()
+        count = len(self.sizes) - 1
         final = {}
         for i in range(count):
             name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            (tmp / f"shard-{i:05d}.safetensors").rename(tmp / name)
+            (self.folder / f"shard-{i:05d}.safetensors").rename(self.folder / name)
             final[i] = name
         if count > 1:
-            index = {
-                "metadata": {"total_size": sum(sizes)},
-                "weight_map": {k: final[v] for k, v in sorted(weight_map.items())},
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config = cfg.to_hf()
-        config["torch_dtype"] = str(ckpt.dtype).replace("torch.", "")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if tokenizer is not None:
-            copied = [f for f in TOKENIZER_FILES if (Path(tokenizer) / f).exists()]
-            if not copied:
-                raise CheckpointError(f"tokenizer folder {tokenizer} holds none of {list(TOKENIZER_FILES)}")
-            for f in copied:
-                shutil.copy2(Path(tokenizer) / f, tmp / f)
-    logger.info("exported %s -> %s", ckpt.path, out)
-    return out
+            index = {"metadata": {"total_size": sum(self.sizes)},
+                     "weight_map": {k: final[v] for k, v in sorted(self.weight_map.items())}}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

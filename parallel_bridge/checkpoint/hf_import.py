@@ -21,6 +21,7 @@ import torch
 
 from parallel_bridge.checkpoint.outputs import atomic_output, check_output
 from parallel_bridge.errors import CheckpointError, ModelConfigError, UnknownTensorError
+from parallel_bridge.parallel.layout import round_up
 from parallel_bridge.spec import schema
 from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.spec.tp_split import TPSplitError, split_for_tp
@@ -33,8 +34,7 @@ VOCAB_DIVISOR = 128
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
     """The vocabulary Megatron-LM trains at ``tp``: padded up to a multiple of 128 x tp."""
-    step = VOCAB_DIVISOR * tp
-    return -(-vocab_size // step) * step
+    return round_up(vocab_size, VOCAB_DIVISOR * tp)
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:

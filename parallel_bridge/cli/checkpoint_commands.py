@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from parallel_bridge.errors import CliError
 
@@ -157,14 +158,66 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if args.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-        cores = os.cpu_count() or 1
-        per = max(1, cores // args.tensor_parallel_size)
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            f"{r * per}-{r * per + per - 1}" if per > 1 else str(r % cores)
-            for r in range(args.tensor_parallel_size)
-        )
+        from parallel_bridge.serving.engines import cpu_thread_binding
+
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(args.tensor_parallel_size)
     # vLLM's API server module directly: the `vllm` script looks up the distribution "vllm",
     # which the CPU build (vllm-cpu) does not provide. Same arguments, the model as --model.
     server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", *cmd[2:]]
     logger.info("starting: %s", shlex.join(cmd))
     return subprocess.call(server, env=env)
+
+
+def checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "checkpoint",
+        help="Megatron checkpoint folder (root with latest_checkpointed_iteration.txt, or one iteration)",
+    )
+    p.add_argument("--iteration", type=int, default=None, help="iteration to read (default: the latest)")
+    p.add_argument(
+        "--config-overrides",
+        default=None,
+        metavar="JSON",
+        help="model config values that override the checkpoint's, e.g. '{\"vocab_size\": 32000}'",
+    )
+
+def add_checkpoint_parsers(sub: Any) -> None:
+    """The ``inspect``, ``convert`` and ``serve`` subcommands."""
+    p = sub.add_parser(
+        "inspect", help="format, iteration, source TP/PP, dtype, tensors and size of a Megatron checkpoint"
+    )
+    checkpoint_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "convert",
+        help="export a Megatron checkpoint to a Hugging Face folder (--to hf), or import one (--to megatron)",
+    )
+    checkpoint_args(p)
+    p.add_argument("out", help="output folder (must not exist unless --force)")
+    p.add_argument("--to", default="hf", help="target format: hf (export) or megatron (import a HF folder)")
+    p.add_argument("--tp", type=int, default=1, help="--to megatron: tensor-parallel size to train at")
+    p.add_argument("--pp", type=int, default=1, help="--to megatron: pipeline-parallel size to train at")
+    p.add_argument("--format", default="torch_dist", help="--to megatron: checkpoint format (torch_dist)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder whose files to copy into the output")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a Megatron checkpoint with vLLM's OpenAI-compatible server",
+        epilog="Arguments after -- go to vllm serve unchanged.",
+    )
+    checkpoint_args(p)
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder (default: tokenizer/ beside the checkpoint)"
+    )
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--print", dest="print_only", action="store_true", help="print the vllm serve command only"
+    )
+    p.set_defaults(func=cmd_serve)

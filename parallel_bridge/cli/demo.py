@@ -212,6 +212,7 @@ def serve(out: Path, serve_tp: int, report: dict, tokenizer):
     from vllm.inputs import TokensPrompt
 
     from parallel_bridge.serving.engines import (
+        cpu_thread_binding,
         describe_engine,
         environment_defaults,
         in_process_engine,
@@ -220,7 +221,7 @@ def serve(out: Path, serve_tp: int, report: dict, tokenizer):
 
     settings = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}  # small cache, readable report
     if serve_tp > 1:
-        settings["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r) for r in range(serve_tp))
+        settings["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(serve_tp)
     with environment_defaults(settings), in_process_engine(serve_tp), llm_engine(
         model=str(out / "checkpoint"),
         load_format="megatron",

@@ -16,8 +16,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from parallel_bridge.cli.checkpoint_commands import cmd_convert, cmd_inspect, cmd_serve
+from parallel_bridge.cli.checkpoint_commands import add_checkpoint_parsers
 from parallel_bridge.errors import BridgeError, CliError
 from parallel_bridge.parallel.launch import free_port
 
@@ -178,7 +179,9 @@ def cmd_rl(args: argparse.Namespace) -> int:
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     if args.serve_tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         # one core per vLLM worker: the CPU build's automatic binding fails on small machines
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % (os.cpu_count() or 1)) for r in range(args.serve_tp))
+        from parallel_bridge.serving.engines import cpu_thread_binding
+
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(args.serve_tp)
     start = time.perf_counter()
     log = _log_file(args, out)
     code = torchrun("parallel_bridge.cli.rl", args.train_tp, argv, env, log=log)
@@ -186,20 +189,6 @@ def cmd_rl(args: argparse.Namespace) -> int:
         raise CliError(f"the RL run failed (torchrun exit code {code}); see {log or 'the output above'}")
     print(f"rl finished in {time.perf_counter() - start:.0f} s")
     return EXIT_OK
-
-
-def _checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "checkpoint",
-        help="Megatron checkpoint folder (root with latest_checkpointed_iteration.txt, or one iteration)",
-    )
-    p.add_argument("--iteration", type=int, default=None, help="iteration to read (default: the latest)")
-    p.add_argument(
-        "--config-overrides",
-        default=None,
-        metavar="JSON",
-        help="model config values that override the checkpoint's, e.g. '{\"vocab_size\": 32000}'",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_env)
 
+    _add_demo(sub)
+    _add_rl(sub)
+    add_checkpoint_parsers(sub)
+    return parser
+
+
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo", help="train a Megatron GPT under torchrun, save it, serve it with vLLM, compare"
     )
@@ -234,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer steps and prompts (for tests)")
     p.set_defaults(func=cmd_demo)
 
+
+
+def _add_rl(sub: Any) -> None:
     p = sub.add_parser(
         "rl",
         help="RL loop: vLLM samples, Megatron trains (TP under torchrun), weights pushed every step "
@@ -252,46 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=150, help="supervised warm-up steps (default: 150)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling (default: 0)")
     p.set_defaults(func=cmd_rl)
-
-    p = sub.add_parser(
-        "inspect", help="format, iteration, source TP/PP, dtype, tensors and size of a Megatron checkpoint"
-    )
-    _checkpoint_args(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser(
-        "convert",
-        help="export a Megatron checkpoint to a Hugging Face folder (--to hf), or import one (--to megatron)",
-    )
-    _checkpoint_args(p)
-    p.add_argument("out", help="output folder (must not exist unless --force)")
-    p.add_argument("--to", default="hf", help="target format: hf (export) or megatron (import a HF folder)")
-    p.add_argument("--tp", type=int, default=1, help="--to megatron: tensor-parallel size to train at")
-    p.add_argument("--pp", type=int, default=1, help="--to megatron: pipeline-parallel size to train at")
-    p.add_argument("--format", default="torch_dist", help="--to megatron: checkpoint format (torch_dist)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder whose files to copy into the output")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser(
-        "serve",
-        help="serve a Megatron checkpoint with vLLM's OpenAI-compatible server",
-        epilog="Arguments after -- go to vllm serve unchanged.",
-    )
-    _checkpoint_args(p)
-    p.add_argument(
-        "--tokenizer", default=None, help="tokenizer folder (default: tokenizer/ beside the checkpoint)"
-    )
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--print", dest="print_only", action="store_true", help="print the vllm serve command only"
-    )
-    p.set_defaults(func=cmd_serve)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -310,3 +310,21 @@ class ParallelContext:
             f"(tp_rank={self.tp_rank} pp_rank={self.pp_rank} dp_rank={self.dp_rank} "
             f"cp_rank={self.cp_rank} ep_rank={self.ep_rank})"
         )
+
+
+def context_matching(
+    degrees: dict[str, int], rank: int, ranks: dict[str, list[int]], axes: list[str], timeout_s: float
+) -> ParallelContext | None:
+    """The context of ``degrees`` on ``rank`` whose rank lists equal ``ranks`` (group name -> this rank's
+    group, as another library made it), trying every order of ``axes``; None when no order matches. How an
+    adapter recovers the rank order of groups it did not create."""
+    import itertools
+
+    for perm in itertools.permutations(axes):
+        try:
+            ctx = ParallelContext(**degrees, rank=rank, order="-".join(perm), timeout_s=timeout_s)
+        except LayoutError:
+            continue
+        if all(ctx.ranks(n) == r for n, r in ranks.items()):
+            return ctx
+    return None

@@ -7,15 +7,28 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 from parallel_bridge.errors import DistributedError, LayoutError
 
-if TYPE_CHECKING:
-    from parallel_bridge.parallel.context import ParallelContext
+
+class RankLayout(Protocol):
+    """What the groups read of a :class:`~parallel_bridge.parallel.context.ParallelContext` (so this module
+    needs no import of it: the context imports its groups, not the other way round)."""
+
+    rank: int
+    world_size: int
+    backend: str | None
+    timeout_s: float
+
+    def ranks(self, name: str) -> list[int]: ...
+
+    def all_ranks(self, name: str) -> list[list[int]]: ...
+
+    def describe(self) -> str: ...
 
 
 class GroupCache:
@@ -28,7 +41,7 @@ class GroupCache:
         self.lock = threading.Lock()
 
 
-def bound_group(ctx: ParallelContext, cache: GroupCache, name: str) -> dist.ProcessGroup | None:
+def bound_group(ctx: RankLayout, cache: GroupCache, name: str) -> dist.ProcessGroup | None:
     """``ctx``'s group ``name`` from ``cache``, created (collectively) on first use.
 
     A name whose rank lists equal those of a group already bound (``mp`` and ``tp``
@@ -55,7 +68,7 @@ def bound_group(ctx: ParallelContext, cache: GroupCache, name: str) -> dist.Proc
         return pg
 
 
-def adopt(ctx: ParallelContext, cache: GroupCache, inherited: GroupCache, adopted: dict[str, Any]) -> None:
+def adopt(ctx: RankLayout, cache: GroupCache, inherited: GroupCache, adopted: dict[str, Any]) -> None:
     """Fill ``cache`` with ``inherited``'s groups and ``adopted`` (name -> ProcessGroup), checking that each
     adopted group holds exactly the ranks ``ctx`` puts this rank with; no communicator is created."""
     cache.groups.update(inherited.groups)
@@ -74,7 +87,7 @@ def adopt(ctx: ParallelContext, cache: GroupCache, inherited: GroupCache, adopte
         cache.groups[name] = pg
 
 
-def _require_distributed(ctx: ParallelContext, name: str) -> None:
+def _require_distributed(ctx: RankLayout, name: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise DistributedError(
             f"cannot make process group {name!r}: torch.distributed is not initialized "

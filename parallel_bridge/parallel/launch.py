@@ -48,6 +48,24 @@ def context_from_torchrun(
     nccl when CUDA is available) with ``timeout_s``.
     """
     env = dict(os.environ if env is None else env)
+    values = _torchrun_values(env)
+    world, rank = values["WORLD_SIZE"], values["RANK"]
+    model = tp * pp * cp
+    if dp is None:
+        if model < 1 or world % model:
+            raise LayoutError(f"tp={tp} x pp={pp} x cp={cp} = {model} does not divide WORLD_SIZE={world}")
+        dp = world // model
+    elif model * dp != world:
+        raise LayoutError(f"tp={tp} x pp={pp} x cp={cp} x dp={dp} = {model * dp} but WORLD_SIZE={world}")
+    ctx = ParallelContext(
+        tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, etp=etp, rank=rank, order=order, backend=backend, timeout_s=timeout_s
+    )
+    _init_default_group(env, values, backend, timeout_s)
+    return ctx
+
+
+def _torchrun_values(env: dict[str, str]) -> dict[str, int]:
+    """RANK, WORLD_SIZE and LOCAL_RANK as integers, each checked."""
     values = {}
     for var in _TORCHRUN_VARS:
         raw = env.get(var)
@@ -60,55 +78,38 @@ def context_from_torchrun(
             values[var] = int(raw)
         except ValueError:
             raise LayoutError(f"environment variable {var}={raw!r} is not an integer") from None
-    world, rank = values["WORLD_SIZE"], values["RANK"]
-    if world < 1 or not 0 <= rank < world:
-        raise LayoutError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
-    model = tp * pp * cp
-    if dp is None:
-        if model < 1 or world % model:
-            raise LayoutError(f"tp={tp} x pp={pp} x cp={cp} = {model} does not divide WORLD_SIZE={world}")
-        dp = world // model
-    elif model * dp != world:
-        raise LayoutError(f"tp={tp} x pp={pp} x cp={cp} x dp={dp} = {model * dp} but WORLD_SIZE={world}")
-    ctx = ParallelContext(
-        tp=tp,
-        pp=pp,
-        dp=dp,
-        cp=cp,
-        ep=ep,
-        etp=etp,
-        rank=rank,
-        order=order,
-        backend=backend,
-        timeout_s=timeout_s,
-    )
+    if values["WORLD_SIZE"] < 1 or not 0 <= values["RANK"] < values["WORLD_SIZE"]:
+        raise LayoutError(f"RANK={values['RANK']} and WORLD_SIZE={values['WORLD_SIZE']} are inconsistent")
+    return values
+
+
+def _init_default_group(env: dict[str, str], values: dict[str, int], backend: str | None, timeout_s: float) -> None:
+    """The default process group of torchrun's world (gloo on CPU, nccl with CUDA), unless it exists; an
+    existing one must be that world."""
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        for var in ("MASTER_ADDR", "MASTER_PORT"):
-            if var not in env:
-                raise DistributedError(f"environment variable {var} is not set: run under torchrun")
-        default = "nccl" if torch.cuda.is_available() else "gloo"
-        kwargs = {}
-        if default == "nccl":
-            torch.cuda.set_device(values["LOCAL_RANK"])
-            kwargs["device_id"] = torch.device("cuda", values["LOCAL_RANK"])
-        dist.init_process_group(
-            backend=backend or default,
-            init_method="env://",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=timeout_s),
-            **kwargs,
-        )
-        logger.info("initialized %s process group: rank %d of %d", backend or default, rank, world)
-    elif dist.get_world_size() != world or dist.get_rank() != rank:
-        raise DistributedError(
-            f"torch.distributed is initialized with rank {dist.get_rank()} of "
-            f"{dist.get_world_size()}, but RANK={rank} WORLD_SIZE={world}"
-        )
-    return ctx
+    world, rank = values["WORLD_SIZE"], values["RANK"]
+    if dist.is_initialized():
+        if dist.get_world_size() != world or dist.get_rank() != rank:
+            raise DistributedError(
+                f"torch.distributed is initialized with rank {dist.get_rank()} of "
+                f"{dist.get_world_size()}, but RANK={rank} WORLD_SIZE={world}"
+            )
+        return
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in env:
+            raise DistributedError(f"environment variable {var} is not set: run under torchrun")
+    default = "nccl" if torch.cuda.is_available() else "gloo"
+    kwargs = {}
+    if default == "nccl":
+        torch.cuda.set_device(values["LOCAL_RANK"])
+        kwargs["device_id"] = torch.device("cuda", values["LOCAL_RANK"])
+    dist.init_process_group(
+        backend=backend or default, init_method="env://", rank=rank, world_size=world,
+        timeout=timedelta(seconds=timeout_s), **kwargs,
+    )
+    logger.info("initialized %s process group: rank %d of %d", backend or default, rank, world)
 
 
 @contextlib.contextmanager

@@ -127,3 +127,13 @@ def coordinates(rank: int, sizes: Mapping[str, int], order: str) -> dict[str, in
     if not 0 <= rank < world:
         raise LayoutError(f"rank {rank} is outside the world of {world} ranks")
     return dict(zip(tokens, _unravel(rank, dims)))
+
+
+def ceil_div(n: int, d: int) -> int:
+    """``n / d`` rounded up (rows per rank of ``n`` rows over ``d`` ranks)."""
+    return -(-n // d)
+
+
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (padded vocabularies, aligned offsets)."""
+    return ceil_div(n, multiple) * multiple

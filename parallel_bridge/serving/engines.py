@@ -28,6 +28,15 @@ def environment_defaults(values: dict[str, str]) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
+def cpu_thread_binding(tp: int) -> str:
+    """vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` for ``tp`` CPU workers: each its own block of this machine's
+    cores (``0-3|4-7``), or one core each when there are fewer cores than two per worker (vLLM's default
+    auto-binding fails on small machines)."""
+    cores = os.cpu_count() or 1
+    per = max(1, cores // tp)
+    return "|".join(f"{r * per}-{r * per + per - 1}" if per > 1 else str(r % cores) for r in range(tp))
+
+
 def in_process_engine(tp: int) -> contextlib.AbstractContextManager[None]:
     """A scope in which a TP=1 ``vllm.LLM`` runs in this process (vLLM's ``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
     no spawned engine core, ~3 s to start instead of ~22 s on the CPU. Only for a process that has not

@@ -32,7 +32,7 @@ import torch
 
 from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
 from parallel_bridge.errors import CheckpointError
-from parallel_bridge.spec.store import VOCAB_PARAMS, rank_parts
+from parallel_bridge.spec.slices import VOCAB_PARAMS, rank_parts
 from parallel_bridge.spec.tp_split import TPSplit, TPSplitError, serving_split
 
 logger = logging.getLogger(__name__)

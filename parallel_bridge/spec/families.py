@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from parallel_bridge.errors import ModelConfigError
 
-if TYPE_CHECKING:
-    from parallel_bridge.spec.model import GPTConfig
-    from parallel_bridge.spec.schema import TensorKind
+GPTConfig = Any
+"""A :class:`~parallel_bridge.spec.model.GPTConfig` (named here without importing it: the model imports its
+families, not the other way round)."""
+TensorKind = Any
+"""A :class:`~parallel_bridge.spec.schema.TensorKind` (likewise)."""
 
 
 def _nothing(_: Any) -> dict[str, Any]:

@@ -140,8 +140,8 @@ def unclassified_changes(config: Any) -> list[str]:
     """Fields of a megatron-core config dataclass this table does not classify, away from their defaults."""
     from megatron.core.model_parallel_config import ModelParallelConfig
 
-    layout = {f.name for f in dataclasses.fields(ModelParallelConfig)}
-    known = MAPPED | NO_MATH | set(NEUTRAL) | layout
+    parallel_fields = {f.name for f in dataclasses.fields(ModelParallelConfig)}
+    known = MAPPED | NO_MATH | set(NEUTRAL) | parallel_fields
     out = []
     for f in dataclasses.fields(config):
         if f.name in known or f.default is dataclasses.MISSING:

@@ -25,7 +25,7 @@ from parallel_bridge.spec import families, sharding
 
 @dataclasses.dataclass(frozen=True)
 class TensorKind:
-    """One kind of tensor, in every naming and layout the project meets."""
+    """One kind of tensor, in every naming and sharding the project meets."""
 
     megatron: str
     """megatron-core local-spec name; ``{i}`` is the global layer index, ``{e}`` an expert index."""

@@ -1,7 +1,7 @@
 """How tensor parallelism shards each kind of tensor: one object per kind, owning every operation on it.
 
 A :class:`Sharding` says, for its kind: this TP rank's shard of a full tensor and the full tensor from its
-shards (megatron-core's layout, verified against megatron-core 0.16.1's layers in
+shards (as megatron-core holds them, verified against megatron-core 0.16.1's layers in
 ``tests/test_megatron_adapter.py``), the shard pieces that make up a range of the full tensor (how a
 checkpoint or a weight round stores it), the slice a vLLM serving rank keeps (read from a
 :class:`~parallel_bridge.spec.store.TensorStore`), the axis the weight sync hashes along, and its Hugging
@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from parallel_bridge.errors import CheckpointError, ModelConfigError
+from parallel_bridge.spec.store import TensorStore
 
-if TYPE_CHECKING:
-    from parallel_bridge.spec.model import GPTConfig
-    from parallel_bridge.spec.store import TensorStore
+GPTConfig = Any
+"""A :class:`~parallel_bridge.spec.model.GPTConfig` (named here without importing it: the spec imports its
+shardings, not the other way round)."""
 
 
 def _chunk(name: str, t: torch.Tensor, parts: int, dim: int) -> tuple[torch.Tensor, ...]:
@@ -215,11 +216,11 @@ def _overlaps(segments: list[tuple[int, int, int, int]], start: int, length: int
     return out
 
 
-# ------------------------------------------------------------------ the grouped QKV layout
+# ------------------------------------------------------------------ the grouped QKV rows
 @dataclasses.dataclass(frozen=True)
 class GroupedQKV:
     """megatron-core's grouped QKV rows: per query group ``[q heads of the group ; k ; v]``, each ``head_dim``
-    rows. The one place this layout is written."""
+    rows. The one place this row order is written."""
 
     heads: int
     groups: int

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from parallel_bridge.errors import ConfigError
+from parallel_bridge.parallel.layout import ceil_div
 
 NAMES = {"heads": "num_attention_heads", "kv_heads": "num_query_groups", "ffn": "ffn_hidden_size", "vocab": "vocab_size"}
 """How sizes are named in messages: the model spec's fields (:class:`~parallel_bridge.spec.model.GPTConfig`)."""
@@ -81,7 +82,7 @@ def split_for_tp(
         kv_heads=max(kv // tp, 1),
         kv_replicas=max(tp // kv, 1),
         ffn=None if ffn is None else ffn // tp,
-        vocab=None if vocab is None else -(-vocab // tp),
+        vocab=None if vocab is None else ceil_div(vocab, tp),
     )
 
 

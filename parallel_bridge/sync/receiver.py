@@ -4,7 +4,7 @@ Serving side (:class:`SharedMemoryReceiver`, one per vLLM worker):
 ``init_transfer_engine`` checks the served model against the trainer's config
 (every parameter this rank will receive, by name and shape) before anything is
 sent. A round is two ``update_weights`` calls: ``stage`` reads this rank's rows
-and columns of the published shards (:func:`~parallel_bridge.spec.store.rank_parts`
+and columns of the published shards (:func:`~parallel_bridge.spec.slices.rank_parts`
 over a :class:`~parallel_bridge.sync.shards.RoundReader`, a TensorStore), verifying each piece's
 hash, into staging tensors, and writes a report; ``commit`` agrees over the
 workers' group that every rank staged cleanly, then swaps the staged tensors in
@@ -36,7 +36,7 @@ from vllm.distributed.weight_transfer.base import (
 
 from parallel_bridge.errors import SyncError
 from parallel_bridge.spec.model import GPTConfig
-from parallel_bridge.spec.store import VOCAB_PARAMS, ShapeStore, rank_parts
+from parallel_bridge.spec.slices import VOCAB_PARAMS, ShapeStore, rank_parts
 from parallel_bridge.sync.shards import BufferPool, RoundReader
 
 logger = logging.getLogger(__name__)

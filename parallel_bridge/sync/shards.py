@@ -9,7 +9,7 @@ mapped once and rewritten in place every round.
 
 :class:`RoundReader` presents those shards as a
 :class:`~parallel_bridge.spec.store.TensorStore` (``config``, ``shape``, ``read``, ``read_rows``), so the per-rank slicing written for checkpoint serving
-(:func:`parallel_bridge.spec.store.rank_parts`) picks each serving
+(:func:`parallel_bridge.spec.slices.rank_parts`) picks each serving
 rank's rows and columns. Every piece copied out is hashed again and compared with
 the sender's hash of the same rows or columns: what a serving rank keeps equals
 what was sent, or the read raises naming the tensor and trainer rank.
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from parallel_bridge.errors import RoundError
+from parallel_bridge.parallel.layout import round_up
 from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.spec.schema import sharding_of
 
@@ -179,7 +180,7 @@ class BufferPool:
 
 
 def _aligned(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
+    return round_up(n, _ALIGN)
 
 
 class RoundReader:

@@ -128,7 +128,7 @@ class MegatronWeightSource(WeightSource):
         return {"source_tp": self.ctx.tp, "source_pp": self.ctx.pp, "config": dataclasses.asdict(self.config)}
 
     published: tuple[str, int] | None = None
-    """(folder, version) of the last round this rank's engine published."""
+    """(folder, version) of the last round this source published."""
 
     def publish_local(self, root: str) -> tuple[str, int]:
         """Publish this rank's shards under ``root`` for full-tensor iteration on trainer rank 0
