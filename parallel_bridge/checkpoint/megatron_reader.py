@@ -324,7 +324,7 @@ class _Legacy(MegatronCheckpoint):
         self._where: dict[str, tuple[int, str]] = {}  # global name -> (pp stage, local name)
         for p in range(self.source_pp):
             state = self._model_state(0, p)
-            local_layers = {int(n.split(".")[2]) for n in state if n.startswith("decoder.layers.")}
+            local_layers = {schema.layer_of(n) for n in state} - {None}
             for local in state:
                 if local.endswith("_extra_state"):
                     continue

@@ -16,6 +16,7 @@ from torch import nn
 from parallel_bridge.models.attention import TrainableAttention
 from parallel_bridge.models.kernels import Kernels
 from parallel_bridge.parallel.context import ParallelContext
+from parallel_bridge.spec.sharding import GroupedQKV
 
 if TYPE_CHECKING:
     from parallel_bridge.spec.model import GPTConfig
@@ -79,17 +80,12 @@ class SelfAttention(nn.Module):
         self.linear_qkv = b.column(spec.hidden_size, b.ctx.tp * (heads + 2 * kv) * d)
         self.core_attention = attention
         self.linear_proj = b.row(spec.num_attention_heads * d, spec.hidden_size)
-        self.groups, self.per_group, self.head_dim = kv, heads // kv, d
+        self.qkv = GroupedQKV(heads, kv, d)  # this rank's heads and groups
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None
     ) -> torch.Tensor:
-        qkv = self.kernels.linear(self.linear_qkv, x, reduce=False)
-        t = qkv.shape[0]
-        grouped = qkv.view(t, self.groups, self.per_group + 2, self.head_dim)
-        q = grouped[:, :, : self.per_group].reshape(t, -1)
-        k = grouped[:, :, self.per_group].reshape(t, -1)
-        v = grouped[:, :, self.per_group + 1].reshape(t, -1)
+        q, k, v = self.qkv.unfuse_features(self.kernels.linear(self.linear_qkv, x, reduce=False))
         out = self.core_attention(q, k, v, positions, cu_seqlens)
         return self.kernels.linear(self.linear_proj, out, reduce=True)
 

@@ -256,6 +256,17 @@ class GroupedQKV:
             grouped[:, self.per_group + 1].reshape(-1, *rest),
         )
 
+    def unfuse_features(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same split on the last dimension: a grouped QKV projection's output ``[..., rows]`` -> q, k, v
+        ``[..., heads * head_dim]`` (a layer's activations, where :meth:`unfuse` splits a weight's rows)."""
+        lead = qkv.shape[:-1]
+        grouped = qkv.view(*lead, self.groups, self.per_group + 2, self.head_dim)
+        return (
+            grouped[..., : self.per_group, :].reshape(*lead, -1),
+            grouped[..., self.per_group, :].reshape(*lead, -1),
+            grouped[..., self.per_group + 1, :].reshape(*lead, -1),
+        )
+
     def fuse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(q, k, v), heads-major -> grouped rows (the inverse of :meth:`unfuse`)."""
         rest, d = q.shape[1:], self.head_dim
