@@ -1,4 +1,4 @@
-"""Calibration of the parity rule (parallel_bridge/parity.py): one fp32 implementation's log-prob error.
+"""Calibration of the parity rule (parallel_bridge/numerics/parity.py): one fp32 implementation's log-prob error.
 
 For tiny Llamas (transformers' own class, random and briefly trained weights) of every size the suite
 uses and beyond it (hidden 64-512, 1-8 layers, vocabularies 16-1024, init std 0.02-0.3, 4-64 tokens), the

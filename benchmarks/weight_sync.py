@@ -14,6 +14,7 @@ vLLM's CPU GEMMs pays; ``transport_vs_ceiling`` leaves it (and the RPCs) out.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -79,7 +80,7 @@ def _run(folder: str, serve_tp: int) -> dict:
 
     from parallel_bridge.adapters import megatron
     from parallel_bridge.models.hybrid_llama import HybridLlama
-    from parallel_bridge.serving import shutdown
+    from parallel_bridge.serving import llm_engine
     from parallel_bridge.sync import BACKEND, WeightSync
 
     ctx = context_from_torchrun(tp=2, timeout_s=600)
@@ -98,15 +99,14 @@ def _run(folder: str, serve_tp: int) -> dict:
             save_file(state, str(ckpt / "model.safetensors"))
         del state
         dist.barrier()
-        llm = None
+        engine = contextlib.nullcontext()
         if ctx.rank == 0:
-            from vllm import LLM
             from vllm.config import WeightTransferConfig
 
-            engine = {"skip_tokenizer_init": True, "dtype": "float32", "max_model_len": 128, "enforce_eager": True}
-            transfer = WeightTransferConfig(backend=BACKEND)
-            llm = LLM(model=str(ckpt), tensor_parallel_size=serve_tp, weight_transfer_config=transfer, **engine)
-        try:
+            engine = llm_engine(model=str(ckpt), tensor_parallel_size=serve_tp, skip_tokenizer_init=True,
+                                dtype="float32", max_model_len=128, enforce_eager=True,
+                                weight_transfer_config=WeightTransferConfig(backend=BACKEND))
+        with engine as llm:
             sync = WeightSync(ctx, model, llm, timeout_s=600)
             shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             pushes = []
@@ -159,9 +159,7 @@ def _run(folder: str, serve_tp: int) -> dict:
                     "recv_bytes_per_rank": dict(best.received_bytes),
                     "trainer_shard_bytes": shard_bytes,
                 }
-        finally:
-            if llm is not None:
-                shutdown(llm)
+
     return out
 
 

@@ -374,7 +374,7 @@ def test_every_transformer_config_field_is_classified():
     layout = {f.name for f in dataclasses.fields(ModelParallelConfig)}
     fields = {f.name for f in dataclasses.fields(TransformerConfig)} - layout
     unclassified = sorted(fields - megatron_args.MAPPED - megatron_args.NO_MATH - set(megatron_args.NEUTRAL))
-    assert not unclassified, f"classify these in parallel_bridge/checkpoint/megatron_args.py: {unclassified}"
+    assert not unclassified, f"classify these in parallel_bridge/spec/megatron_args.py: {unclassified}"
     assert not (megatron_args.MAPPED & megatron_args.NO_MATH) and not (set(megatron_args.NEUTRAL) & (megatron_args.MAPPED | megatron_args.NO_MATH))
 
 

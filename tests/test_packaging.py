@@ -36,7 +36,7 @@ def built(tmp_path_factory):
 def test_wheel_and_sdist_hold_the_package(built):
     wheel, sdist = built
     names = zipfile.ZipFile(wheel).namelist()
-    for member in ("parallel_bridge/__init__.py", "parallel_bridge/py.typed", "parallel_bridge/sync/engine.py"):
+    for member in ("parallel_bridge/__init__.py", "parallel_bridge/py.typed", "parallel_bridge/sync/receiver.py", "parallel_bridge/spec/schema.py"):
         assert member in names, member
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -46,7 +46,7 @@ def test_wheel_and_sdist_hold_the_package(built):
     assert "Provides-Extra: cpu" in metadata and 'Requires-Dist: vllm<0.33,>=0.32; extra == "vllm"' in metadata
     members = tarfile.open(sdist).getnames()
     top = members[0].split("/")[0]
-    for member in ("pyproject.toml", "README.md", "parallel_bridge/cli.py"):
+    for member in ("pyproject.toml", "README.md", "parallel_bridge/cli/main.py"):
         assert f"{top}/{member}" in members, member
 
 

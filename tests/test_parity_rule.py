@@ -1,4 +1,4 @@
-"""The parity rule (parallel_bridge/parity.py): it bounds one fp32 implementation's rounding error on the
+"""The parity rule (parallel_bridge/numerics/parity.py): it bounds one fp32 implementation's rounding error on the
 suite's own model sizes, and it stays far enough below real bugs that each still fails clearly.
 
 The rule's constants come from benchmarks/parity_rule.py (57 tiny Llamas, fp32 against fp64). Here a few of
