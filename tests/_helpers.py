@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,6 +41,19 @@ def kernel_env(env: dict[str, str], capped: bool) -> dict[str, str]:
         paths.insert(0, caps_dir)
     out["PYTHONPATH"] = os.pathsep.join(paths)
     return out
+
+
+class OnDemand(dict):
+    """A dict whose missing entries ``make(key)`` computes once, when first asked: a module's fixtures write only
+    the checkpoints the selected tests read (the AVX2-capped run selects a few)."""
+
+    def __init__(self, make: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: Any) -> Any:
+        self[key] = value = self.make(key)
+        return value
 
 
 def greedy(model, tp, prompts, max_tokens, *, logprobs=0, in_process=True, **engine_kwargs):

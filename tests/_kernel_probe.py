@@ -1,6 +1,6 @@
 """Run as a script by tests/test_kernels.py: which CPU kernels this process takes, and fingerprints (hashes
 of fp32 results) of each library's kernels: ATen's log-softmax, MKL's matmul, vLLM's oneDNN GEMM, and a
-vLLM engine's full log-softmax for a tiny Llama. Prints one JSON object; oneDNN's ISA comes from its
+vLLM engine's full log-softmax for a tiny Llama; and vLLM's torch.compile'd vocabulary mask. Prints one JSON object; oneDNN's ISA comes from its
 verbose output (ONEDNN_VERBOSE=1, on stdout), which the caller parses."""
 
 import hashlib
@@ -29,6 +29,14 @@ def _engine_logprobs(folder: str) -> str:
         return _hash(torch.tensor([step[t].logprob for t in range(128)]))
 
 
+def _vocabulary_mask() -> list[int]:
+    """vLLM's torch.compile'd vocabulary mask of TP rank 1 of 2 (tokens 64..127) for nine tokens."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import get_masked_input_and_mask
+
+    ids = torch.tensor([3, 9, 27, 81, 11, 2, 100, 7, 8])
+    return get_masked_input_and_mask(ids, 64, 128, 0, 128, 128)[0].tolist()
+
+
 def main(folder: str) -> None:
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(96, 1024, generator=g), torch.randn(1024, 200, generator=g)
@@ -41,6 +49,7 @@ def main(folder: str) -> None:
         "mkl_matmul": _hash(a @ b),
         "onednn_mm": _hash(ops.onednn_mm(ops.create_onednn_mm(b, 32), a, None)),
         "engine": _engine_logprobs(folder),
+        "vocabulary_mask": _vocabulary_mask(),
     }
     print("PROBE " + json.dumps(result), flush=True)
 

@@ -21,7 +21,7 @@ pytest.importorskip("vllm")
 pytest.importorskip("megatron.core")
 
 import _megatron_ckpt as mc  # noqa: E402
-from _helpers import compare, first_step_and_tokens, hf_decode  # noqa: E402
+from _helpers import OnDemand, compare, first_step_and_tokens, hf_decode  # noqa: E402
 
 from parallel_bridge.numerics import parity  # noqa: E402
 
@@ -39,16 +39,19 @@ FAMILIES = {
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    """Per family: (torch_dist folder, legacy folder, Megatron's reference decode)."""
+    """(family, "dist" or "legacy") -> (the folder megatron-core's own code wrote from TP=2, Megatron's reference
+    decode of it), written when first asked."""
     root = tmp_path_factory.mktemp("families")
-    out = {}
-    for family, v in FAMILIES.items():
-        dist, legacy = root / f"{family}_dist", root / f"{family}_legacy"
-        run_distributed(mc.save_dist, 2, str(dist), 2, 1, v, timeout_s=300)
-        reference = run_distributed(mc.reference_from_dist, 1, str(dist), v, timeout_s=300)[0]
-        legacy_reference = run_distributed(mc.save_legacy, 2, str(legacy), 2, v, timeout_s=300)[0]
-        out[family] = (dist, legacy, reference, legacy_reference)
-    return out
+
+    def write(key):
+        family, fmt = key
+        v, folder = FAMILIES[family], root / f"{family}_{fmt}"
+        if fmt == "legacy":
+            return folder, run_distributed(mc.save_legacy, 2, str(folder), 2, v, timeout_s=300)[0]
+        run_distributed(mc.save_dist, 2, str(folder), 2, 1, v, timeout_s=300)
+        return folder, run_distributed(mc.reference_from_dist, 1, str(folder), v, timeout_s=300)[0]
+
+    return OnDemand(write)
 
 
 @pytest.mark.slow
@@ -56,7 +59,7 @@ def written(tmp_path_factory):
 def test_config_names_the_family(written, family):
     from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
 
-    dist, legacy, _, _ = written[family]
+    (dist, _), (legacy, _) = written[family, "dist"], written[family, "legacy"]
     for folder in (dist, legacy):
         assert MegatronCheckpoint.open(folder).config.to_hf()["architectures"] == [FAMILIES[family]["architecture"]]
 
@@ -72,7 +75,7 @@ their tensors slice exactly as Llama's, which the checkpoint tests serve at TP=2
 def test_vllm_serves_the_family(written, family, tp, monkeypatch):
     if tp == 2:
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    dist, _, reference, _ = written[family]
+    dist, reference = written[family, "dist"]
     served = first_step_and_tokens(
         dist, tp, FAMILIES[family]["vocab"], mc.PROMPTS, mc.STEPS, load_format="megatron", config_format="megatron"
     )
@@ -82,7 +85,7 @@ def test_vllm_serves_the_family(written, family, tp, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_vllm_serves_the_legacy_checkpoint(written, family):
-    _, legacy, _, reference = written[family]
+    legacy, reference = written[family, "legacy"]
     served = first_step_and_tokens(
         legacy, 1, FAMILIES[family]["vocab"], mc.PROMPTS, mc.STEPS, load_format="megatron", config_format="megatron"
     )
@@ -106,7 +109,7 @@ def test_hf_export_matches_megatron_in_transformers(written, family, tmp_path):
     from parallel_bridge.checkpoint.hf_export import export_hf
     from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
 
-    dist, _, reference, _ = written[family]
+    dist, reference = written[family, "dist"]
     out = export_hf(MegatronCheckpoint.open(dist), tmp_path / "hf")
     config = AutoConfig.from_pretrained(out)
     assert config.architectures == [FAMILIES[family]["architecture"]]

@@ -20,8 +20,8 @@ pytest.importorskip("vllm")
 pytest.importorskip("megatron.core")
 
 import _megatron_ckpt as mc  # noqa: E402
+from _helpers import OnDemand, first_step_and_tokens, hf_decode  # noqa: E402
 from _helpers import compare as compare_within  # noqa: E402
-from _helpers import first_step_and_tokens, hf_decode  # noqa: E402
 
 VARIANTS = {
     # torch_dist from TP=2 x PP=2; 100-token vocabulary padded to 128; untied; 2 kv heads
@@ -35,24 +35,18 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    """Variant -> (the folder Megatron's own code wrote, Megatron's reference decode), written when first asked."""
     root = tmp_path_factory.mktemp("megatron")
-    out = {}
-    v = VARIANTS["dist_tp2pp2"]
-    run_distributed(mc.save_dist, 4, str(root / "dist_tp2pp2"), 2, 2, v, timeout_s=300)
-    out["dist_tp2pp2"] = (
-        root / "dist_tp2pp2",
-        run_distributed(mc.reference_from_dist, 1, str(root / "dist_tp2pp2"), v)[0],
-    )
-    v = VARIANTS["dist_tp1"]
-    run_distributed(mc.save_dist, 1, str(root / "dist_tp1"), 1, 1, v, timeout_s=300)
-    out["dist_tp1"] = (
-        root / "dist_tp1",
-        run_distributed(mc.reference_from_dist, 1, str(root / "dist_tp1"), v)[0],
-    )
-    v = VARIANTS["legacy_tp2"]
-    ref = run_distributed(mc.save_legacy, 2, str(root / "legacy_tp2"), 2, v, timeout_s=300)[0]
-    out["legacy_tp2"] = (root / "legacy_tp2", ref)
-    return out
+
+    def write(variant):
+        v, folder = VARIANTS[variant], root / variant
+        if variant == "legacy_tp2":
+            return folder, run_distributed(mc.save_legacy, 2, str(folder), 2, v, timeout_s=300)[0]
+        tp, pp = (2, 2) if variant == "dist_tp2pp2" else (1, 1)
+        run_distributed(mc.save_dist, tp * pp, str(folder), tp, pp, v, timeout_s=300)
+        return folder, run_distributed(mc.reference_from_dist, 1, str(folder), v)[0]
+
+    return OnDemand(write)
 
 
 def serve(model, tp, vocab, **kwargs):
