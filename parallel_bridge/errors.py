@@ -76,3 +76,7 @@ class OutputError(BridgeError, FileExistsError):
 
 class CliError(BridgeError):
     """A bad command-line value."""
+
+
+class ConfigConflictError(CheckpointError):
+    """Two places a producer wrote the model configuration disagree on a field that changes the math."""

@@ -20,6 +20,7 @@ from _sync_rounds import full_tensors, publish
 from torch import nn
 
 from parallel_bridge import ParallelContext
+from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
 from parallel_bridge.checkpoint.outputs import MARKER
 from parallel_bridge.cli.main import main
 from parallel_bridge.errors import CheckpointError, ModelConfigError
@@ -190,9 +191,13 @@ def test_convert_with_a_bad_tokenizer_folder_writes_nothing(ckpt, tmp_path, caps
         (lambda r: (r / "megatron_gpt_config.json").write_text("{"), "megatron_gpt_config.json is not valid JSON"),
         (lambda r: (r / "iter_0000010" / ".metadata").write_bytes(b"junk"), r"\.metadata cannot be read"),
         (lambda r: sorted(r.glob("iter_*/__1_*.distcp"))[0].unlink(), r"shard file .*__1_.*\.distcp is missing"),
+        (lambda r: (r / "iter_0000010" / "metadata.json").unlink(),
+         "Megatron-LM's torch_dcp or fsdp_dtensor format .*not read; read are torch_dist"),
+        (lambda r: (r / "latest_checkpointed_iteration.txt").unlink() or (r / "latest_train_state.pt").write_text("x"),
+         "latest_train_state.pt cannot be read as Megatron-Bridge's train state"),
     ],
     ids=["common-not-pickle", "tracker-garbage", "tracker-stale", "metadata-json", "backend", "config-list",
-         "config-json", "dcp-metadata", "shard-missing"],
+         "config-json", "dcp-metadata", "shard-missing", "torch-dcp", "bridge-tracker"],
 )
 def test_damaged_torch_dist_files_are_named(ckpt, capsys, damage, says):
     import re
@@ -275,6 +280,166 @@ def test_legacy_file_that_is_not_a_state_dict(ckpt, capsys):
     src = ckpt("legacy")
     torch.save(torch.zeros(3), src / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt")
     assert "holds a Tensor, not Megatron's state dict" in cli_error(capsys, "inspect", str(src))
+
+
+# ------------------------------------------------------------------- config sources
+def hf_config_of(src: Path, tmp_path: Path, **changes) -> Path:
+    """A Hugging Face config.json describing the checkpoint at ``src`` (its own config), with ``changes``."""
+    import json
+
+    body = {**MegatronCheckpoint.open(src).config.to_hf(), **changes}
+    path = tmp_path / "hf" / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change, field, first, second",
+    [({"rope_theta": 500000.0}, "rotary_base", "10000.0", "500000.0"),
+     ({"rms_norm_eps": 1e-6}, "norm_epsilon", "1e-05", "1e-06"),
+     ({"num_key_value_heads": 4}, "num_query_groups", "2", "4"),
+     ({"head_dim": 64}, "kv_channels", "32", "64")],
+)
+def test_config_sources_that_disagree_are_refused_naming_both(ckpt, tmp_path, capsys, change, field, first, second):
+    src = ckpt("dist")
+    hf = hf_config_of(src, tmp_path, **change)
+    line = cli_error(capsys, "inspect", str(src), "--hf-config", str(hf))
+    assert f"sources disagree on {field}: Hugging Face config.json ({hf}) says {second}, side file (" in line, line
+    assert f"megatron_gpt_config.json) says {first};" in line and f'"{field}": value' in line, line
+    # an override of that field settles it, and says so
+    value = float(second) if "." in second or "e" in second else int(second)
+    if field in ("rotary_base", "norm_epsilon"):
+        info = MegatronCheckpoint.open(src, hf_config=hf, overrides={field: value})
+        assert [s.kind for s in info.config_sources] == ["Hugging Face config.json", "side file"]
+        assert getattr(info.config, field) == value
+
+
+@pytest.mark.slow
+def test_agreeing_sources_are_all_named_by_inspect(ckpt, tmp_path, capsys):
+    src = ckpt("dist")
+    hf = hf_config_of(src, tmp_path)
+    assert main(["inspect", str(src), "--hf-config", str(hf.parent)]) == 0
+    out = capsys.readouterr().out
+    assert f"config from Hugging Face config.json ({hf}); side file ({src / 'megatron_gpt_config.json'})" in out, out
+
+
+@pytest.mark.slow
+def test_expert_tensors_under_a_dense_config_name_an_moe_checkpoint(ckpt, capsys):
+    """Router and expert tensors whose config omits num_moe_experts: named an MoE checkpoint, not 'linear_fc1
+    is missing'."""
+    src = ckpt("legacy")
+    for f in src.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(f, weights_only=False)
+        for layer in range(2):
+            fc1 = state["model"].pop(f"decoder.layers.{layer}.mlp.linear_fc1.weight")
+            fc2 = state["model"].pop(f"decoder.layers.{layer}.mlp.linear_fc2.weight")
+            state["model"][f"decoder.layers.{layer}.mlp.router.weight"] = torch.zeros(4, 128)
+            for e in range(4):
+                state["model"][f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1
+                state["model"][f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = fc2
+        torch.save(state, f)
+    line = cli_error(capsys, "inspect", str(src))
+    assert "is an MoE checkpoint (4 experts: tensors such as decoder.layers.0.mlp." in line, line
+    assert "declares no num_moe_experts" in line and "missing" not in line, line
+
+
+@pytest.mark.slow
+def test_serve_passes_overrides_through_vllms_hf_overrides(ckpt, tmp_path, capsys):
+    import json
+    import shlex
+
+    (tmp_path / "TOK").mkdir()
+    (tmp_path / "TOK" / "tokenizer.json").write_text("{}")
+    src = ckpt("dist")
+    hf = hf_config_of(src, tmp_path)
+    code = main(["serve", str(src), "--print", "--tokenizer", str(tmp_path / "TOK"), "--iteration", "10",
+                 "--config-overrides", '{"max_position_embeddings": 32}', "--hf-config", str(hf)])
+    cmd = shlex.split(capsys.readouterr().out.strip())
+    assert code == 0 and cmd[:3] == ["vllm", "serve", str(src)]
+    options = json.loads(cmd[cmd.index("--hf-overrides") + 1])
+    assert options == {"megatron.max_position_embeddings": 32, "megatron.hf_config": str(hf.resolve()),
+                       "megatron.iteration": 10}
+
+
+PRODUCERS = Path(__file__).resolve().parent / "fixtures" / "producers"
+
+
+def producer_copy(tmp_path: Path, name: str) -> Path:
+    """A fresh copy of a committed producer fixture's checkpoint (tests/test_producers.py), to damage."""
+    dst = tmp_path / "in" / name
+    shutil.copytree(PRODUCERS / name / "checkpoint", dst)
+    return dst
+
+
+def test_a_damaged_common_state_item_is_refused_by_name(tmp_path, capsys):
+    """megatron-core 0.19's common_state item (Megatron-LM's args inside the .distcp file): a flipped byte
+    fails its record's CRC-32, named; bytes that are not a pickle are named too."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    src = producer_copy(tmp_path, "mcore_0_19_megatron_lm")
+    folder = src / "iter_0000010"
+    meta = FileSystemReader(str(folder)).read_metadata()
+    ((index, info),) = [(i, v) for i, v in meta.storage_data.items() if i.fqn == "common_state/shard_0_1"]
+    shard = folder / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset + info.length // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    line = cli_error(capsys, "inspect", str(src))
+    assert "the common_state/shard_0_1 item: shard file" in line and "fails its CRC-32 check" in line, line
+    data[info.offset : info.offset + info.length] = b"\0" * info.length  # no zip records left to check
+    shard.write_bytes(bytes(data))
+    line = cli_error(capsys, "inspect", str(src))
+    assert f"the common_state item in {shard} cannot be read" in line, line
+
+
+@pytest.mark.parametrize(
+    "model, says",
+    [({"position_embedding_type": "yarn"}, "position_embedding_type=yarn (position embeddings other than rope)"),
+     ({"yarn_rotary_scaling_factor": 4.0}, "yarn_rotary_scaling_factor=4.0 (YaRN rope scaling)"),
+     ({"num_moe_experts": 8}, "num_moe_experts=8 (MoE)"),
+     ({"use_mup": True}, "use_mup=True (muP scaling"),
+     ({"softmax_scale": 0.1}, "softmax_scale=0.1 (a custom softmax scale)"),
+     ({"activation_func": {"_target_": "torch.nn.functional.gelu", "_call_": False}},
+      "activation_func=gelu (needs SiLU under SwiGLU)"),
+     ({"rope_flavour": "x"}, "model.rope_flavour is a field parallel_bridge does not know")],
+)
+def test_a_run_config_yaml_with_a_refused_field_is_refused_by_name(tmp_path, capsys, model, says):
+    """The run_config.yaml Megatron-Bridge 0.6.2 wrote, one field changed: math-changing and unknown fields are
+    refused by name."""
+    import yaml
+
+    src = producer_copy(tmp_path, "megatron_bridge_0_6")
+    path = src / "iter_0000000" / "run_config.yaml"
+    body = yaml.safe_load(path.read_text())
+    body["model"].update(model)
+    path.write_text(yaml.safe_dump(body))
+    line = cli_error(capsys, "inspect", str(src))
+    assert says in line and "run_config.yaml" in line, line
+
+
+def test_run_config_yaml_and_a_hf_config_that_disagree_are_refused(tmp_path, capsys):
+    import json
+
+    src = producer_copy(tmp_path, "megatron_bridge_0_6")
+    hf = tmp_path / "config.json"
+    body = MegatronCheckpoint.open(src).config.to_hf()
+    hf.write_text(json.dumps({**body, "rms_norm_eps": 1e-5}))
+    line = cli_error(capsys, "inspect", str(src), "--hf-config", str(hf))
+    assert "disagree on norm_epsilon: Megatron-Bridge run_config.yaml (" in line and "says 1e-06" in line, line
+    assert f"Hugging Face config.json ({hf}) says 1e-05" in line, line
+
+
+def test_a_verl_checkpoint_whose_hf_config_is_another_model_is_refused(tmp_path, capsys):
+    """verl's huggingface/config.json against the tensors in dist_ckpt/: the shapes name the mismatch."""
+    import json
+
+    src = producer_copy(tmp_path, "verl_layout")
+    config = src / "global_step_10" / "actor" / "huggingface" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "intermediate_size": 512}))
+    line = cli_error(capsys, "inspect", str(src))
+    assert "tensor decoder.layers.0.mlp.linear_fc1.weight has shape (512, 128) but the config implies (1024, 128)" in line
 
 
 # ------------------------------------------------------------------- command-line values
@@ -537,11 +702,11 @@ def test_sync_tensor_not_rewritten_this_round_is_refused(tmp_path):
 
 def test_checkpoint_is_opened_once_per_process_until_rewritten(ckpt):
     """vLLM's config parser, download_model and load_weights share one open; a rewrite opens it again."""
-    from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
+    from parallel_bridge.serving.megatron_format import opened
 
     folder = ckpt("dist")
-    first = MegatronCheckpoint.opened(folder)
-    assert MegatronCheckpoint.opened(folder) is first
+    first = opened(folder)
+    assert opened(folder) is first
     shard = next(folder.rglob("*.distcp"))
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1_000_000))  # written again
-    assert MegatronCheckpoint.opened(folder) is not first
+    assert opened(folder) is not first

@@ -63,8 +63,22 @@ def test_demo_quick_trains_saves_serves_and_agrees(demo_out):
 
 
 @pytest.mark.slow
-def test_serve_answers_an_openai_completion_and_stops(demo_out):
+def test_serve_answers_an_openai_completion_and_stops(demo_out, tmp_path):
+    """The OpenAI server on the demo's checkpoint with its side file removed: every model field comes through
+    ``--config-overrides``, which ``serve`` passes to ``vllm serve --hf-overrides``; the config parser (the
+    context length the server reports) and the loader (which would refuse a checkpoint without config) both
+    get them."""
+    import dataclasses
+    import shutil
+
+    from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
+
     out, _ = demo_out
+    bare = tmp_path / "checkpoint"
+    shutil.copytree(out / "checkpoint", bare)
+    (bare / "megatron_gpt_config.json").unlink()
+    fields = dataclasses.asdict(MegatronCheckpoint.open(out / "checkpoint").config)
+    overrides = {k: v for k, v in fields.items() if v is not None} | {"max_position_embeddings": 24}
     port = free_port()
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     proc = subprocess.Popen(
@@ -73,12 +87,14 @@ def test_serve_answers_an_openai_completion_and_stops(demo_out):
             "-m",
             "parallel_bridge",
             "serve",
-            str(out / "checkpoint"),
+            str(bare),
+            "--tokenizer",
+            str(out / "tokenizer"),
+            "--config-overrides",
+            json.dumps(overrides),
             "--port",
             str(port),
             "--",
-            "--max-model-len",
-            "16",
             "--dtype",
             "float32",
             "--enforce-eager",
@@ -94,14 +110,13 @@ def test_serve_answers_an_openai_completion_and_stops(demo_out):
         while True:
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read())
                 break
             except OSError:
                 assert time.monotonic() < deadline, "the server did not come up within 240 s"
                 time.sleep(2)
-        body = json.dumps(
-            {"model": str(out / "checkpoint"), "prompt": "<s>2+9=", "max_tokens": 3, "temperature": 0}
-        )
+        assert models["data"][0]["max_model_len"] == 24, models  # the override reached vLLM's config parser
+        body = json.dumps({"model": str(bare), "prompt": "<s>2+9=", "max_tokens": 3, "temperature": 0})
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/completions",
             data=body.encode(),

@@ -73,6 +73,27 @@ def test_vllm_serves_megatron_checkpoint(checkpoints, variant, tp, monkeypatch):
 
 
 @pytest.mark.slow
+def test_overrides_reach_vllms_config_parser_and_loader(checkpoints, tmp_path):
+    """A checkpoint with no configuration at all, served by vLLM with every field given as
+    ``hf_overrides={"megatron.<field>": value}``: the parser builds the model from them and the loader (in the
+    engine's worker) opens the checkpoint with the same ones, or it would refuse it."""
+    import dataclasses
+    import json
+
+    folder, reference = checkpoints["dist_tp2pp2"]
+    fields = dataclasses.asdict(MegatronCheckpoint.open(folder).config)
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    (bare / "megatron_gpt_config.json").unlink()
+    with pytest.raises(CheckpointError, match="carries no model configuration"):
+        MegatronCheckpoint.open(bare)
+    options = {f"megatron.{k}": v for k, v in fields.items() if v is not None}
+    json.dumps(options)  # what `vllm serve --hf-overrides` takes
+    served = serve(bare, 1, 100, load_format="megatron", config_format="megatron", hf_overrides=options)
+    compare(served, reference, "no config, every field through hf_overrides, TP=1")
+
+
+@pytest.mark.slow
 def test_megatron_checkpoint_into_bridge_registered_hybrid(checkpoints):
     """The hybrid Megatron-layer model as the target (chosen with vLLM's hf_overrides): its load_weights
     gets Megatron-named tensors."""
@@ -193,10 +214,10 @@ def test_unknown_architecture(checkpoints):
 def test_missing_config(broken):
     root = broken("dist_tp1")
     (root / "megatron_gpt_config.json").unlink()
-    with pytest.raises(
-        CheckpointError, match="carries no model configuration .* has no megatron_gpt_config.json"
-    ):
+    with pytest.raises(CheckpointError, match="carries no model configuration: no Megatron-LM args") as e:
         MegatronCheckpoint.open(root)
+    for route in ("no megatron_gpt_config.json", "--config-overrides", 'hf_overrides={"megatron.field": value}'):
+        assert route in str(e.value), str(e.value)
 
 
 @pytest.mark.slow

@@ -99,3 +99,29 @@ def cached_reader(folder: Path) -> Any:
             return self._metadata
 
     return Reader(str(folder))
+
+
+def read_object(reader: Any, key: str) -> bytes:
+    """The stored bytes of one non-tensor item of a DCP checkpoint (a megatron-core ``ShardedObject`` such as
+    0.17+'s ``common_state``), checked like every record; unpickling is the caller's."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, load
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    got: dict[str, bytes] = {}
+
+    class BytesPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            got[read_item.dest_index.fqn] = value.read()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            load({key: io.BytesIO()}, storage_reader=reader, planner=BytesPlanner(), no_dist=True)
+        except CheckpointException as e:
+            inner = next(iter(e.failures.values()))[0]
+            if isinstance(inner, CheckpointError):
+                raise CheckpointError(f"the {key} item: {inner}") from None
+            raise CheckpointError(
+                f"{reader.path}: the item {key} cannot be read ({type(inner).__name__}: {inner}); damaged file?"
+            ) from inner
+    return got[key]

@@ -27,24 +27,31 @@ def canonical(name: str) -> str:
 
 
 def iteration_folder(root: Path, iteration: int | None) -> Path:
+    """The folder holding the tensors of ``iteration`` (default: the one the tracker names) under ``root``:
+    Megatron-LM's and Megatron-Bridge's ``iter_NNNNNNN/``, verl's ``global_step_N/actor/dist_ckpt/`` (``root`` may
+    also be verl's ``actor/`` folder), or ``root`` itself when it is an iteration folder."""
+    if (root / VERL_DIST).is_dir():
+        return root / VERL_DIST
     tracker = root / "latest_checkpointed_iteration.txt"
     if iteration is not None:
         if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
             raise CheckpointError(f"iteration must be a non-negative integer, got {iteration!r}")
-        folder = root / f"iter_{iteration:07d}"
+        folder = _step_folder(root, iteration)
         if not folder.is_dir():
-            have = sorted(p.name for p in root.glob("iter_*"))
+            have = sorted(p.name for p in (*root.glob("iter_*"), *root.glob("global_step_*")))
             raise CheckpointError(
                 f"iteration {iteration} not found: {folder} does not exist (present: {have})"
             )
         return folder
+    if not tracker.exists() and (root / BRIDGE_TRACKER).exists():
+        return _bridge_iteration(root)
     if tracker.exists():
         text = tracker.read_text(errors="replace").strip()
         if text != "release" and not text.isdigit():
             raise CheckpointError(
                 f"{tracker} holds {text[:40]!r}, not an iteration number or 'release'; fix it or pass --iteration"
             )
-        folder = root / ("release" if text == "release" else f"iter_{int(text):07d}")
+        folder = root / "release" if text == "release" else _step_folder(root, int(text))
         if not folder.is_dir():
             raise CheckpointError(f"{tracker} names iteration {text}, but {folder} does not exist")
         return folder
@@ -55,4 +62,40 @@ def iteration_of(folder: Path) -> int | str | None:
     if folder.name == "release":
         return "release"
     m = re.match(r"^iter_(\d+)$", folder.name)
+    if m is None and folder.name == VERL_DIST and len(folder.parents) > 1:
+        m = re.match(r"^global_step_(\d+)$", folder.parents[1].name)
     return int(m[1]) if m else None
+
+
+VERL_DIST = "dist_ckpt"
+"""verl's Megatron checkpoint: ``global_step_N/actor/dist_ckpt/`` (megatron-core torch_dist) beside
+``global_step_N/actor/huggingface/`` (the model's config.json), the step in ``latest_checkpointed_iteration.txt``."""
+
+
+def _step_folder(root: Path, step: int) -> Path:
+    """``iter_NNNNNNN`` (Megatron-LM, Megatron-Bridge), or verl's ``global_step_N/actor/dist_ckpt`` where that is
+    what the root holds."""
+    verl = root / f"global_step_{step}" / "actor" / VERL_DIST
+    return verl if not (root / f"iter_{step:07d}").exists() and verl.is_dir() else root / f"iter_{step:07d}"
+
+
+BRIDGE_TRACKER = "latest_train_state.pt"
+"""Megatron-Bridge's tracker: its TrainState (``step``, the iteration, among tensors) at the checkpoint root."""
+
+
+def _bridge_iteration(root: Path) -> Path:
+    """The iteration folder Megatron-Bridge's ``latest_train_state.pt`` names (read as plain tensors)."""
+    import torch
+
+    path = root / BRIDGE_TRACKER
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        step = int(state["step"])
+    except Exception as e:  # noqa: BLE001 - any failure to read the tracker is a damaged tracker
+        raise CheckpointError(
+            f"{path} cannot be read as Megatron-Bridge's train state ({type(e).__name__}: {e}); pass --iteration"
+        ) from None
+    folder = root / f"iter_{step:07d}"
+    if not folder.is_dir():
+        raise CheckpointError(f"{path} names iteration {step}, but {folder} does not exist")
+    return folder

@@ -11,7 +11,8 @@
 
 Names are presented the local-spec way, per layer, with global layer indices
 (``decoder.layers.3.input_layernorm.weight``): Transformer Engine's fused norm
-names (``linear_qkv.layer_norm_weight``) are renamed on the way.
+names (``linear_qkv.layer_norm_weight``) are renamed on the way. The model configuration is found where
+the producer put it (:mod:`~parallel_bridge.checkpoint.config_sources`).
 """
 
 from __future__ import annotations
@@ -25,21 +26,22 @@ from typing import Any
 
 import torch
 
-from parallel_bridge.checkpoint import dcp, megatron_files, records
+from parallel_bridge.checkpoint import config_sources, dcp, megatron_files, records
 from parallel_bridge.checkpoint.megatron_files import canonical
-from parallel_bridge.errors import CheckpointError, ModelConfigError, UnknownTensorError
+from parallel_bridge.errors import CheckpointError, UnknownTensorError
 from parallel_bridge.spec import schema
-from parallel_bridge.spec.model import CONFIG_FILE, GPTConfig
+from parallel_bridge.spec.model import GPTConfig
 
 logger = logging.getLogger(__name__)
 
-def _stamp(root: Path) -> tuple:
-    """(name, size, mtime) of every file under ``root``: what changes when a checkpoint is rewritten."""
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+COMMON_STATE = "common_state"
+"""megatron-core 0.17+'s item holding the common state (Megatron-LM's args among it) inside the .distcp files."""
 
 
-_OPENED: dict[Path, tuple[tuple, MegatronCheckpoint]] = {}
+def _args_of(common: Any, where: Any) -> Any:
+    if not isinstance(common, dict):
+        raise CheckpointError(f"{where} holds a {type(common).__name__}, not megatron-core's common state dict")
+    return common.get("args")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +65,28 @@ class MegatronCheckpoint:
 
     @classmethod
     def open(
-        cls, path: str | Path, iteration: int | None = None, overrides: dict[str, Any] | None = None
+        cls,
+        path: str | Path,
+        iteration: int | None = None,
+        overrides: dict[str, Any] | None = None,
+        hf_config: str | Path | None = None,
     ) -> MegatronCheckpoint:
-        """Open a checkpoint root (with ``latest_checkpointed_iteration.txt``) or an iteration folder."""
+        """Open a checkpoint root (with a tracker file) or an iteration folder; ``overrides`` (GPTConfig fields)
+        apply over the configuration found (:mod:`~parallel_bridge.checkpoint.config_sources`), ``hf_config``
+        names a Hugging Face config.json to read as one of its sources."""
         root = Path(path)
         if not root.exists():
             raise CheckpointError(f"checkpoint folder {root} does not exist")
         folder = megatron_files.iteration_folder(root, iteration)
-        if (folder / "metadata.json").exists() or (folder / ".metadata").exists():
+        if (folder / "metadata.json").exists():
             ckpt: MegatronCheckpoint = _TorchDist(folder)
+        elif (folder / ".metadata").exists():
+            raise CheckpointError(
+                f"{folder} is a plain torch.distributed.checkpoint without megatron-core's metadata.json: "
+                f"Megatron-LM's torch_dcp or fsdp_dtensor format (--ckpt-format), which are not read; read are "
+                f"torch_dist (megatron-core 0.12-0.19, also under Megatron-Bridge and verl) and the legacy torch "
+                f"format. Convert with Megatron-LM's --ckpt-convert-format torch_dist"
+            )
         elif any(megatron_files.RANK_DIR.match(p.name) for p in folder.iterdir() if p.is_dir()):
             ckpt = _Legacy(folder)
         else:
@@ -81,47 +96,25 @@ class MegatronCheckpoint:
             )
         ckpt.root = root
         ckpt.iteration = megatron_files.iteration_of(folder)
-        ckpt._load_config(root, overrides or {})
+        ckpt._load_config(root, overrides or {}, hf_config)
         ckpt._check_shapes()
         return ckpt
 
-    @classmethod
-    def opened(cls, path: str | Path) -> MegatronCheckpoint:
-        """The checkpoint at ``path`` opened once per process (vLLM's config parser, ``download_model`` and
-        ``load_weights`` all ask for it): cached by path and the size and mtime of every file in it, so a
-        checkpoint written again is opened again."""
-        root = Path(path).resolve()
-        key = (root, _stamp(root))
-        if _OPENED.get(root, (None,))[0] != key:
-            _OPENED[root] = (key, cls.open(root))
-        return _OPENED[root][1]
-
     # ----------------------------------------------------------------- config
-    def _args(self) -> Any:
+    def _args(self) -> tuple[Any, str] | None:
+        """Megatron-LM's ``args`` and where they were stored (None: this format has none)."""
         return None
 
-    def _load_config(self, root: Path, overrides: dict[str, Any]) -> None:
-        args = self._args()
-        side = next((p for p in (self.path / CONFIG_FILE, root / CONFIG_FILE) if p.exists()), None)
-        if args is None and side is not None:
-            args = records.read_json(side)
-            if not isinstance(args, dict):
-                raise CheckpointError(f"{side} must hold a JSON object, not a {type(args).__name__}")
-        if args is None:
-            args = {}
-        if not args and not overrides:
-            raise CheckpointError(
-                f"{self.path} carries no model configuration (no Megatron-LM args) and has no {CONFIG_FILE} "
-                f"beside it; write one (num_layers, hidden_size, num_attention_heads, num_query_groups, "
-                f"ffn_hidden_size, vocab_size, padded_vocab_size, ...) or pass overrides"
-            )
-        try:
-            self.config = GPTConfig.from_args(args, overrides)
-        except ModelConfigError as e:
-            raise CheckpointError(f"{self.path}: {e}") from None
+    def _load_config(self, root: Path, overrides: dict[str, Any], hf_config: str | Path | None) -> None:
+        self.config_sources = config_sources.find(self.path, root, self._args(), hf_config)
+        embedding = self.tensors.get("embedding.word_embeddings.weight")
+        rows = embedding.shape[0] if embedding is not None else None
+        self.config = config_sources.resolve(self.config_sources, overrides, rows, self.path)
+        self.overrides = dict(overrides)
 
     def _check_shapes(self) -> None:
         cfg = self.config
+        self._refuse_moe()
         expected = schema.expected_shapes(cfg)
         for name, shape in expected.items():
             if name not in self.tensors:
@@ -138,6 +131,19 @@ class MegatronCheckpoint:
                 f"{self.path}: tensors {extra[:4]} have no place in a {cfg.family.model_type} GPT of this config (MoE, "
                 f"MLA, biases the config does not declare, or another architecture?); no tensor kind declares them"
             )
+
+    def _refuse_moe(self) -> None:
+        """Expert or router tensors under a dense configuration: name the MoE checkpoint, not a missing FFN."""
+        moe, experts = schema.moe_tensors(self.tensors)
+        if not moe:
+            return
+        count = f"{experts} experts" if experts else "router or stacked expert tensors"
+        via = ", ".join(src.describe() for src in self.config_sources) or "the overrides"
+        raise UnknownTensorError(
+            f"{self.path} is an MoE checkpoint ({count}: tensors such as {moe[0]}) but its configuration ({via}) "
+            f"declares no num_moe_experts; no tensor kind declares expert or router tensors yet (MoE is not "
+            f"served yet), and reading it as a dense model would drop every expert, so it is refused"
+        )
 
     # ------------------------------------------------------------------ reads
     def shape(self, name: str) -> tuple[int, ...]:
@@ -179,6 +185,8 @@ class MegatronCheckpoint:
             "source_pp": self.source_pp,
             "dtype": str(self.dtype).replace("torch.", ""),
             "total_bytes": self.total_bytes,
+            "config_sources": [src.describe() for src in self.config_sources],
+            "overrides": self.overrides,
             "config": dataclasses.asdict(self.config),
             "tensors": {n: list(t.shape) for n, t in self.tensors.items()},
         }
@@ -222,8 +230,6 @@ class _TorchDist(MegatronCheckpoint):
                 self._stored[key] = (key, None)
                 self.tensors[key] = TensorInfo(shape, md.properties.dtype)
         self.source_tp, self.source_pp = self._source_layout()
-        common = folder / "common.pt"
-        self._common = records.torch_load(common) if common.exists() else {}
 
     def _missing_files(self) -> None:
         files = {v.relative_path for v in self.metadata.storage_data.values()}
@@ -249,8 +255,21 @@ class _TorchDist(MegatronCheckpoint):
         ranks = len({f.split("_")[2] for f in files if f.startswith("__")}) or 1
         return tp, max(1, ranks // max(tp, 1))
 
-    def _args(self) -> Any:
-        return self._common.get("args") if isinstance(self._common, dict) else None
+    def _args(self) -> tuple[Any, str] | None:
+        """Megatron-LM's args from ``common.pt`` (megatron-core up to 0.16) or from the ``common_state`` item
+        inside the ``.distcp`` files (0.17 and later)."""
+        common = self.path / "common.pt"
+        if common.exists():
+            return _args_of(records.torch_load(common, what="common state"), common), f"{common}"
+        key = next((k for k in self.metadata.state_dict_metadata if k.startswith(COMMON_STATE + "/")), None)
+        if key is None:
+            return None
+        files = sorted({v.relative_path for i, v in self.metadata.storage_data.items() if i.fqn == key})
+        where = f"the {COMMON_STATE} item in {self.path / files[0]}" if files else f"the {COMMON_STATE} item"
+        state = records.torch_loads(dcp.read_object(self.reader, key), where)
+        if not isinstance(state, list) or len(state) != 1:  # megatron-core saves [common state dict]
+            raise CheckpointError(f"{where} holds a {type(state).__name__}, not megatron-core's [common state]")
+        return _args_of(state[0], where), where
 
     def read(
         self, name: str, dim: int | None = None, start: int = 0, length: int | None = None
@@ -372,8 +391,8 @@ class _Legacy(MegatronCheckpoint):
         except UnknownTensorError:
             return list(shapes[0])
 
-    def _args(self) -> Any:
-        return self._first_args
+    def _args(self) -> tuple[Any, str] | None:
+        return self._first_args, str(self._files[(0, 0)])
 
     def read(
         self, name: str, dim: int | None = None, start: int = 0, length: int | None = None

@@ -1,6 +1,7 @@
 """Checked reads of checkpoint files: CRC-32 checks of ``torch.save`` files (every record of the zip
 archive against the checksum stored beside it; ``torch.load`` does not check them, so a flipped byte inside
-a tensor would load silently), and JSON or pickles whose errors name the file."""
+a tensor would load silently), and JSON or pickles whose errors name the file (unpickled without running
+what they name)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from parallel_bridge.checkpoint.unpickle import pickle_module
 from parallel_bridge.errors import CheckpointError
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
@@ -70,11 +72,22 @@ def read_json(path: Path) -> Any:
 
 
 def torch_load(path: Path, mmap: bool = False, what: str = "") -> Any:
-    """``torch.load`` of a Megatron file (pickled args need ``weights_only=False``); errors name the file."""
+    """``torch.load`` of a Megatron file: tensors and plain values real, any other class a named stand-in
+    (:mod:`~parallel_bridge.checkpoint.unpickle`: no megatron-core needed, nothing the file names runs); errors
+    name the file."""
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False, pickle_module=pickle_module)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is a damaged file
         first = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(
             f"{what + ' ' if what else ''}{path} cannot be read ({type(e).__name__}: {first}); damaged or truncated?"
         ) from e
+
+
+def torch_loads(data: bytes, label: str) -> Any:
+    """``torch.load`` of pickled bytes read from a checkpoint item; errors name ``label``."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=pickle_module)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a damaged item
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{label} cannot be read ({type(e).__name__}: {first}); damaged?") from e

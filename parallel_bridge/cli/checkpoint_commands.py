@@ -22,9 +22,8 @@ logger = logging.getLogger("parallel_bridge")
 EXIT_OK = 0
 
 
-def _open_checkpoint(args: argparse.Namespace):
-    from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
-
+def _overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--config-overrides``, parsed and checked to be a JSON object."""
     overrides = None
     if getattr(args, "config_overrides", None) is not None:
         try:
@@ -36,7 +35,15 @@ def _open_checkpoint(args: argparse.Namespace):
                 f"--config-overrides must be a JSON object like '{{\"vocab_size\": 32000}}', "
                 f"got a {type(overrides).__name__}"
             )
-    return MegatronCheckpoint.open(args.checkpoint, iteration=args.iteration, overrides=overrides)
+    return overrides
+
+
+def _open_checkpoint(args: argparse.Namespace):
+    from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
+
+    return MegatronCheckpoint.open(
+        args.checkpoint, iteration=args.iteration, overrides=_overrides(args), hf_config=args.hf_config
+    )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -49,6 +56,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"format      {info['format']}")
     print(f"iteration   {info['iteration']}")
     print(f"source      tp={info['source_tp']} pp={info['source_pp']}")
+    print(f"config from {'; '.join(info['config_sources']) or 'the overrides alone'}")
+    if info["overrides"]:
+        print(f"overrides   {json.dumps(info['overrides'])}")
     print(f"dtype       {info['dtype']}")
     print(f"size        {info['total_bytes'] / 1e6:.1f} MB in {len(info['tensors'])} tensors")
     cfg = info["config"]
@@ -76,8 +86,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 f"--format {args.format}: importing writes megatron-core's torch_dist format only (Megatron-LM "
                 "loads it at any TP x PP); the legacy per-rank format is not written"
             )
-        if args.iteration is not None or args.config_overrides is not None or args.tokenizer is not None:
-            raise CliError("--iteration, --config-overrides and --tokenizer apply to exports (--to hf) only")
+        given = [args.iteration, args.config_overrides, args.tokenizer, args.hf_config]
+        if any(v is not None for v in given):
+            raise CliError("--iteration, --config-overrides, --hf-config and --tokenizer apply to exports (--to hf) only")
         print(f"wrote {import_hf(args.checkpoint, args.out, tp=args.tp, pp=args.pp, overwrite=args.force)}")
         return EXIT_OK
     out = export_hf(
@@ -127,10 +138,12 @@ def serve_command(args: argparse.Namespace) -> list[str]:
         check_tokenizer(args.tokenizer)
     if tokenizer is None:
         raise CliError(f"no tokenizer: pass --tokenizer, or put one in {Path(args.checkpoint) / 'tokenizer'}")
+    options = megatron_options(args)
     return [
         "vllm",
         "serve",
         str(args.checkpoint),
+        *(["--hf-overrides", json.dumps(options)] if options else []),
         "--load-format",
         "megatron",
         "--config-format",
@@ -145,6 +158,19 @@ def serve_command(args: argparse.Namespace) -> list[str]:
         str(args.port),
         *args.vllm_args,
     ]
+
+
+def megatron_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--config-overrides``, ``--hf-config`` and ``--iteration`` as the ``megatron.*`` keys of vLLM's
+    ``hf_overrides``: the route vLLM passes to both the format's config parser and its loader."""
+    from parallel_bridge.serving.megatron_format import OPTION_PREFIX
+
+    options = {OPTION_PREFIX + k: v for k, v in (_overrides(args) or {}).items()}
+    if args.hf_config is not None:
+        options[OPTION_PREFIX + "hf_config"] = str(Path(args.hf_config).resolve())
+    if args.iteration is not None:
+        options[OPTION_PREFIX + "iteration"] = args.iteration
+    return options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -179,6 +205,12 @@ def checkpoint_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="JSON",
         help="model config values that override the checkpoint's, e.g. '{\"vocab_size\": 32000}'",
+    )
+    p.add_argument(
+        "--hf-config",
+        default=None,
+        metavar="PATH",
+        help="a Hugging Face config.json (or its folder) to read as a source of the model config",
     )
 
 def add_checkpoint_parsers(sub: Any) -> None:

@@ -5,10 +5,18 @@ Registered in every vLLM process by the package's plugin, so these work:
     vllm serve CKPT --load-format megatron --config-format megatron --tokenizer TOK --tensor-parallel-size N
     LLM(model=CKPT, load_format="megatron", config_format="megatron", tokenizer=TOK)
 
-The config parser turns the checkpoint's Megatron-LM ``args`` (or
-``megatron_gpt_config.json``) into the Hugging Face config of its family (Llama,
-Qwen2 with QKV biases, Qwen3 with QK layernorm; Llama-3.1 rope scaling). The
-loader fills the model:
+The config parser turns the checkpoint's configuration, wherever its producer put it
+(:mod:`parallel_bridge.checkpoint.config_sources`: Megatron-LM ``args``, Megatron-Bridge's
+``run_config.yaml``, verl's ``huggingface/config.json``, ``megatron_gpt_config.json``), into the Hugging Face
+config of its family (Llama, Qwen2 with QKV biases, Qwen3 with QK layernorm; Llama-3.1 rope scaling).
+Overrides travel in vLLM's ``hf_overrides`` under ``megatron.`` keys, the one route vLLM 0.32 passes to both
+the config parser and the loader (dict-valued ``hf_overrides`` and ``model_loader_extra_config`` do not reach
+the parser)::
+
+    LLM(model=CKPT, load_format="megatron", config_format="megatron",
+        hf_overrides={"megatron.rotary_base": 500000, "megatron.hf_config": "/path/config.json"})
+
+The loader fills the model:
 
 - vLLM's own model of the family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
   ``Qwen3ForCausalLM``; the fast path): each rank reads only the rows/columns of
@@ -25,7 +33,8 @@ loader fills the model:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +47,56 @@ from parallel_bridge.spec.tp_split import TPSplit, TPSplitError, serving_split
 logger = logging.getLogger(__name__)
 
 FORMAT = "megatron"
+
+
+OPTION_PREFIX = "megatron."
+"""Keys of vLLM's ``hf_overrides`` this format reads: ``megatron.<GPTConfig field>`` overrides that field,
+``megatron.hf_config`` names a Hugging Face config.json, ``megatron.iteration`` the iteration to serve. vLLM
+passes flat ``hf_overrides`` values to the config parser and keeps them on the model config the loader sees,
+so both read the same ones."""
+
+_OPENED: dict[Path, tuple[tuple, MegatronCheckpoint]] = {}
+
+
+def serving_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """:meth:`MegatronCheckpoint.open`'s keyword arguments from the ``megatron.*`` keys of vLLM's
+    ``hf_overrides`` (the others are vLLM's own): ``megatron.hf_config``, ``megatron.iteration``, and every other
+    ``megatron.<field>`` an override of that GPTConfig field."""
+    if options is None or callable(options):
+        return {"overrides": {}}
+    mine = {k[len(OPTION_PREFIX) :]: v for k, v in options.items() if isinstance(k, str) and k.startswith(OPTION_PREFIX)}
+    hf_config, iteration = mine.pop("hf_config", None), mine.pop("iteration", None)
+    if hf_config is not None and not isinstance(hf_config, str):
+        raise CheckpointError(f"hf_overrides {OPTION_PREFIX}hf_config must be a path, got {hf_config!r}")
+    return {"overrides": mine, "hf_config": hf_config, "iteration": iteration}
+
+
+def opened(path: str | Path, options: Mapping[str, Any] | None = None) -> MegatronCheckpoint:
+    """The checkpoint at ``path`` opened once per process (vLLM's config parser, ``download_model`` and
+    ``load_weights`` all ask for it), with the ``megatron.*`` options of vLLM's ``hf_overrides``: cached by path,
+    options and the size and mtime of every file in it, so a checkpoint written again is opened again. vLLM's
+    generation-config lookup passes no ``hf_overrides`` (``options=None``): where the checkpoint cannot be opened
+    without them, it gets the checkpoint as this process last opened it (the loader passes the engine's own and
+    opens again)."""
+    root = Path(path).resolve()
+    kwargs, stamp = serving_options(options), _stamp(root)
+    key = (root, repr(sorted(kwargs.items())), stamp)
+    cached = _OPENED.get(root)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        _OPENED[root] = (key, MegatronCheckpoint.open(root, **kwargs))
+    except CheckpointError:
+        if options is None and cached is not None and cached[0][-1] == stamp:
+            return cached[1]  # the generation-config lookup; the loader opens again with the options
+        raise
+    return _OPENED[root][1]
+
+
+def _stamp(root: Path) -> tuple:
+    """(name, size, mtime) of every file under ``root``: what changes when a checkpoint is rewritten."""
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
 def check_serving_tp(spec: Any, tp: int) -> TPSplit:
@@ -109,7 +168,7 @@ def register_vllm_formats() -> None:
         """config.json from the Megatron checkpoint's own args (or megatron_gpt_config.json)."""
 
         def parse(self, model, trust_remote_code, revision=None, code_revision=None, **kwargs):
-            config_dict = MegatronCheckpoint.opened(model).config.to_hf()
+            config_dict = opened(model, kwargs.get("hf_overrides")).config.to_hf()
             return config_dict, AutoConfig.for_model(**config_dict)
 
     @register_model_loader(FORMAT)
@@ -117,10 +176,10 @@ def register_vllm_formats() -> None:
         """Reads a Megatron checkpoint (torch_dist or legacy, any source TP/PP) into the model."""
 
         def download_model(self, model_config) -> None:
-            MegatronCheckpoint.opened(model_config.model)
+            opened(model_config.model, model_config.hf_overrides)
 
         def load_weights(self, model, model_config) -> None:
-            ckpt = MegatronCheckpoint.opened(model_config.model)
+            ckpt = opened(model_config.model, model_config.hf_overrides)
             if type(model).__module__.startswith("vllm.model_executor.models."):  # vLLM's own class
                 load_into_vllm_model(model, ckpt)
             else:

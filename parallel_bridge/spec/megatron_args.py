@@ -47,8 +47,6 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "window_attn_skip_freq": ((None,), "sliding-window attention"),
     "attention_output_gate": ((False, None), "gated attention output"),
     "multi_latent_attention": ((False, None), "MLA (multi-latent attention)"),
-    "q_lora_rank": ((None,), "MLA (multi-latent attention)"),
-    "kv_lora_rank": ((None,), "MLA (multi-latent attention)"),
     "experimental_attention_variant": ((None,), "an experimental attention variant"),
     "linear_attention_freq": ((None,), "linear-attention layers"),
     "swiglu": ((True,), "a non-gated MLP (needs SwiGLU)"),
@@ -66,6 +64,7 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "heterogeneous_layers_config_path": ((None,), "heterogeneous layers"),
     "fp8_param": ((False, None), "FP8 parameters"),
     "fp4_param": ((False, None), "FP4 parameters"),
+    "use_mup": ((False, None), "muP scaling (embedding and output multipliers, attention scale)"),
 }
 """Argument -> (values at which vLLM's Llama-family models compute the same thing, what any other value means)."""
 
@@ -101,10 +100,52 @@ NO_MATH = frozenset(
     inference_sampling_seed symmetric_ar_type use_inference_optimized_layers inference_fuse_tp_communication
     mamba_state_dim mamba_head_dim mamba_num_groups mamba_num_heads use_mamba_mem_eff_path mlp_chunks_for_prefill
     hetereogenous_dist_checkpoint quant_recipe transformer_impl fine_grained_activation_offloading
-    offload_modules min_offloaded_tensor_size make_vocab_size_divisible_by""".split()
+    offload_modules min_offloaded_tensor_size make_vocab_size_divisible_by
+    mtp_use_repeated_layer mtp_detach_heads mtp_hybrid_override_pattern flash_attention_version
+    experimental_attention_variant_loss_scale_func dsa_indexer_topk_freq dsa_indexer_skip_topk_offset
+    dsa_kernel_backend dsa_indexer_rope_interleaved dsa_indexer_rotate_activation dsa_indexer_scoring_relu
+    dsa_indexer_k_norm_epsilon dsa_indexer_k_norm_fp32 mup_width_mult mup_base_hidden_size mup_embedding_mult
+    mup_output_mult mup_base_head_dim mup_attn_scale_power fused_residual_rmsnorm use_transformer_engine_op_fuser
+    fp8_output_proj high_priority_a2a_comm_stream use_grouped_gemm_for_shared_expert
+    moe_shared_expert_glu_interleave_size moe_router_quantile_balancing_ema moe_router_force_biased
+    use_grouped_gemm_for_dense_mlp moe_single_grouped_weight moe_single_grouped_bias moe_permute_fusion_into_hybridep
+    moe_hybridep_pad_uneven_dispatch_inputs moe_pad_experts_for_cuda_graph_inference moe_flex_dispatcher_num_sms
+    moe_hybridep_num_blocks_permute moe_hybridep_num_blocks_unpermute moe_hybridep_num_sms_preprocessing
+    moe_ncclep_static_shape moe_ncclep_zero_copy moe_mlp_glu_interleave_size moe_expert_rank_capacity_factor
+    cuda_graph_modules inference_cuda_graph_scope nccl_all_reduce_for_prefill inference_disable_triton_nvls_kernels
+    inference_grouped_gemm_backend inference_moe_disable_fused_quant_kernels inference_moe_token_dispatcher_type
+    mamba_training_ssm_states_dtype mlp_chunks_for_training delay_offload_until_cuda_graph
+    delta_offload_bytes_across_pp_ranks activation_offload_fraction moe_paged_stash moe_paged_stash_page_size
+    moe_paged_stash_buffer_size_factor_cuda moe_paged_stash_buffer_size_factor_cpu
+    fine_grained_offloading_max_inflight_offloads q_lora_rank kv_lora_rank""".split()
 )
 """No effect on the math of a served forward: training, kernels, precision recipes, initialisation,
-and fields that only matter under a feature refused above (MoE, Mamba, MLA)."""
+and fields that only matter under a feature refused above (MoE, Mamba, MLA, muP, DSA); megatron-core 0.16.1's
+``TransformerConfig`` fields and those 0.17-0.19.2 added."""
+
+PARALLEL = frozenset(
+    """_cpu_offloading_context async_tensor_model_parallel_allreduce autocast_dtype barrier_with_L1_time
+    batch_p2p_comm batch_p2p_sync bf16 context_parallel_size cpu_offloading cpu_offloading_activations
+    cpu_offloading_double_buffering cpu_offloading_num_layers cpu_offloading_retain_pinned_cpu_buffers
+    cpu_offloading_weights cross_entropy_fusion_impl cross_entropy_loss_fusion deallocate_pipeline_outputs
+    defer_embedding_wgrad_compute delay_wgrad_compute deterministic_mode enable_autocast
+    ep_overlap_early_attn_memory_release expert_gtp_weight_remat_size expert_model_parallel_size
+    expert_tensor_parallel_num_weight_shards expert_tensor_parallel_size finalize_model_grads_func fp16
+    grad_scale_func grad_sync_func gradient_accumulation_fusion gtp_weight_remat_size
+    hierarchical_context_parallel_sizes hybrid_context_parallel max_seqlen_per_dp_cp_rank
+    microbatch_group_size_per_vp_stage moe_extended_tp moe_grad_scale_func mtp_grad_scale_func mtp_standalone
+    no_sync_func num_microbatches_with_partial_activation_checkpoints overlap_dispatch_backward_with_experts_wgrad
+    overlap_moe_expert_parallel_comm overlap_p2p_comm overlap_p2p_comm_warmup_flush param_sync_func params_dtype
+    perform_initialization pipeline_dtype pipeline_model_parallel_comm_backend pipeline_model_parallel_size
+    sequence_parallel tensor_model_parallel_size tensor_parallel_num_weight_shards timers tp_comm_atomic_ag
+    tp_comm_atomic_rs tp_comm_bootstrap_backend tp_comm_bulk_dgrad tp_comm_bulk_wgrad tp_comm_overlap
+    tp_comm_overlap_ag tp_comm_overlap_disable_fc1 tp_comm_overlap_disable_qkv tp_comm_overlap_rs
+    tp_comm_overlap_rs_dgrad tp_comm_split_ag tp_comm_split_rs use_cpu_initialization use_ring_exchange_p2p
+    use_te_rng_tracker variable_seq_lengths virtual_pipeline_model_parallel_size wgrad_deferral_limit""".split()
+)
+"""megatron-core's ``ModelParallelConfig`` fields (0.16.1 and 0.19.2): how a model is split, scheduled and
+kept in memory while training, never what it computes; written out so a config file can be classified
+without megatron-core installed."""
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -240,18 +240,32 @@ def _fields_of_args(get: Getter) -> dict[str, Any]:
     }
 
 
-def config_from_args(cls: type[GPTConfig], args: Any, overrides: Mapping[str, Any] | None = None) -> GPTConfig:
-    """:meth:`GPTConfig.from_args`: a Megatron-LM ``args`` namespace or a dict, then ``overrides``."""
-    _check_keys(cls, args, overrides)
+def args_fields(args: Any) -> tuple[dict[str, Any], list[str]]:
+    """GPTConfig fields a Megatron-LM ``args`` namespace (or a side-file dict) states, and the features it turns
+    on that no family maps (``name=value (meaning)``, refused once the config is built)."""
+    _check_keys(GPTConfig, args, None)
     get = _getter(args)
-    values = {**_fields_of_args(get), **(overrides or {})}
+    return _fields_of_args(get), margs.refused_features(get)
+
+
+def build_config(
+    cls: type[GPTConfig], fields: Mapping[str, Any], refused: list[str], overrides: Mapping[str, Any] | None = None
+) -> GPTConfig:
+    """A checked GPTConfig from ``fields`` then ``overrides``; a refused feature an override sets is settled."""
+    _check_keys(cls, {}, overrides)
+    values = {**fields, **(overrides or {})}
     missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size") if values.get(k) is None]
     if missing:
         raise ModelConfigError(f"the model configuration lacks {missing}; give them as overrides or in {CONFIG_FILE}")
-    refused = [r for r in margs.refused_features(get) if r.split("=")[0] not in (overrides or {})]
     cfg = cls(**values)
-    cfg.check_supported(refused)
+    cfg.check_supported([r for r in refused if r.split("=")[0] not in (overrides or {})])
     return cfg
+
+
+def config_from_args(cls: type[GPTConfig], args: Any, overrides: Mapping[str, Any] | None = None) -> GPTConfig:
+    """:meth:`GPTConfig.from_args`: a Megatron-LM ``args`` namespace or a dict, then ``overrides``."""
+    fields, refused = args_fields(args)
+    return build_config(cls, fields, refused, overrides)
 
 
 def config_from_transformer_config(

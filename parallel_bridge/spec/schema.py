@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -212,3 +212,15 @@ def shard(name: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
 def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """The full tensor ``name`` from its TP shards (its kind's :meth:`Sharding.merge`)."""
     return sharding_of(name).merge(name, shards)
+
+
+_MOE_TENSOR = re.compile(r"\.mlp\.(experts|router|shared_experts)\.")
+_EXPERT_INDEX = re.compile(r"local_experts\.(\d+)\.|\.weight(\d+)$")
+
+
+def moe_tensors(names: Iterable[str]) -> tuple[list[str], int]:
+    """megatron-core's MoE tensors among ``names`` (router, experts, shared experts: SequentialMLP's
+    ``local_experts.{e}``, TEGroupedMLP's ``weight{e}`` or stacked) and how many distinct experts they index (0:
+    none indexed)."""
+    moe = [n for n in names if _MOE_TENSOR.search(n)]
+    return moe, len({m[1] or m[2] for n in moe if (m := _EXPERT_INDEX.search(n))})
