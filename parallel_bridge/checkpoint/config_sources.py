@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from parallel_bridge.checkpoint import records
+from parallel_bridge.checkpoint import megatron_files, records
 from parallel_bridge.errors import CheckpointError, ConfigConflictError, ModelConfigError
 from parallel_bridge.spec import bridge_config, families
 from parallel_bridge.spec.model import CONFIG_FILE, GPTConfig, args_fields, build_config
@@ -62,10 +62,7 @@ def from_args(args: Any, where: str) -> Source:
 
 def from_side_file(path: Path) -> Source:
     """The project's ``megatron_gpt_config.json``."""
-    body = records.read_json(path)
-    if not isinstance(body, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, not a {type(body).__name__}")
-    fields, refused = _named(str(path), args_fields, body)
+    fields, refused = _named(str(path), args_fields, _json_object(path))
     return Source("side file", str(path), fields, tuple(refused))
 
 
@@ -78,11 +75,15 @@ def from_run_config(path: Path) -> Source:
 
 def from_hf_config(path: Path) -> Source:
     """A Hugging Face ``config.json`` of a family the schema knows (real vocabulary rows only)."""
+    _, fields = _named(str(path), families.config_from_hf, _json_object(path))
+    return Source("Hugging Face config.json", str(path), dict(fields), states_padding=False)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
     body = records.read_json(path)
     if not isinstance(body, dict):
         raise CheckpointError(f"{path} must hold a JSON object, not a {type(body).__name__}")
-    _, fields = _named(str(path), families.config_from_hf, body)
-    return Source("Hugging Face config.json", str(path), dict(fields), states_padding=False)
+    return body
 
 
 def _named(where: str, read: Any, body: Any) -> Any:
@@ -100,7 +101,7 @@ def find(folder: Path, root: Path, args: tuple[Any, str] | None, hf_config: str 
     run_config = folder / bridge_config.RUN_CONFIG
     if run_config.is_file():
         found.append(from_run_config(run_config))
-    hf = _hf_config_path(folder, root, hf_config)
+    hf = _hf_config_path(folder, hf_config)
     if hf is not None:
         found.append(from_hf_config(hf))
     side = next((p for p in (folder / CONFIG_FILE, root / CONFIG_FILE) if p.is_file()), None)
@@ -109,7 +110,7 @@ def find(folder: Path, root: Path, args: tuple[Any, str] | None, hf_config: str 
     return found
 
 
-def _hf_config_path(folder: Path, root: Path, named: str | Path | None) -> Path | None:
+def _hf_config_path(folder: Path, named: str | Path | None) -> Path | None:
     """The Hugging Face config named by ``hf_config`` (a config.json or its folder), else verl's."""
     if named is not None:
         path = Path(named)
@@ -117,12 +118,8 @@ def _hf_config_path(folder: Path, root: Path, named: str | Path | None) -> Path 
         if not path.is_file():
             raise CheckpointError(f"hf_config {named}: no such config.json (give the file or the folder holding it)")
         return path
-    for base in dict.fromkeys((folder, folder.parent, root, root.parent)):
-        if base.name == "dist_ckpt" or (base / "dist_ckpt").is_dir():  # verl: dist_ckpt/ beside huggingface/
-            candidate = (base.parent if base.name == "dist_ckpt" else base) / "huggingface" / "config.json"
-            if candidate.is_file():
-                return candidate
-    return None
+    verl = folder.parent / "huggingface" / "config.json"  # verl: dist_ckpt/ beside huggingface/
+    return verl if folder.name == megatron_files.VERL_DIST and verl.is_file() else None
 
 
 def resolve(
@@ -189,5 +186,5 @@ def _effective(fields: Mapping[str, Any], name: str) -> Any:
 
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
-        return a is b or (a is None and b is None)
+        return a is b  # True is not 1, None is not 0
     return a == b

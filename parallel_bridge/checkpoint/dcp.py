@@ -19,27 +19,33 @@ def read_slices(
     reader: Any, metadata: Any, requests: list[tuple[str, list[int], list[int]]]
 ) -> list[torch.Tensor]:
     """Read slices ``(key, offsets, sizes)`` of a DCP checkpoint in one pass of torch's own reader."""
-    from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.api import CheckpointException
-
     out = [
         torch.empty(sizes, dtype=metadata.state_dict_metadata[key].properties.dtype)
         for key, _, sizes in requests
     ]
+    keys = sorted({key for key, _, _ in requests})
+    _load({str(n): t for n, t in enumerate(out)}, reader, _slice_planner(metadata, requests, out),
+          f"reading {keys[:3]} failed")
+    return out
+
+
+def _load(state: dict[str, Any], reader: Any, planner: Any, failed: str, prefix: str = "") -> None:
+    """torch.distributed.checkpoint's ``load`` in this process; the reader's own CheckpointError comes out as
+    it is (after ``prefix``), any other failure as one naming the folder and what ``failed``."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
-            load({str(n): t for n, t in enumerate(out)}, storage_reader=reader,
-                 planner=_slice_planner(metadata, requests, out), no_dist=True)
+            load(state, storage_reader=reader, planner=planner, no_dist=True)
         except CheckpointException as e:  # a BaseException wrapping the reader's own error
             inner = next(iter(e.failures.values()))[0]
             if isinstance(inner, CheckpointError):
-                raise inner from None
-            keys = sorted({key for key, _, _ in requests})
+                raise (CheckpointError(f"{prefix}{inner}") if prefix else inner) from None
             raise CheckpointError(
-                f"{reader.path}: reading {keys[:3]} failed ({type(inner).__name__}: {inner}); damaged file?"
+                f"{reader.path}: {failed} ({type(inner).__name__}: {inner}); damaged file?"
             ) from inner
-    return out
 
 
 def _slice_planner(metadata: Any, requests: list[tuple[str, list[int], list[int]]], out: list[torch.Tensor]) -> Any:
@@ -104,8 +110,7 @@ def cached_reader(folder: Path) -> Any:
 def read_object(reader: Any, key: str) -> bytes:
     """The stored bytes of one non-tensor item of a DCP checkpoint (a megatron-core ``ShardedObject`` such as
     0.17+'s ``common_state``), checked like every record; unpickling is the caller's."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner, load
-    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint import DefaultLoadPlanner
 
     got: dict[str, bytes] = {}
 
@@ -113,15 +118,5 @@ def read_object(reader: Any, key: str) -> bytes:
         def load_bytes(self, read_item, value) -> None:
             got[read_item.dest_index.fqn] = value.read()
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            load({key: io.BytesIO()}, storage_reader=reader, planner=BytesPlanner(), no_dist=True)
-        except CheckpointException as e:
-            inner = next(iter(e.failures.values()))[0]
-            if isinstance(inner, CheckpointError):
-                raise CheckpointError(f"the {key} item: {inner}") from None
-            raise CheckpointError(
-                f"{reader.path}: the item {key} cannot be read ({type(inner).__name__}: {inner}); damaged file?"
-            ) from inner
+    _load({key: io.BytesIO()}, reader, BytesPlanner(), f"the item {key} cannot be read", prefix=f"the {key} item: ")
     return got[key]

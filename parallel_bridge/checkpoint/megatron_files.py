@@ -95,7 +95,7 @@ def _bridge_iteration(root: Path) -> Path:
         raise CheckpointError(
             f"{path} cannot be read as Megatron-Bridge's train state ({type(e).__name__}: {e}); pass --iteration"
         ) from None
-    folder = root / f"iter_{step:07d}"
+    folder = _step_folder(root, step)
     if not folder.is_dir():
         raise CheckpointError(f"{path} names iteration {step}, but {folder} does not exist")
     return folder

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from parallel_bridge.checkpoint import config_sources, dcp, megatron_files, records
+from parallel_bridge.checkpoint import config_sources, dcp, megatron_files, records, tensor_check
 from parallel_bridge.checkpoint.megatron_files import canonical
 from parallel_bridge.errors import CheckpointError, UnknownTensorError
 from parallel_bridge.spec import schema
@@ -97,7 +97,8 @@ class MegatronCheckpoint:
         ckpt.root = root
         ckpt.iteration = megatron_files.iteration_of(folder)
         ckpt._load_config(root, overrides or {}, hf_config)
-        ckpt._check_shapes()
+        shapes = {name: info.shape for name, info in ckpt.tensors.items()}
+        tensor_check.check_tensors(ckpt.path, ckpt.config, shapes, ckpt.config_sources)
         return ckpt
 
     # ----------------------------------------------------------------- config
@@ -111,39 +112,6 @@ class MegatronCheckpoint:
         rows = embedding.shape[0] if embedding is not None else None
         self.config = config_sources.resolve(self.config_sources, overrides, rows, self.path)
         self.overrides = dict(overrides)
-
-    def _check_shapes(self) -> None:
-        cfg = self.config
-        self._refuse_moe()
-        expected = schema.expected_shapes(cfg)
-        for name, shape in expected.items():
-            if name not in self.tensors:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name} is missing (the config has {cfg.num_layers} layers)"
-                )
-            if self.tensors[name].shape != shape:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name} has shape {self.tensors[name].shape} but the config implies {shape}"
-                )
-        extra = sorted(n for n in self.tensors if n not in expected and not n.endswith("_extra_state"))
-        if extra:
-            raise UnknownTensorError(
-                f"{self.path}: tensors {extra[:4]} have no place in a {cfg.family.model_type} GPT of this config (MoE, "
-                f"MLA, biases the config does not declare, or another architecture?); no tensor kind declares them"
-            )
-
-    def _refuse_moe(self) -> None:
-        """Expert or router tensors under a dense configuration: name the MoE checkpoint, not a missing FFN."""
-        moe, experts = schema.moe_tensors(self.tensors)
-        if not moe:
-            return
-        count = f"{experts} experts" if experts else "router or stacked expert tensors"
-        via = ", ".join(src.describe() for src in self.config_sources) or "the overrides"
-        raise UnknownTensorError(
-            f"{self.path} is an MoE checkpoint ({count}: tensors such as {moe[0]}) but its configuration ({via}) "
-            f"declares no num_moe_experts; no tensor kind declares expert or router tensors yet (MoE is not "
-            f"served yet), and reading it as a dense model would drop every expert, so it is refused"
-        )
 
     # ------------------------------------------------------------------ reads
     def shape(self, name: str) -> tuple[int, ...]:

@@ -75,19 +75,17 @@ def torch_load(path: Path, mmap: bool = False, what: str = "") -> Any:
     """``torch.load`` of a Megatron file: tensors and plain values real, any other class a named stand-in
     (:mod:`~parallel_bridge.checkpoint.unpickle`: no megatron-core needed, nothing the file names runs); errors
     name the file."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False, pickle_module=pickle_module)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a damaged file
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(
-            f"{what + ' ' if what else ''}{path} cannot be read ({type(e).__name__}: {first}); damaged or truncated?"
-        ) from e
+    return _unpickled(path, f"{what + ' ' if what else ''}{path}", "damaged or truncated?", mmap=mmap)
 
 
 def torch_loads(data: bytes, label: str) -> Any:
-    """``torch.load`` of pickled bytes read from a checkpoint item; errors name ``label``."""
+    """The same for pickled bytes read from a checkpoint item; errors name ``label``."""
+    return _unpickled(io.BytesIO(data), label, "damaged?")
+
+
+def _unpickled(source: Any, label: str, hint: str, mmap: bool = False) -> Any:
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=pickle_module)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a damaged item
+        return torch.load(source, map_location="cpu", mmap=mmap, weights_only=False, pickle_module=pickle_module)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a damaged file
         first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"{label} cannot be read ({type(e).__name__}: {first}); damaged?") from e
+        raise CheckpointError(f"{label} cannot be read ({type(e).__name__}: {first}); {hint}") from e

@@ -163,14 +163,9 @@ def serve_command(args: argparse.Namespace) -> list[str]:
 def megatron_options(args: argparse.Namespace) -> dict[str, Any]:
     """``--config-overrides``, ``--hf-config`` and ``--iteration`` as the ``megatron.*`` keys of vLLM's
     ``hf_overrides``: the route vLLM passes to both the format's config parser and its loader."""
-    from parallel_bridge.serving.megatron_format import OPTION_PREFIX
+    from parallel_bridge.serving.megatron_format import as_options
 
-    options = {OPTION_PREFIX + k: v for k, v in (_overrides(args) or {}).items()}
-    if args.hf_config is not None:
-        options[OPTION_PREFIX + "hf_config"] = str(Path(args.hf_config).resolve())
-    if args.iteration is not None:
-        options[OPTION_PREFIX + "iteration"] = args.iteration
-    return options
+    return as_options(_overrides(args), args.hf_config, args.iteration)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -71,6 +71,19 @@ def serving_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"overrides": mine, "hf_config": hf_config, "iteration": iteration}
 
 
+def as_options(
+    overrides: Mapping[str, Any] | None, hf_config: str | Path | None = None, iteration: int | None = None
+) -> dict[str, Any]:
+    """The ``megatron.*`` keys of vLLM's ``hf_overrides`` for :meth:`MegatronCheckpoint.open`'s arguments (the
+    inverse of :func:`serving_options`)."""
+    options = {OPTION_PREFIX + k: v for k, v in (overrides or {}).items()}
+    if hf_config is not None:
+        options[OPTION_PREFIX + "hf_config"] = str(Path(hf_config).resolve())
+    if iteration is not None:
+        options[OPTION_PREFIX + "iteration"] = iteration
+    return options
+
+
 def opened(path: str | Path, options: Mapping[str, Any] | None = None) -> MegatronCheckpoint:
     """The checkpoint at ``path`` opened once per process (vLLM's config parser, ``download_model`` and
     ``load_weights`` all ask for it), with the ``megatron.*`` options of vLLM's ``hf_overrides``: cached by path,

@@ -84,12 +84,7 @@ def provider_fields(model: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]
     args = {k: _plain(v) for k, v in model.items() if k in margs.MAPPED | set(margs.NEUTRAL)}
     args.update(_provider_args(model))
     fields, refused = args_fields(args)
-    refused += [
-        f"{name}={model[name]!r} ({meaning})"
-        for name, (ok, meaning) in NEUTRAL.items()
-        if name in model and model[name] not in ok
-    ]
-    return fields, refused
+    return fields, refused + margs.away_from(lambda k, d: model.get(k, d), NEUTRAL)
 
 
 def classified(name: str) -> bool:

@@ -160,20 +160,28 @@ def _same(a: Any, b: Any) -> bool:
 def refused_features(get: Callable[[str, Any], Any]) -> list[str]:
     """``name=value (what it means)`` for every argument away from vLLM Llama's math that no registered family
     maps; ``get(name, default)`` reads the arguments (absent ones count as neutral)."""
-    out = []
-    missing = object()
-    claimed = families.megatron_claims()  # values a registered family maps
-    for name, (ok, meaning) in NEUTRAL.items():
-        value = get(name, missing)
-        if value is missing or any(_same(value, v) for v in (*ok, *claimed.get(name, ()))):
-            continue
-        out.append(f"{name}={value if isinstance(value, str) else repr(value)} ({meaning})")
+    out = away_from(get, NEUTRAL, families.megatron_claims())  # and values a registered family maps
     activation = get("activation_func", None)
     if activation is not None and get("gated_linear_unit", get("swiglu", True)):
         import torch.nn.functional as F
 
         if activation is not F.silu:
             out.append(f"activation_func={getattr(activation, '__name__', activation)} (needs SiLU under SwiGLU)")
+    return out
+
+
+def away_from(
+    get: Callable[[str, Any], Any], table: dict[str, tuple[tuple[Any, ...], str]], claimed: dict | None = None
+) -> list[str]:
+    """``name=value (what it means)`` for every field of ``table`` (name -> (neutral values, meaning)) that
+    ``get(name, default)`` reads away from its neutral values and from those ``claimed`` maps; absent is neutral."""
+    out = []
+    missing = object()
+    for name, (ok, meaning) in table.items():
+        value = get(name, missing)
+        if value is missing or any(_same(value, v) for v in (*ok, *(claimed or {}).get(name, ()))):
+            continue
+        out.append(f"{name}={value if isinstance(value, str) else repr(value)} ({meaning})")
     return out
 
 
