@@ -54,12 +54,10 @@ def _perturb_family_tensors(ctx, model):
 
 
 def length(variant) -> int:
-    """Terms summed per logit along the residual path for these sizes (the parity rule's ``K``)."""
-    return parity.reduction_length(
-        hidden=SIZES["hidden_size"], ffn=SIZES["ffn_hidden_size"], layers=SIZES["num_layers"],
-        vocab=variant["padded"], heads=SIZES["num_attention_heads"],
-        head_dim=SIZES["hidden_size"] // SIZES["num_attention_heads"], seq_len=max(map(len, PROMPTS)) + STEPS,
-    )
+    """Terms summed per logit along the residual path for these sizes (the parity rule's ``K``; an MoE layer sums
+    its top-k experts' FFN columns)."""
+    sizes = {"groups": 1, "vocab": variant["padded"], "tied": False, **variant}  # only the sizes matter
+    return parity.reduction_length_of(spec_of(sizes), max(map(len, PROMPTS)) + STEPS)
 
 
 @torch.no_grad()
@@ -81,8 +79,8 @@ def megatron_decode(ctx, model, vocab):
     return out
 
 
-def save_dist(root, tp, pp, variant):
-    ctx = context_from_torchrun(tp=tp, pp=pp, timeout_s=120)
+def save_dist(root, tp, pp, variant, ep=1, etp=None):
+    ctx = context_from_torchrun(tp=tp, pp=pp, ep=ep, etp=etp, timeout_s=120)
     with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
         megatron.model_parallel_manual_seed(ctx, variant["seed"])
         _, model = build(ctx, variant)
@@ -154,3 +152,59 @@ def save_legacy(root, tp, variant):
         if ctx.rank == 0:
             (Path(root) / "latest_checkpointed_iteration.txt").write_text("10")
         return megatron_decode(ctx, model, variant["vocab"])
+
+
+@torch.no_grad()
+def _route_margin(model, prompts):
+    """The smallest gap between the k-th and (k+1)-th router logit over every token and MoE layer of the
+    prompts' greedy continuations: how far fp32 noise (~1e-6) is from flipping a top-k choice."""
+    margins = []
+
+    def hook(router, args, _out):
+        logits = args[0].reshape(-1, args[0].shape[-1]) @ router.weight.t()
+        top = logits.topk(router.topk + 1, dim=-1).values
+        margins.append((top[:, router.topk - 1] - top[:, router.topk]).min().item())
+
+    handles = [layer.mlp.router.register_forward_hook(hook) for layer in model.decoder.layers]
+    try:
+        for prompt in prompts:
+            model(torch.tensor([prompt]), torch.arange(len(prompt))[None], attention_mask=None)
+    finally:
+        for h in handles:
+            h.remove()
+    return min(margins)
+
+
+@torch.no_grad()
+def _swap_experts(model, a, b, copy=False):
+    """Layer 0's experts ``a`` and ``b`` swapped (or ``b`` made a copy of ``a``): what a mapping that misplaces
+    or duplicates an expert would serve."""
+    experts = model.decoder.layers[0].mlp.experts.local_experts
+    for pa, pb in zip(experts[a].parameters(), experts[b].parameters(), strict=True):
+        saved = pb.detach().clone()
+        pb.copy_(pa)
+        if not copy:
+            pa.copy_(saved)
+
+
+def moe_reference(root, variant, iteration=10):
+    """Megatron loads the MoE checkpoint at TP=1, EP=1 (resharding the expert axis itself): its decode, its full
+    tensors by name, the smallest router margin, and its decodes with two experts swapped and one duplicated."""
+    from megatron.core import dist_checkpointing
+
+    ctx = context_from_torchrun(timeout_s=120)
+    with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
+        megatron.model_parallel_manual_seed(ctx, 999)
+        _, model = build(ctx, variant)
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(root) / f"iter_{iteration:07d}"))
+        model.load_state_dict(state)
+        reference = megatron_decode(ctx, model, variant["vocab"])
+        tensors = {n: p.detach().clone() for n, p in model.named_parameters()}
+        margin = _route_margin(model, [ids + toks for ids, (toks, _, _) in zip(PROMPTS, reference, strict=True)])
+        _swap_experts(model, 0, 1)
+        swapped = megatron_decode(ctx, model, variant["vocab"])
+        _swap_experts(model, 0, 1)
+        _swap_experts(model, 0, 1, copy=True)
+        duplicated = megatron_decode(ctx, model, variant["vocab"])
+        return {"reference": reference, "tensors": tensors, "margin": margin, "swapped": swapped,
+                "duplicated": duplicated}

@@ -193,7 +193,10 @@ def build_gpt_model(
         replicate_kv=False,
         pad_vocab=False,
     )
-    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization=config.normalization,
+        qk_layernorm=config.qk_layernorm,
+    )
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,

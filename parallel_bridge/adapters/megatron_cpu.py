@@ -63,6 +63,9 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+_ABSENT = object()
+
+
 def _cpu_device() -> str:
     return "cpu"
 
@@ -91,7 +94,8 @@ def cpu_compat() -> Iterator[None]:
     block: ``torch.cuda.current_device()`` (used by the
     gather / reduce-scatter mappings and the sequence-parallel buffer) answers
     ``"cpu"``, ``torch.cuda.synchronize()`` (dist_checkpointing's file writer) does
-    nothing, the default causal and sliding-window masks of the unfused softmax are made on the CPU,
+    nothing, the default causal and sliding-window masks of the unfused softmax are made on the CPU, the MoE
+    router's GEMM takes torch's path (megatron-core names Transformer Engine's, which it never imported),
     and Megatron's CUDA RNG tracker is a :class:`CpuRNGStatesTracker`
     (seed it with :func:`model_parallel_manual_seed`). With a GPU it does nothing:
     Megatron's own behaviour applies.
@@ -103,6 +107,7 @@ def cpu_compat() -> Iterator[None]:
         return
     from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.moe import moe_utils
 
     saved = (
         torch.cuda.synchronize,
@@ -111,8 +116,11 @@ def cpu_compat() -> Iterator[None]:
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED,
         fused_softmax.get_default_causal_mask,
         fused_softmax.get_sliding_window_causal_mask,
+        moe_utils.__dict__.get("te_general_gemm", _ABSENT),
     )
     torch.cuda.synchronize = _no_sync
+    if not moe_utils.HAVE_TE:  # the router's GEMM names Transformer Engine's te_general_gemm, never imported
+        moe_utils.te_general_gemm = None
     torch.cuda.current_device = _cpu_device
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_mask
@@ -126,6 +134,10 @@ def cpu_compat() -> Iterator[None]:
         torch.cuda.synchronize, torch.cuda.current_device = saved[0], saved[1]
         mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved[2], saved[3]
         fused_softmax.get_default_causal_mask, fused_softmax.get_sliding_window_causal_mask = saved[4], saved[5]
+        if saved[6] is _ABSENT:
+            moe_utils.__dict__.pop("te_general_gemm", None)
+        else:
+            moe_utils.te_general_gemm = saved[6]
 
 
 def model_parallel_manual_seed(ctx: ParallelContext, seed: int) -> None:

@@ -16,6 +16,17 @@ _TE_NORMS = {
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+_STACKED_EXPERTS = re.compile(r"^(?P<pre>.*\.mlp\.experts\.)experts\.(?:(?P<e>\d+)\.)?(?P<rest>[a-z].*)$")
+
+
+def per_expert(key: str) -> tuple[str, int | None] | None:
+    """megatron-core's torch_dist expert key (``...mlp.experts.experts.linear_fc1.weight`` with an expert axis,
+    or ``...experts.experts.{e}.linear_fc1.weight`` one per expert) as (the local-spec name with ``{e}`` for the
+    expert: ``...mlp.experts.local_experts.{e}.linear_fc1.weight``, the expert or None: an axis); else None."""
+    m = _STACKED_EXPERTS.match(key)
+    if m is None:
+        return None
+    return f"{m['pre']}local_experts.{{e}}.{m['rest']}", None if m["e"] is None else int(m["e"])
 
 
 def canonical(name: str) -> str:

@@ -60,6 +60,8 @@ class MegatronCheckpoint:
     iteration: int | str | None
     source_tp: int
     source_pp: int
+    source_ep: int = 1
+    source_etp: int = 1
     config: GPTConfig
     tensors: dict[str, TensorInfo]
 
@@ -151,6 +153,7 @@ class MegatronCheckpoint:
             "iteration": self.iteration,
             "source_tp": self.source_tp,
             "source_pp": self.source_pp,
+            **self._describe_moe(),
             "dtype": str(self.dtype).replace("torch.", ""),
             "total_bytes": self.total_bytes,
             "config_sources": [src.describe() for src in self.config_sources],
@@ -158,6 +161,14 @@ class MegatronCheckpoint:
             "config": dataclasses.asdict(self.config),
             "tensors": {n: list(t.shape) for n, t in self.tensors.items()},
         }
+
+
+    def _describe_moe(self) -> dict[str, Any]:
+        cfg = self.config
+        if not cfg.num_moe_experts:
+            return {}
+        return {"experts": cfg.num_moe_experts, "router_topk": cfg.moe_router_topk, "expert_ffn": cfg.expert_ffn,
+                "source_ep": self.source_ep, "source_etp": self.source_etp}
 
 
 # ---------------------------------------------------------------- torch_dist
@@ -182,22 +193,34 @@ class _TorchDist(MegatronCheckpoint):
         except Exception as e:
             raise CheckpointError(f"{folder / '.metadata'} cannot be read ({type(e).__name__}: {e})") from e
         self._missing_files()
-        self._stored: dict[str, tuple[str, int | None]] = {}  # per-layer name -> (stored key, layer index)
+        self._stored: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (stored key, leading indices)
         self.tensors = {}
         for key, md in self.metadata.state_dict_metadata.items():
-            if not isinstance(md, TensorStorageMetadata):
-                continue
-            shape = tuple(md.size)
-            if key.startswith("decoder.layers."):
-                rest = key[len("decoder.layers.") :]
-                for i in range(shape[0]):
-                    name = canonical(f"decoder.layers.{i}.{rest}")
-                    self._stored[name] = (key, i)
-                    self.tensors[name] = TensorInfo(shape[1:], md.properties.dtype)
-            else:
-                self._stored[key] = (key, None)
-                self.tensors[key] = TensorInfo(shape, md.properties.dtype)
+            if isinstance(md, TensorStorageMetadata):
+                self._add(key, tuple(md.size), md.properties.dtype)
         self.source_tp, self.source_pp = self._source_layout()
+        self.source_ep, self.source_etp = self._expert_layout()
+
+    def _add(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """The per-layer (and per-expert) names of one stored tensor: a leading layer axis under
+        ``decoder.layers.``, then an expert axis where megatron-core stacks a layer's experts."""
+        stacked = key.startswith("decoder.layers.") and not key[len("decoder.layers.") :][:1].isdigit()
+        layers = range(shape[0]) if stacked else (None,)
+        name = f"decoder.layers.{{i}}.{key[len('decoder.layers.'):]}" if stacked else key
+        expert = megatron_files.per_expert(name)
+        for i in layers:
+            lead, rest = ((i,), shape[1:]) if stacked else ((), shape)
+            if expert is None:
+                self._put(canonical(name.format(i=i)), key, lead, rest, dtype)
+            elif expert[1] is not None:  # one key per expert
+                self._put(expert[0].format(i=i, e=expert[1]), key, lead, rest, dtype)
+            else:  # an expert axis
+                for e in range(rest[0]):
+                    self._put(expert[0].format(i=i, e=e), key, (*lead, e), rest[1:], dtype)
+
+    def _put(self, name: str, key: str, lead: tuple[int, ...], shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self._stored[name] = (key, lead)
+        self.tensors[name] = TensorInfo(shape, dtype)
 
     def _missing_files(self) -> None:
         files = {v.relative_path for v in self.metadata.storage_data.values()}
@@ -216,12 +239,39 @@ class _TorchDist(MegatronCheckpoint):
                 )
 
     def _source_layout(self) -> tuple[int, int]:
-        """Source TP from the chunking of the embedding; PP is not recorded (global tensors): 1 unless known."""
+        """Source TP from the chunking of the embedding; PP (not recorded: tensors are global) from the sets of
+        ranks that wrote each layer's attention output (one set per stage)."""
         md = self.metadata.state_dict_metadata.get("embedding.word_embeddings.weight")
         tp = len(md.chunks) if md is not None and hasattr(md, "chunks") else 1
-        files = {v.relative_path for v in self.metadata.storage_data.values()}
-        ranks = len({f.split("_")[2] for f in files if f.startswith("__")}) or 1
-        return tp, max(1, ranks // max(tp, 1))
+        return tp, len(self._writers("decoder.layers.{i}.self_attention.linear_proj.weight")) or 1
+
+    def _expert_layout(self) -> tuple[int, int]:
+        """(EP, expert TP) of the saving job, from which ranks wrote each of layer 0's ``linear_fc2`` experts:
+        experts written by one set of ranks are one EP rank's, an expert's chunks its ETP shards."""
+        groups = self._writers("decoder.layers.0.mlp.experts.local_experts.{i}.linear_fc2.weight")
+        return (len(groups), min(groups.values())) if groups else (1, 1)
+
+    def _writers(self, template: str) -> dict[frozenset[str], int]:
+        """Of the tensors ``template`` names for ``{i}`` = 0, 1, ... (while stored): the distinct sets of ranks
+        whose files hold their chunks, each with the fewest chunks one tensor of that set has."""
+        slices = []
+        while template.format(i=len(slices)) in self._stored:
+            slices.append(self._stored[template.format(i=len(slices))])
+        ranks: dict[tuple[str, tuple[int, ...]], set[str]] = {s: set() for s in slices}
+        chunks = dict.fromkeys(slices, 0)
+        depth = {key: len(lead) for key, lead in slices}
+        for index, info in self.metadata.storage_data.items():
+            if index.fqn not in depth:
+                continue
+            at = (index.fqn, tuple(index.offset[: depth[index.fqn]]))
+            if at in ranks:
+                path = info.relative_path
+                ranks[at].add(path.split("_")[2] if path.startswith("__") else path)
+                chunks[at] += 1
+        out: dict[frozenset[str], int] = {}
+        for s, who in ranks.items():
+            out[frozenset(who)] = min(out.get(frozenset(who), chunks[s]), chunks[s])
+        return out
 
     def _args(self) -> tuple[Any, str] | None:
         """Megatron-LM's args from ``common.pt`` (megatron-core up to 0.16) or from the ``common_state`` item
@@ -254,18 +304,16 @@ class _TorchDist(MegatronCheckpoint):
     ) -> tuple[str, list[int], list[int]]:
         if name not in self._stored:
             raise CheckpointError(f"{self.path}: no tensor {name}")
-        key, layer = self._stored[name]
+        key, lead = self._stored[name]
         shape = list(self.tensors[name].shape)
         offsets = [0] * len(shape)
         if dim is not None:
             offsets[dim] = start
             shape[dim] = length if length is not None else shape[dim] - start
-        if layer is not None:
-            offsets, shape = [layer, *offsets], [1, *shape]
-        return key, offsets, shape
+        return key, [*lead, *offsets], [1] * len(lead) + shape
 
     def _unstack(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[0] if self._stored[name][1] is not None else tensor
+        return tensor.reshape(tensor.shape[len(self._stored[name][1]) :])
 
 
 # -------------------------------------------------------------------- legacy

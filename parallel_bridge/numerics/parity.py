@@ -58,10 +58,12 @@ def reduction_length(
 
 def reduction_length_of(cfg: Any, seq_len: int) -> int:
     """:func:`reduction_length` of a model config (Megatron names: ``num_layers``, ``hidden_size``,
-    ``ffn_hidden_size``, ``num_attention_heads``, ``head_dim``, ``padded_vocab_size`` or ``vocab_size``)."""
+    ``ffn_hidden_size``, ``num_attention_heads``, ``head_dim``, ``padded_vocab_size`` or ``vocab_size``; an MoE
+    layer sums ``moe_router_topk`` experts of ``expert_ffn`` columns each)."""
+    ffn = getattr(cfg, "expert_ffn", cfg.ffn_hidden_size) * (getattr(cfg, "moe_router_topk", None) or 1)
     return reduction_length(
         hidden=cfg.hidden_size,
-        ffn=cfg.ffn_hidden_size,
+        ffn=ffn,
         layers=cfg.num_layers,
         vocab=getattr(cfg, "padded_vocab_size", None) or cfg.vocab_size,
         heads=cfg.num_attention_heads,

@@ -49,6 +49,9 @@ class Family:
     """Megatron arguments the Llama core refuses that this family maps: name -> the value it maps."""
     kinds: tuple[TensorKind, ...] = ()
     """Tensor kinds beyond the Llama core's (:data:`parallel_bridge.spec.schema.LLAMA_CORE`)."""
+    refuses: Callable[[GPTConfig], list[str]] = lambda cfg: []
+    """Settings of a config of this family's features that the family still does not compute
+    (``name=value (meaning)``), refused by :meth:`GPTConfig.check_supported`."""
 
 
 _FAMILIES: list[Family] = []
@@ -59,6 +62,11 @@ HF_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "hidden_act": (("silu",), "an activation other than SiLU"),
     "partial_rotary_factor": ((1.0, 1), "partial rotary embedding"),
     "use_sliding_window": ((False,), "sliding-window attention"),
+    "decoder_sparse_step": ((1,), "dense layers among the MoE layers"),
+    "mlp_only_layers": (([],), "dense layers among the MoE layers"),
+    "shared_expert_intermediate_size": ((0, None), "shared experts"),
+    "n_shared_experts": ((0, None), "shared experts"),
+    "num_nextn_predict_layers": ((0, None), "multi-token prediction layers"),
 }
 """config.json fields -> (values megatron-core's GPT computes, what another value means), unless the
 family claims the field."""
@@ -218,3 +226,4 @@ MISTRAL = register_family(Family(
     from_hf=lambda c: {"sliding_window": c.get("sliding_window")},
     to_hf=lambda cfg: {**_no_biases(cfg), "sliding_window": cfg.sliding_window},
 ))
+

@@ -21,11 +21,12 @@ MAPPED = frozenset(
     """num_layers hidden_size num_attention_heads num_query_groups group_query_attention ffn_hidden_size
     kv_channels vocab_size padded_vocab_size true_vocab_size max_position_embeddings seq_length rotary_base
     norm_epsilon layernorm_epsilon untie_embeddings_and_output_weights tie_embeddings activation_func
-    add_qkv_bias qk_layernorm use_rope_scaling rope_scaling rope_scaling_factor window_size""".split()
+    add_qkv_bias qk_layernorm use_rope_scaling rope_scaling rope_scaling_factor window_size num_experts
+    num_moe_experts moe_router_topk moe_ffn_hidden_size moe_router_pre_softmax""".split()
 )
 """Read into GPTConfig (``activation_func`` is checked to be SiLU under a gated unit): QKV biases (Qwen2),
-QK layernorm (Qwen3), Llama-3.1 rope scaling and a causal sliding window on every layer (Mistral) are mapped to
-the vLLM family that computes them."""
+QK layernorm (Qwen3), Llama-3.1 rope scaling, a causal sliding window on every layer (Mistral) and a softmax-routed MoE MLP on every
+layer (Mixtral, Qwen3-MoE) are mapped to the vLLM family that computes them."""
 
 _NONE = (None, 0, False)
 NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -55,8 +56,27 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "quick_geglu": ((False, None), "quick-GeGLU activation"),
     "glu_linear_offset": ((0.0, None), "an offset GLU"),
     "activation_func_clamp_value": ((None,), "a clamped activation"),
-    "num_experts": (_NONE, "MoE"),
-    "num_moe_experts": (_NONE, "MoE"),
+    "moe_router_score_function": (("softmax", None), "a router score function other than softmax"),
+    "moe_router_load_balancing_type": (("aux_loss", "seq_aux_loss", "global_aux_loss", "none", None),
+                                       "routing balanced in the forward (sinkhorn)"),
+    "moe_router_num_groups": (_NONE, "group-limited routing"),
+    "moe_router_group_topk": (_NONE, "group-limited routing"),
+    "moe_router_topk_limited_devices": (_NONE, "device-limited routing"),
+    "moe_router_topk_scaling_factor": ((None, 1, 1.0), "scaled routing weights"),
+    "moe_router_enable_expert_bias": ((False, None), "an aux-loss-free expert bias in routing"),
+    "moe_router_force_load_balancing": ((False, None), "routing forced to balance (not by the router)"),
+    "moe_router_force_biased": ((False, None, 0, 0.0), "routing forced to be biased"),
+    "moe_input_jitter_eps": ((None,), "router input jitter"),
+    "moe_shared_expert_intermediate_size": (_NONE, "shared experts"),
+    "moe_shared_expert_gate": ((False, None), "a gated shared expert"),
+    "moe_layer_freq": ((1, None), "dense layers among the MoE layers"),
+    "moe_expert_capacity_factor": ((None,), "expert capacity (tokens dropped)"),
+    "moe_expert_rank_capacity_factor": ((None,), "expert capacity (tokens dropped)"),
+    "moe_pad_expert_input_to_capacity": ((False, None), "expert inputs padded to capacity"),
+    "moe_apply_probs_on_input": ((False, None), "routing weights applied to the expert's input"),
+    "moe_latent_size": ((None,), "latent MoE"),
+    "moe_mlp_glu_interleave_size": ((None,), "interleaved gate/up rows in the experts"),
+    "moe_shared_expert_glu_interleave_size": ((None,), "interleaved gate/up rows in the shared experts"),
     "mtp_num_layers": (_NONE, "multi-token prediction layers"),
     "is_hybrid_model": ((False, None), "a hybrid Mamba model"),
     "hybrid_override_pattern": ((None,), "a hybrid Mamba model"),
@@ -79,45 +99,38 @@ NO_MATH = frozenset(
     init_model_with_meta_device apply_query_key_layer_scaling attention_softmax_in_fp32
     disable_bf16_reduced_precision_matmul bias_activation_fusion masked_softmax_fusion persist_layer_norm
     memory_efficient_layer_norm bias_dropout_fusion apply_rope_fusion use_fused_weighted_squared_relu
-    fused_single_qkv_rope recompute_granularity recompute_method recompute_num_layers
-    distribute_saved_activations recompute_modules fp8 fp8_recipe fp8_quantizer_factory fp8_margin fp8_interval
-    fp8_amax_history_len fp8_amax_compute_algo fp8_wgrad fp8_dot_product_attention fp8_multi_head_attention
-    tp_only_amax_red first_last_layers_bf16 num_layers_at_start_in_bf16 num_layers_at_end_in_bf16 use_kitchen
-    use_kitchen_attention kitchen_attention_backend fp4 fp4_recipe fp4_quantizer_factory
-    moe_shared_expert_intermediate_size moe_shared_expert_gate moe_shared_expert_overlap moe_layer_freq
-    moe_ffn_hidden_size moe_router_load_balancing_type moe_router_topk moe_enable_routing_replay
-    moe_router_topk_limited_devices moe_router_padding_for_quantization moe_router_padding_for_fp8
-    moe_router_num_groups moe_router_group_topk moe_router_pre_softmax moe_router_topk_scaling_factor
-    moe_router_score_function moe_router_dtype moe_router_enable_expert_bias moe_router_bias_update_rate
-    moe_router_force_load_balancing moe_grouped_gemm moe_use_legacy_grouped_gemm moe_aux_loss_coeff
-    moe_z_loss_coeff moe_input_jitter_eps moe_token_dropping moe_token_dispatcher_type moe_enable_deepep
-    moe_flex_dispatcher_backend moe_per_layer_logging moe_expert_capacity_factor moe_pad_expert_input_to_capacity
-    moe_token_drop_policy moe_layer_recompute moe_permute_fusion moe_router_fusion moe_apply_probs_on_input
-    moe_latent_size moe_deepep_num_sms moe_hybridep_num_sms cp_comm_type enable_cuda_graph
-    cuda_graph_use_single_mempool cuda_graph_retain_backward_graph cuda_graph_warmup_steps external_cuda_graph
-    cuda_graph_impl cuda_graph_scope clone_scatter_output_in_embedding disable_parameter_transpose_cache
-    config_logger_dir flash_decode batch_invariant_mode use_te_activation_func inference_rng_tracker
-    inference_sampling_seed symmetric_ar_type use_inference_optimized_layers inference_fuse_tp_communication
-    mamba_state_dim mamba_head_dim mamba_num_groups mamba_num_heads use_mamba_mem_eff_path mlp_chunks_for_prefill
-    hetereogenous_dist_checkpoint quant_recipe transformer_impl fine_grained_activation_offloading
-    offload_modules min_offloaded_tensor_size make_vocab_size_divisible_by
-    mtp_use_repeated_layer mtp_detach_heads mtp_hybrid_override_pattern flash_attention_version
-    experimental_attention_variant_loss_scale_func dsa_indexer_topk_freq dsa_indexer_skip_topk_offset
-    dsa_kernel_backend dsa_indexer_rope_interleaved dsa_indexer_rotate_activation dsa_indexer_scoring_relu
-    dsa_indexer_k_norm_epsilon dsa_indexer_k_norm_fp32 mup_width_mult mup_base_hidden_size mup_embedding_mult
-    mup_output_mult mup_base_head_dim mup_attn_scale_power fused_residual_rmsnorm use_transformer_engine_op_fuser
-    fp8_output_proj high_priority_a2a_comm_stream use_grouped_gemm_for_shared_expert
-    moe_shared_expert_glu_interleave_size moe_router_quantile_balancing_ema moe_router_force_biased
-    use_grouped_gemm_for_dense_mlp moe_single_grouped_weight moe_single_grouped_bias moe_permute_fusion_into_hybridep
+    fused_single_qkv_rope recompute_granularity recompute_method recompute_num_layers distribute_saved_activations
+    recompute_modules fp8 fp8_recipe fp8_quantizer_factory fp8_margin fp8_interval fp8_amax_history_len
+    fp8_amax_compute_algo fp8_wgrad fp8_dot_product_attention fp8_multi_head_attention tp_only_amax_red
+    first_last_layers_bf16 num_layers_at_start_in_bf16 num_layers_at_end_in_bf16 use_kitchen use_kitchen_attention
+    kitchen_attention_backend fp4 fp4_recipe fp4_quantizer_factory moe_shared_expert_overlap
+    moe_enable_routing_replay moe_router_padding_for_quantization moe_router_padding_for_fp8 moe_router_dtype
+    moe_router_bias_update_rate moe_grouped_gemm moe_use_legacy_grouped_gemm moe_aux_loss_coeff moe_z_loss_coeff
+    moe_token_dropping moe_token_dispatcher_type moe_enable_deepep moe_flex_dispatcher_backend
+    moe_per_layer_logging moe_token_drop_policy moe_layer_recompute moe_permute_fusion moe_router_fusion
+    moe_deepep_num_sms moe_hybridep_num_sms cp_comm_type enable_cuda_graph cuda_graph_use_single_mempool
+    cuda_graph_retain_backward_graph cuda_graph_warmup_steps external_cuda_graph cuda_graph_impl cuda_graph_scope
+    clone_scatter_output_in_embedding disable_parameter_transpose_cache config_logger_dir flash_decode
+    batch_invariant_mode use_te_activation_func inference_rng_tracker inference_sampling_seed symmetric_ar_type
+    use_inference_optimized_layers inference_fuse_tp_communication mamba_state_dim mamba_head_dim mamba_num_groups
+    mamba_num_heads use_mamba_mem_eff_path mlp_chunks_for_prefill hetereogenous_dist_checkpoint quant_recipe
+    transformer_impl fine_grained_activation_offloading offload_modules min_offloaded_tensor_size
+    make_vocab_size_divisible_by mtp_use_repeated_layer mtp_detach_heads mtp_hybrid_override_pattern
+    flash_attention_version experimental_attention_variant_loss_scale_func dsa_indexer_topk_freq
+    dsa_indexer_skip_topk_offset dsa_kernel_backend dsa_indexer_rope_interleaved dsa_indexer_rotate_activation
+    dsa_indexer_scoring_relu dsa_indexer_k_norm_epsilon dsa_indexer_k_norm_fp32 mup_width_mult mup_base_hidden_size
+    mup_embedding_mult mup_output_mult mup_base_head_dim mup_attn_scale_power fused_residual_rmsnorm
+    use_transformer_engine_op_fuser fp8_output_proj high_priority_a2a_comm_stream
+    use_grouped_gemm_for_shared_expert moe_router_quantile_balancing_ema use_grouped_gemm_for_dense_mlp
+    moe_single_grouped_weight moe_single_grouped_bias moe_permute_fusion_into_hybridep
     moe_hybridep_pad_uneven_dispatch_inputs moe_pad_experts_for_cuda_graph_inference moe_flex_dispatcher_num_sms
     moe_hybridep_num_blocks_permute moe_hybridep_num_blocks_unpermute moe_hybridep_num_sms_preprocessing
-    moe_ncclep_static_shape moe_ncclep_zero_copy moe_mlp_glu_interleave_size moe_expert_rank_capacity_factor
-    cuda_graph_modules inference_cuda_graph_scope nccl_all_reduce_for_prefill inference_disable_triton_nvls_kernels
-    inference_grouped_gemm_backend inference_moe_disable_fused_quant_kernels inference_moe_token_dispatcher_type
-    mamba_training_ssm_states_dtype mlp_chunks_for_training delay_offload_until_cuda_graph
-    delta_offload_bytes_across_pp_ranks activation_offload_fraction moe_paged_stash moe_paged_stash_page_size
-    moe_paged_stash_buffer_size_factor_cuda moe_paged_stash_buffer_size_factor_cpu
-    fine_grained_offloading_max_inflight_offloads q_lora_rank kv_lora_rank""".split()
+    moe_ncclep_static_shape moe_ncclep_zero_copy cuda_graph_modules inference_cuda_graph_scope
+    nccl_all_reduce_for_prefill inference_disable_triton_nvls_kernels inference_grouped_gemm_backend
+    inference_moe_disable_fused_quant_kernels inference_moe_token_dispatcher_type mamba_training_ssm_states_dtype
+    mlp_chunks_for_training delay_offload_until_cuda_graph delta_offload_bytes_across_pp_ranks
+    activation_offload_fraction moe_paged_stash moe_paged_stash_page_size moe_paged_stash_buffer_size_factor_cuda
+    moe_paged_stash_buffer_size_factor_cpu fine_grained_offloading_max_inflight_offloads q_lora_rank kv_lora_rank""".split()
 )
 """No effect on the math of a served forward: training, kernels, precision recipes, initialisation,
 and fields that only matter under a feature refused above (MoE, Mamba, MLA, muP, DSA); megatron-core 0.16.1's

@@ -18,6 +18,7 @@ from typing import Any
 from parallel_bridge.errors import ModelConfigError
 from parallel_bridge.spec import families
 from parallel_bridge.spec import megatron_args as margs
+from parallel_bridge.spec import moe  # noqa: F401 - registers the MoE families with their tensor kinds
 
 CONFIG_FILE = "megatron_gpt_config.json"
 """Model configuration beside a checkpoint that carries none (megatron-core-only saves)."""
@@ -52,6 +53,17 @@ class GPTConfig:
     sliding_window: int | None = None
     """Tokens each query attends to, itself included, on every layer (HF's ``sliding_window``; megatron-core's
     ``window_size=(sliding_window - 1, 0)``)."""
+    num_moe_experts: int | None = None
+    """Experts of every MLP (None: a dense model). Each layer's MLP is then megatron-core's MoE layer: a
+    router (``[experts, hidden]``, no bias) choosing ``moe_router_topk`` experts per token, each a SwiGLU MLP
+    of ``moe_ffn_hidden_size`` columns."""
+    moe_router_topk: int | None = None
+    """Experts each token is routed to (MoE only)."""
+    moe_ffn_hidden_size: int | None = None
+    """Each expert's FFN columns (None: ``ffn_hidden_size``, as megatron-core defaults)."""
+    moe_router_pre_softmax: bool = False
+    """The softmax over all experts before the top-k, weights not renormalised (Qwen3-MoE's
+    ``norm_topk_prob=False``); False: a softmax over the chosen k (Mixtral; ``norm_topk_prob=True``)."""
 
     def __post_init__(self) -> None:
         """Types and ranges of every field, named, before anything reads a tensor with them."""
@@ -64,11 +76,30 @@ class GPTConfig:
             raise ModelConfigError(f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}")
         if self.kv_channels is None and h % heads:
             raise ModelConfigError(f"hidden_size={h} is not a multiple of num_attention_heads={heads}; give kv_channels")
+        self._check_moe()
         if self.vocab_size > self.padded_vocab_size:
             raise ModelConfigError(
                 f"vocab_size={self.vocab_size} is larger than padded_vocab_size={self.padded_vocab_size}: "
                 f"the checkpoint stores only {self.padded_vocab_size} vocabulary rows"
             )
+
+    def _check_moe(self) -> None:
+        experts, topk = self.num_moe_experts, self.moe_router_topk
+        if experts is None:
+            extra = [n for n in ("moe_router_topk", "moe_ffn_hidden_size") if getattr(self, n) is not None]
+            extra += ["moe_router_pre_softmax"] if self.moe_router_pre_softmax else []
+            if extra:
+                raise ModelConfigError(f"{', '.join(extra)} set on a dense model (num_moe_experts is not set)")
+        elif topk is None or topk > experts:
+            raise ModelConfigError(
+                f"moe_router_topk={topk} with num_moe_experts={experts}: an MoE model routes each token to "
+                f"between 1 and num_moe_experts experts"
+            )
+
+    @property
+    def expert_ffn(self) -> int:
+        """Each expert's FFN columns (MoE) or the dense MLP's."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def head_dim(self) -> int:
@@ -113,6 +144,21 @@ class GPTConfig:
             "add_qkv_bias": self.add_qkv_bias,
             "qk_layernorm": self.qk_layernorm,
             "window_size": None if self.sliding_window is None else (self.sliding_window - 1, 0),
+            **self._megatron_moe(),
+        }
+
+    def _megatron_moe(self) -> dict[str, Any]:
+        """The MoE fields of ``TransformerConfig`` (none for a dense model): routing as the config says, every
+        token kept (no capacity), no auxiliary losses in the forward."""
+        if self.num_moe_experts is None:
+            return {}
+        return {
+            "num_moe_experts": self.num_moe_experts,
+            "moe_router_topk": self.moe_router_topk,
+            "moe_ffn_hidden_size": self.expert_ffn,
+            "moe_router_pre_softmax": self.moe_router_pre_softmax,
+            "moe_token_dispatcher_type": "allgather",
+            "moe_grouped_gemm": False,
         }
 
     def megatron_model(self) -> dict[str, Any]:
@@ -153,7 +199,9 @@ class GPTConfig:
                 + "; ".join(dict.fromkeys(problems))
                 + ". Serving it as one would give wrong numbers, so it is refused"
             )
-        self.family  # noqa: B018 - a combination of features no family computes is refused too
+        unmapped = self.family.refuses(self)  # a combination of features no family computes is refused too
+        if unmapped:
+            raise ModelConfigError(f"this {self.family.model_type} model uses {'; '.join(unmapped)}; refused")
 
 
 def check_field(name: str, value: Any, what: str = "model config field") -> None:
@@ -237,6 +285,21 @@ def _fields_of_args(get: Getter) -> dict[str, Any]:
         "rope_scaling_factor": _rope_scaling_factor(get),
         # Megatron-LM's window_size, or the side file's own field
         "sliding_window": sliding_window_of(window) if window is not None else get("sliding_window"),
+        **_moe_fields_of_args(get),
+    }
+
+
+def _moe_fields_of_args(get: Getter) -> dict[str, Any]:
+    """The MoE fields from Megatron-LM's ``num_experts`` (``num_moe_experts`` in megatron-core and the side
+    file); Megatron-LM's MoE defaults (top-2, a softmax over the chosen) where an MoE model leaves them out."""
+    experts = get("num_moe_experts") or get("num_experts")
+    if not experts:
+        return {}
+    return {
+        "num_moe_experts": experts,
+        "moe_router_topk": get("moe_router_topk") or 2,
+        "moe_ffn_hidden_size": get("moe_ffn_hidden_size"),
+        "moe_router_pre_softmax": bool(get("moe_router_pre_softmax", False)),
     }
 
 
@@ -301,6 +364,7 @@ def config_from_transformer_config(
         qk_layernorm=bool(config.qk_layernorm),
         rope_scaling_factor=rope_scaling_factor,
         sliding_window=sliding_window_of(config.window_size),
+        **_moe_fields_of_args(lambda k, d=None: getattr(config, k, d)),
     )
 
 

@@ -50,6 +50,11 @@ class TensorKind:
     def per_layer(self) -> bool:
         return "{i}" in self.megatron
 
+    @property
+    def per_expert(self) -> bool:
+        """One tensor per expert in megatron-core and Hugging Face (vLLM stacks a layer's experts in one)."""
+        return "{e}" in self.megatron
+
 
 def _qkv_rows(c: Any) -> int:
     return (c.num_attention_heads + 2 * c.num_query_groups) * c.head_dim
@@ -57,6 +62,11 @@ def _qkv_rows(c: Any) -> int:
 
 def _has(field: str) -> Callable[[Any], bool]:
     return lambda c: bool(getattr(c, field, False))
+
+
+def _dense(c: Any) -> bool:
+    """The dense MLP: every layer of a model without experts (an MoE family's layers have its kinds instead)."""
+    return not getattr(c, "num_moe_experts", None)
 
 
 L, H = "decoder.layers.{i}.", "model.layers.{i}."
@@ -85,9 +95,9 @@ LLAMA_CORE: tuple[TensorKind, ...] = (
     TensorKind(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",),
                H + "post_attention_layernorm.weight", sharding.REPLICATED, lambda c: (c.hidden_size,)),
     TensorKind(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"),
-               H + "mlp.gate_up_proj.weight", sharding.GATED, lambda c: (2 * c.ffn_hidden_size, c.hidden_size)),
+               H + "mlp.gate_up_proj.weight", sharding.GATED, lambda c: (2 * c.ffn_hidden_size, c.hidden_size), _dense),
     TensorKind(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), H + "mlp.down_proj.weight",
-               sharding.ROW, lambda c: (c.hidden_size, c.ffn_hidden_size)),
+               sharding.ROW, lambda c: (c.hidden_size, c.ffn_hidden_size), _dense),
 )
 """Every tensor of a Llama-family GPT (Llama, Qwen2, Qwen3, Mistral), in megatron-core's order."""
 
@@ -95,6 +105,12 @@ LLAMA_CORE: tuple[TensorKind, ...] = (
 def all_kinds() -> tuple[TensorKind, ...]:
     """The core's kinds and those of every registered family."""
     return LLAMA_CORE + tuple(k for f in families.families() for k in f.kinds)
+
+
+def kinds_of(spec: Any) -> tuple[TensorKind, ...]:
+    """The kinds a model of ``spec``'s family may have: the core's and its family's (families may name one
+    megatron-core tensor differently on the Hugging Face side: Mixtral's ``block_sparse_moe``)."""
+    return LLAMA_CORE + spec.family.kinds
 
 
 def _pattern(template: str) -> re.Pattern[str]:
@@ -117,7 +133,7 @@ _PATTERNS: dict[str, re.Pattern[str]] = {}
 def kind_of(megatron_name: str, spec: Any = None) -> Located:
     """The kind of a megatron-core tensor and its layer (and expert) index; a name no kind declares raises
     :class:`UnknownTensorError` naming it (and the family of ``spec``, when given)."""
-    for kind in all_kinds():
+    for kind in all_kinds() if spec is None else kinds_of(spec):
         pattern = _PATTERNS.setdefault(kind.megatron, _pattern(kind.megatron))
         m = pattern.search(megatron_name)
         if m:
@@ -140,13 +156,15 @@ def sharding_of(megatron_name: str) -> sharding.Sharding:
 
 
 def tensors(spec: Any) -> Iterator[tuple[str, TensorKind, int | None]]:
-    """Every (megatron name, kind, layer) a model of ``spec`` has, in megatron-core's order."""
-    for kind in all_kinds():
+    """Every (megatron name, kind, layer) a model of ``spec`` has, in megatron-core's order (an expert kind once
+    per expert, in expert order)."""
+    for kind in kinds_of(spec):
         if not kind.present(spec):
             continue
         if kind.per_layer:
             for i in range(spec.num_layers):
-                yield kind.name("megatron", i), kind, i
+                for e in range(spec.num_moe_experts) if kind.per_expert else (None,):
+                    yield kind.name("megatron", i, e), kind, i
         else:
             yield kind.megatron, kind, None
 
@@ -167,15 +185,17 @@ def hf_shapes(kind: TensorKind, spec: Any) -> list[tuple[int, ...]]:
     return kind.sharding.hf_shapes(kind.shape(spec), spec)
 
 
-def from_hf(kind: TensorKind, layer: int | None, parts: list[torch.Tensor], spec: Any) -> torch.Tensor:
-    """The full megatron-core tensor of ``kind`` from its Hugging Face parts (in ``kind.hf`` order), the
-    vocabulary padded with zero rows to ``padded_vocab_size``."""
-    name = kind.name("megatron", layer)
+def from_hf(
+    kind: TensorKind, layer: int | None, parts: list[torch.Tensor], spec: Any, expert: int | None = None
+) -> torch.Tensor:
+    """The full megatron-core tensor of ``kind`` (for ``layer`` and ``expert``) from its Hugging Face parts (in
+    ``kind.hf`` order), the vocabulary padded with zero rows to ``padded_vocab_size``."""
+    name = kind.name("megatron", layer, expert)
     full = kind.sharding.from_hf(name, parts, spec)
     expected = kind.shape(spec)
     if tuple(full.shape) != expected:
         raise CheckpointError(
-            f"tensor {name} built from {list(kind.name('hf', layer))} has shape {tuple(full.shape)}, but "
+            f"tensor {name} built from {list(kind.name('hf', layer, expert))} has shape {tuple(full.shape)}, but "
             f"config.json implies {expected}"
         )
     return full

@@ -46,11 +46,17 @@ def rank_parts(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors vLLM's own model of the store's family keeps on TP rank ``rank``, under vLLM's names,
     read slice by slice as each kind's sharding says: only what the rank keeps is read. ``vocab_range`` is
-    the rank's [start, end) of real vocabulary rows (vLLM pads the vocabulary its own way)."""
+    the rank's [start, end) of real vocabulary rows (vLLM pads the vocabulary its own way). A layer's experts
+    come stacked (``experts.w13_weight [experts, ...]``), each expert sliced as its kind's sharding says."""
     spec = store.config
     serving_split(spec, tp)
     if vocab_range is None:
         per = ceil_div(spec.vocab_size, tp)
         vocab_range = (min(rank * per, spec.vocab_size), min((rank + 1) * per, spec.vocab_size))
     for name, kind, layer in schema.tensors(spec):
-        yield kind.name("vllm", layer), kind.sharding.vllm_slice(store, name, spec, tp, rank, vocab_range)
+        if not kind.per_expert:
+            yield kind.name("vllm", layer), kind.sharding.vllm_slice(store, name, spec, tp, rank, vocab_range)
+        elif name == kind.name("megatron", layer, 0):  # vLLM stacks the layer's experts in one parameter
+            parts = [kind.sharding.vllm_slice(store, kind.name("megatron", layer, e), spec, tp, rank, vocab_range)
+                     for e in range(spec.num_moe_experts)]
+            yield kind.name("vllm", layer), torch.stack(parts)

@@ -94,4 +94,4 @@ def heads_per_rank(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int
 
 def serving_split(spec: Any, tp: int) -> TPSplit:
     """What each of ``tp`` vLLM serving ranks keeps of a model (kv heads replicated when fewer than tp)."""
-    return split_for_tp(tp, spec.num_attention_heads, spec.num_query_groups, spec.ffn_hidden_size)
+    return split_for_tp(tp, spec.num_attention_heads, spec.num_query_groups, spec.expert_ffn)
