@@ -87,11 +87,11 @@ def save_dist(root, tp, pp, variant, ep=1, etp=None):
         save_torch_dist(ctx, model, root, 10, spec_of(variant))
 
 
-def reference_from_dist(root, variant, tp=1, iteration=10):
-    """Megatron loads the checkpoint itself (resharding to ``tp``) and runs its forward."""
+def reference_from_dist(root, variant, tp=1, iteration=10, ep=1):
+    """Megatron loads the checkpoint itself (resharding to ``tp``, experts to ``ep``) and runs its forward."""
     from megatron.core import dist_checkpointing
 
-    ctx = context_from_torchrun(tp=tp, timeout_s=120)
+    ctx = context_from_torchrun(tp=tp, ep=ep, timeout_s=120)
     with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
         megatron.model_parallel_manual_seed(ctx, 999)
         _, model = build(ctx, variant)

@@ -1,7 +1,7 @@
-"""Import a Hugging Face folder (Llama, Qwen2, Qwen3, Mistral) as a Megatron checkpoint.
+"""Import a Hugging Face folder (Llama, Qwen2, Qwen3, Mistral, Mixtral, Qwen3-MoE) as a Megatron checkpoint.
 
 Everything is checked before anything is written: config.json and its family (:meth:`GPTConfig.from_hf`),
-that the target TP x PP splits heads, query groups, FFN, layers and the padded vocabulary, and that every
+that the target TP x PP (x EP) splits heads, query groups, FFN, layers, experts and the padded vocabulary, and that every
 safetensors tensor has its place and shape in :mod:`parallel_bridge.spec.schema`. The checkpoint is then written by
 megatron-core's own code (``dist_checkpointing.save``, the ``torch_dist`` format, whose tensors are global, so
 it loads at the TP x PP asked for and at any other): a megatron-core GPTModel is built on one process, filled
@@ -24,7 +24,7 @@ from parallel_bridge.errors import CheckpointError, ModelConfigError, UnknownTen
 from parallel_bridge.parallel.layout import round_up
 from parallel_bridge.spec import schema
 from parallel_bridge.spec.model import GPTConfig
-from parallel_bridge.spec.tp_split import TPSplitError, split_for_tp
+from parallel_bridge.spec.tp_split import TPSplitError, experts_per_rank, split_for_tp
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-Plan = dict[str, tuple[schema.TensorKind, "int | None", list[tuple[str, Path]]]]
-"""Megatron tensor name -> (its kind, its layer, its Hugging Face parts as (name, safetensors file))."""
+Plan = dict[str, tuple[schema.Located, list[tuple[str, Path]]]]
+"""Megatron tensor name -> (its kind, layer and expert, its Hugging Face parts as (name, safetensors file))."""
 
 
 def hf_tensor_files(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
@@ -72,11 +72,11 @@ def hf_tensor_files(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return where
 
 
-def plan_import(folder: Path, tp: int, pp: int) -> tuple[GPTConfig, Plan]:
-    """The Megatron config at ``tp`` x ``pp``, and where each Megatron tensor's HF parts are; raises naming
-    the first problem, before anything is written."""
+def plan_import(folder: Path, tp: int, pp: int, ep: int = 1) -> tuple[GPTConfig, Plan]:
+    """The Megatron config at ``tp`` x ``pp`` (x ``ep`` for the experts), and where each Megatron tensor's HF parts
+    are; raises naming the first problem, before anything is written."""
     raw = read_hf_config(folder)
-    for flag, value in (("--tp", tp), ("--pp", pp)):
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CheckpointError(f"{flag} must be a positive integer, got {value!r}")
     try:
@@ -84,16 +84,21 @@ def plan_import(folder: Path, tp: int, pp: int) -> tuple[GPTConfig, Plan]:
     except ModelConfigError as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     try:
-        split_for_tp(tp, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size,
+        split_for_tp(tp, cfg.num_attention_heads, cfg.num_query_groups, cfg.expert_ffn,
                      cfg.padded_vocab_size, replicate_kv=False, pad_vocab=False)
     except TPSplitError as e:
         raise CheckpointError(f"--tp {tp}: {e}") from None
+    try:
+        experts_per_rank(cfg.num_moe_experts, ep)
+    except TPSplitError as e:
+        raise CheckpointError(f"--ep {ep}: {e}") from None
     if cfg.num_layers % pp:
         raise CheckpointError(f"--pp {pp} does not divide num_hidden_layers={cfg.num_layers}")
     where = hf_tensor_files(folder)
     plan: Plan = {}
     for name, kind, layer in schema.tensors(cfg):
-        parts = list(kind.name("hf", layer))
+        located = schema.kind_of(name, cfg)
+        parts = list(kind.name("hf", layer, located.expert))
         missing = [p for p in parts if p not in where]
         if missing:
             raise CheckpointError(f"{folder}: tensors {missing} are missing (config.json implies them)")
@@ -101,8 +106,8 @@ def plan_import(folder: Path, tp: int, pp: int) -> tuple[GPTConfig, Plan]:
             path, got = where[part]
             if got != want:
                 raise CheckpointError(f"{path.name}: tensor {part} has shape {got}, but config.json implies {want}")
-        plan[name] = (kind, layer, [(p, where[p][0]) for p in parts])
-    used = {p for _, _, parts in plan.values() for p, _ in parts}
+        plan[name] = (located, [(p, where[p][0]) for p in parts])
+    used = {p for _, parts in plan.values() for p, _ in parts}
     extra = sorted(n for n in where if n not in used and not n.endswith("rotary_emb.inv_freq"))
     if cfg.tie_embeddings:
         extra = [n for n in extra if n != "lm_head.weight"]  # a tied head saved anyway
@@ -115,13 +120,14 @@ def plan_import(folder: Path, tp: int, pp: int) -> tuple[GPTConfig, Plan]:
 
 
 def import_hf(
-    folder: str | Path, out: str | Path, *, tp: int, pp: int = 1, iteration: int = 1, overwrite: bool = False
+    folder: str | Path, out: str | Path, *, tp: int, pp: int = 1, ep: int = 1, iteration: int = 1,
+    overwrite: bool = False,
 ) -> Path:
     """Write the Hugging Face model in ``folder`` as a Megatron ``torch_dist`` checkpoint ``out`` (with
-    ``megatron_gpt_config.json``) for training at ``tp`` x ``pp``; returns ``out``."""
+    ``megatron_gpt_config.json``) for training at ``tp`` x ``pp`` (experts at ``ep``); returns ``out``."""
     folder, out = Path(folder), Path(out)
     check_output(out, [folder], overwrite)
-    cfg, plan = plan_import(folder, tp, pp)
+    cfg, plan = plan_import(folder, tp, pp, ep)
     with atomic_output(out, str(folder)) as tmp:
         _save_with_megatron(cfg, plan, tmp, iteration)
     logger.info("imported %s -> %s (torch_dist, for tp=%d pp=%d)", folder, out, tp, pp)
@@ -141,11 +147,11 @@ def _save_with_megatron(cfg: GPTConfig, plan: Plan, root: Path, iteration: int) 
         params = dict(model.named_parameters())
         with torch.no_grad(), contextlib.ExitStack() as files:
             handles: dict[Path, Any] = {}  # each safetensors file opened once
-            for name, (kind, layer, parts) in plan.items():
+            for name, ((kind, layer, expert), parts) in plan.items():
                 tensors = []
                 for part, path in parts:
                     if path not in handles:
                         handles[path] = files.enter_context(safe_open(str(path), framework="pt"))
                     tensors.append(handles[path].get_tensor(part).to(torch.float32))
-                params[name].copy_(schema.from_hf(kind, layer, tensors, cfg))
+                params[name].copy_(schema.from_hf(kind, layer, tensors, cfg, expert))
         save_torch_dist(ctx, model, root, iteration, cfg)  # also writes megatron_gpt_config.json

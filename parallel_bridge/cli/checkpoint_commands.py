@@ -89,7 +89,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         given = [args.iteration, args.config_overrides, args.tokenizer, args.hf_config]
         if any(v is not None for v in given):
             raise CliError("--iteration, --config-overrides, --hf-config and --tokenizer apply to exports (--to hf) only")
-        print(f"wrote {import_hf(args.checkpoint, args.out, tp=args.tp, pp=args.pp, overwrite=args.force)}")
+        print(f"wrote {import_hf(args.checkpoint, args.out, tp=args.tp, pp=args.pp, ep=args.ep, overwrite=args.force)}")
         return EXIT_OK
     out = export_hf(
         _open_checkpoint(args),
@@ -226,6 +226,7 @@ def add_checkpoint_parsers(sub: Any) -> None:
     p.add_argument("--to", default="hf", help="target format: hf (export) or megatron (import a HF folder)")
     p.add_argument("--tp", type=int, default=1, help="--to megatron: tensor-parallel size to train at")
     p.add_argument("--pp", type=int, default=1, help="--to megatron: pipeline-parallel size to train at")
+    p.add_argument("--ep", type=int, default=1, help="--to megatron: expert-parallel size to train at (MoE)")
     p.add_argument("--format", default="torch_dist", help="--to megatron: checkpoint format (torch_dist)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder whose files to copy into the output")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")

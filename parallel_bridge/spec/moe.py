@@ -56,7 +56,8 @@ def _mixtral_to_hf(cfg: GPTConfig) -> dict[str, Any]:
 
 
 def _qwen3_moe_from_hf(c: Mapping[str, Any]) -> dict[str, Any]:
-    return {"qk_layernorm": True, "num_moe_experts": c.get("num_experts"), "moe_router_topk": c.get("num_experts_per_tok"),
+    experts = c.get("num_experts") or c.get("num_local_experts")  # the Hub's name; transformers 5 writes the other
+    return {"qk_layernorm": True, "num_moe_experts": experts, "moe_router_topk": c.get("num_experts_per_tok"),
             "moe_ffn_hidden_size": c.get("moe_intermediate_size"),
             "moe_router_pre_softmax": not c.get("norm_topk_prob", False)}  # transformers' default: False
 

@@ -95,3 +95,17 @@ def heads_per_rank(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int
 def serving_split(spec: Any, tp: int) -> TPSplit:
     """What each of ``tp`` vLLM serving ranks keeps of a model (kv heads replicated when fewer than tp)."""
     return split_for_tp(tp, spec.num_attention_heads, spec.num_query_groups, spec.expert_ffn)
+
+
+def experts_per_rank(num_experts: int | None, ep: int) -> int:
+    """Experts each of ``ep`` expert-parallel ranks holds (megatron-core and vLLM split them evenly, in order:
+    rank r holds experts ``[r * n, (r + 1) * n)``), or :class:`TPSplitError` naming both numbers."""
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+        raise TPSplitError(f"expert-parallel size must be a positive integer, got {ep!r}")
+    if not num_experts:
+        if ep > 1:
+            raise TPSplitError(f"expert-parallel size {ep} needs experts, but the model is dense (no num_moe_experts)")
+        return 0
+    if num_experts % ep:
+        raise TPSplitError(f"expert-parallel size {ep} does not divide num_moe_experts={num_experts}")
+    return num_experts // ep
