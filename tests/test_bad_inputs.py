@@ -676,7 +676,7 @@ def test_sync_flipped_byte_is_named(tmp_path):
     writers = publish(tmp_path, full_tensors(), 2)
     writers[1]._buf[70] ^= 0x10  # inside rank 1's first tensor (the embedding), row 2
     r = RoundReader(tmp_path, 1, 2, 1)
-    with pytest.raises(RoundError, match="embedding.word_embeddings.weight: checksum mismatch in row 2 of trainer rank tp=1"):
+    with pytest.raises(RoundError, match="embedding.word_embeddings.weight: checksum mismatch in row 2 of trainer rank \\(tp=1, pp=0\\)"):
         r.read("embedding.word_embeddings.weight")
 
 

@@ -16,9 +16,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from parallel_bridge.errors import ModelConfigError
-from parallel_bridge.spec import families
+from parallel_bridge.spec import (
+    families,
+    moe,  # noqa: F401 - registers the MoE families with their tensor kinds
+)
 from parallel_bridge.spec import megatron_args as margs
-from parallel_bridge.spec import moe  # noqa: F401 - registers the MoE families with their tensor kinds
 
 CONFIG_FILE = "megatron_gpt_config.json"
 """Model configuration beside a checkpoint that carries none (megatron-core-only saves)."""

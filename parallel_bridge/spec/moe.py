@@ -14,6 +14,7 @@ DeepSeek-V3 family) are refused by name (:mod:`~parallel_bridge.spec.megatron_ar
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,3 +86,18 @@ QWEN3_MOE = register_family(Family(
     from_hf=_qwen3_moe_from_hf, to_hf=_qwen3_moe_to_hf,
     kinds=moe_kinds("mlp", "gate_proj", "up_proj", "down_proj"),
 ))
+
+
+# ------------------------------------------------------------------ expert indices across expert-parallel ranks
+_LOCAL_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)(\.)")
+
+
+def is_expert(name: str) -> bool:
+    """Whether a megatron-core name is one expert's tensor (``...mlp.experts.local_experts.{e}...``)."""
+    return _LOCAL_EXPERT.search(name) is not None
+
+
+def global_expert_name(name: str, ep_rank: int, per_rank: int) -> str:
+    """An expert-parallel rank's local expert name with the global expert index (megatron-core places experts
+    in order: rank r holds ``[r * per_rank, (r + 1) * per_rank)``); other names unchanged."""
+    return _LOCAL_EXPERT.sub(lambda m: f"{m[1]}{ep_rank * per_rank + int(m[2])}{m[3]}", name)

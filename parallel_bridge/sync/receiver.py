@@ -50,6 +50,8 @@ class ShmInitInfo(WeightTransferInitInfo):
     config: dict[str, Any]
     source_tp: int
     source_pp: int
+    experts: list[int] | None = None
+    """(EP, expert TP) of the trainer's expert shard files (an MoE model), else None."""
 
 
 @dataclasses.dataclass
@@ -103,12 +105,12 @@ class SharedMemoryReceiver(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
     def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
         from vllm.model_executor.models.llama import LlamaForCausalLM
 
-        if not isinstance(self.model, LlamaForCausalLM):
-            raise SyncError(
-                f"the {BACKEND} backend fills vLLM's LlamaForCausalLM; this engine serves "
-                f"{type(self.model).__name__}"
-            )
         cfg = GPTConfig(**init_info.config)
+        if not isinstance(self.model, LlamaForCausalLM) and type(self.model).__name__ != cfg.family.architecture:
+            raise SyncError(
+                f"the {BACKEND} backend fills vLLM's own model of the trainer's family ({cfg.family.architecture}, "
+                f"or LlamaForCausalLM); this engine serves {type(self.model).__name__}"
+            )
         expected = {name: tuple(t.shape) for name, t in self._parts(ShapeStore(cfg))}
         for name, shape in expected.items():
             held = self._param_shape(name)
@@ -144,8 +146,11 @@ class SharedMemoryReceiver(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         param = getattr(module, attr, None)
         if param is None:
             return None
-        if param.numel() == 0 and hasattr(module, "output_size_per_partition"):  # packed away on CPU
-            return (module.output_size_per_partition, module.input_size_per_partition)
+        if param.numel() == 0:  # packed away on CPU (ReplicatedLinear, the MoE gate, names its sizes without a rank)
+            out = getattr(module, "output_size_per_partition", getattr(module, "output_size", None))
+            inp = getattr(module, "input_size_per_partition", getattr(module, "input_size", None))
+            if out is not None and inp is not None:
+                return (out, inp)
         return tuple(param.shape)
 
     # ---------------------------------------------------------------- rounds
@@ -174,7 +179,8 @@ class SharedMemoryReceiver(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         try:
             self._pool.new_round()
             reader = RoundReader(
-                self.info.root, version, self.info.source_tp, self.info.source_pp, self._maps, self._pool
+                self.info.root, version, self.info.source_tp, self.info.source_pp, self._maps, self._pool,
+                experts=tuple(self.info.experts) if self.info.experts else None,
             )
             staged = self._parts(reader)
             for name, value in staged:
@@ -239,6 +245,7 @@ class SharedMemoryReceiver(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         for module in self.model.modules():
             method = getattr(module, "quant_method", None)
             if method is not None and any(id(p) in touched for p in module.parameters(recurse=False)):
+                _rebuild_cpu_moe_kernel(method)
                 method.process_weights_after_loading(module)
         for name, value in staged:  # a receive buffer that became a live weight is not reused
             module_name, _, attr = name.rpartition(".")
@@ -252,6 +259,20 @@ class SharedMemoryReceiver(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         self._staged, self.info = None, None
         self._maps.clear()
         self._pool = BufferPool()
+
+
+def _rebuild_cpu_moe_kernel(method: Any) -> None:
+    """On the CPU, make vLLM set its fused-MoE kernel up again from the new weights, as at the first load.
+
+    vLLM 0.32's ``UnquantizedFusedMoEMethod`` treats a second ``process_weights_after_loading`` as a weight update:
+    it copies the new weights, in checkpoint layout, into the storage the CPU kernel had prepacked, and skips the
+    prepacking, so the kernel computes with unpacked bytes as if packed (wrong tokens, no error; the vLLM #42821
+    class, pinned in ``tests/test_upstream_bugs.py``). Forgetting the kernel makes it the first call again. GPUs keep
+    vLLM's update path (no prepacking; CUDA graphs hold the parameters' addresses)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and getattr(method, "moe_kernel", None) is not None:
+        method.moe_kernel = None
 
 
 def register_weight_transfer() -> None:

@@ -25,7 +25,6 @@ from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeight
 
 from parallel_bridge.errors import SyncError
 from parallel_bridge.sync.receiver import BACKEND, report_path, serving_ranks
-from parallel_bridge.sync.shards import ShardWriter
 from parallel_bridge.sync.source import MegatronWeightSource
 
 logger = logging.getLogger(__name__)
@@ -77,9 +76,7 @@ class SharedMemorySender(TrainerWeightTransferEngine[ShmTrainerInitInfo]):
         sender.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=init_info.timeout_s))
         session = sender._agree(uuid.uuid4().hex[:12] if sender.is_sender else None)
         sender.root = Path(init_info.root or _default_root()) / session
-        sender.writer = None
-        if source.publishes:
-            sender.writer = ShardWriter(sender.root, source.ctx.tp_rank, source.ctx.pp_rank, source.local_tensors)
+        sender.writers = source.shard_files(sender.root)
         sender._barrier("set-up")
         outcome = None
         if sender.is_sender:
@@ -117,9 +114,9 @@ class SharedMemorySender(TrainerWeightTransferEngine[ShmTrainerInitInfo]):
         version = self.attempts
         start = time.perf_counter()
         try:
-            sent = self.source.publish(self.writer)
-            if self.writer is not None:
-                self.writer.commit(version, self.source.round_meta())
+            sent = self.source.publish(self.writers)
+            for writer in self.writers:
+                writer.commit(version, self.source.round_meta())
             local = {"rank": self.ctx.rank, "sent": sent, "error": None}
         except Exception as e:  # noqa: BLE001 - reported to every rank
             local = {"rank": self.ctx.rank, "sent": 0, "error": f"{type(e).__name__}: {e}"}

@@ -1,7 +1,8 @@
 """A weight round in shared memory: each trainer rank's Megatron shards, read back slice by slice.
 
 Each publishing trainer rank (TP rank t, PP stage p; data-parallel replicas do
-not publish) writes one file ``shard_tp{t}_pp{p}.bin`` under the session folder
+not publish) writes one file ``shard_tp{t}_pp{p}.bin`` (and, for an MoE model, each expert-data-parallel rank 0
+one ``experts_etp{t}_ep{e}_pp{p}.bin`` of its experts under global expert names) under the session folder
 (``/dev/shm`` by default) holding its local tensors under global megatron-core
 names, followed by a hash per row (or per column, for row-parallel tensors), and
 an index ``shard_tp{t}_pp{p}.json`` naming the round's version. The file is
@@ -91,15 +92,28 @@ class LocalTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _stem(tp_rank: int, pp_rank: int) -> str:
-    return f"shard_tp{tp_rank}_pp{pp_rank}"
+def _stem(tp_rank: int, pp_rank: int, ep_rank: int | None = None) -> str:
+    """A shard file's name: a trainer rank's dense tensors, or (``ep_rank`` given) its experts, whose TP rank is
+    the expert-TP rank."""
+    return f"shard_tp{tp_rank}_pp{pp_rank}" if ep_rank is None else f"experts_etp{tp_rank}_ep{ep_rank}_pp{pp_rank}"
+
+
+def _who(stem: str) -> str:
+    """The trainer rank a shard file is from, for messages: ``tp=1, pp=0`` or ``etp=0, ep=1, pp=0``."""
+    body = stem.split("_", 1)[1]
+    return ", ".join(f"{''.join(c for c in part if c.isalpha())}={''.join(c for c in part if c.isdigit())}"
+                     for part in body.split("_"))
 
 
 class ShardWriter:
     """One trainer rank's shard file, mapped once and rewritten in place each round."""
 
-    def __init__(self, root: str | Path, tp_rank: int, pp_rank: int, tensors: list[LocalTensor]) -> None:
-        self.root, self.tp_rank, self.pp_rank = Path(root), tp_rank, pp_rank
+    def __init__(
+        self, root: str | Path, tp_rank: int, pp_rank: int, tensors: list[LocalTensor], ep_rank: int | None = None
+    ) -> None:
+        """``ep_rank``: this file holds the rank's experts (global expert names; ``tp_rank`` its expert-TP rank)."""
+        self.root, self.tp_rank, self.pp_rank, self.ep_rank = Path(root), tp_rank, pp_rank, ep_rank
+        self.stem = _stem(tp_rank, pp_rank, ep_rank)
         self.tensors = {t.name: t for t in tensors}
         self.entries: dict[str, dict[str, Any]] = {}
         offset = 0
@@ -116,7 +130,7 @@ class ShardWriter:
             offset += _aligned(t.nbytes) + _aligned(8 * hashes)
         self.size = max(offset, _ALIGN)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.data_path = self.root / f"{_stem(tp_rank, pp_rank)}.bin"
+        self.data_path = self.root / f"{self.stem}.bin"
         with open(self.data_path, "wb") as f:
             f.truncate(self.size)
         self._buf = torch.from_file(str(self.data_path), shared=True, size=self.size, dtype=torch.uint8)
@@ -141,9 +155,10 @@ class ShardWriter:
         for name in self._written:  # a tensor not rewritten this round keeps its old stamp: readers refuse it
             self.entries[name]["version"] = version
         self._written.clear()
-        index = {"version": version, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "size": self.size}
+        index = {"version": version, "tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "ep_rank": self.ep_rank,
+                 "size": self.size}
         index.update(meta, tensors=self.entries)
-        path = self.root / f"{_stem(self.tp_rank, self.pp_rank)}.json"
+        path = self.root / f"{self.stem}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(index))
         os.replace(tmp, path)
@@ -198,49 +213,54 @@ class RoundReader:
         source_pp: int,
         maps: dict[str, torch.Tensor] | None = None,
         pool: BufferPool | None = None,
+        *,
+        experts: tuple[int, int] | None = None,
     ) -> None:
+        """``experts``: (EP, expert TP) of the trainer when it publishes experts (their own files)."""
         self.root, self.version = Path(root), version
         self.source_tp, self.source_pp = source_tp, source_pp
         self._maps = {} if maps is None else maps  # shard files stay mapped across rounds: no page faults
         self._pool = pool or BufferPool()
         self.received_bytes = 0
         self.verified = 0
-        self._index: dict[tuple[int, int], dict[str, Any]] = {}
-        self._bufs: dict[tuple[int, int], torch.Tensor] = {}
-        self._where: dict[str, int] = {}  # global name -> pp stage
-        for p in range(source_pp):
-            for t in range(source_tp):
-                index = self._open(t, p)
-                for name in index["tensors"]:
-                    self._where.setdefault(name, p)
-        first = self._index[(0, 0)]
+        self._index: dict[str, dict[str, Any]] = {}
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._where: dict[str, list[str]] = {}  # global name -> the files holding its shards, in shard order
+        files = [[_stem(t, p) for t in range(source_tp)] for p in range(source_pp)]
+        if experts is not None:
+            files += [[_stem(t, p, e) for t in range(experts[1])] for p in range(source_pp) for e in range(experts[0])]
+        for stems in files:
+            for stem in stems:
+                for name in self._open(stem)["tensors"]:
+                    self._where.setdefault(name, stems)
+        first = self._index[_stem(0, 0)]
         self.config = GPTConfig(**first["config"])
 
-    def _open(self, t: int, p: int) -> dict[str, Any]:
-        path = self.root / f"{_stem(t, p)}.json"
+    def _open(self, stem: str) -> dict[str, Any]:
+        path = self.root / f"{stem}.json"
         try:
             index = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise RoundError(f"trainer rank (tp={t}, pp={p}) published no readable index {path} ({e})") from e
+            raise RoundError(f"trainer rank ({_who(stem)}) published no readable index {path} ({e})") from e
         if index.get("version") != self.version:
             raise RoundError(
-                f"trainer rank (tp={t}, pp={p}) published version {index.get('version')}, not {self.version}"
+                f"trainer rank ({_who(stem)}) published version {index.get('version')}, not {self.version}"
             )
         if (index.get("source_tp"), index.get("source_pp")) != (self.source_tp, self.source_pp):
             raise RoundError(
-                f"trainer rank (tp={t}, pp={p}) published a tp={index.get('source_tp')} pp="
+                f"trainer rank ({_who(stem)}) published a tp={index.get('source_tp')} pp="
                 f"{index.get('source_pp')} layout, but the engine was initialized for tp={self.source_tp} "
                 f"pp={self.source_pp}"
             )
-        data = self.root / f"{_stem(t, p)}.bin"
+        data = self.root / f"{stem}.bin"
         if not data.exists() or data.stat().st_size < index["size"]:
-            raise RoundError(f"trainer rank (tp={t}, pp={p}): shard file {data} is missing or short")
-        self._index[(t, p)] = index
+            raise RoundError(f"trainer rank ({_who(stem)}): shard file {data} is missing or short")
+        self._index[stem] = index
         mapped = self._maps.get(str(data))
         if mapped is None or mapped.numel() != index["size"]:
             mapped = torch.from_file(str(data), shared=True, size=index["size"], dtype=torch.uint8)
             self._maps[str(data)] = mapped
-        self._bufs[(t, p)] = mapped
+        self._bufs[stem] = mapped
         return index
 
     @property
@@ -248,16 +268,16 @@ class RoundReader:
         return list(self._where)
 
     def _shard(self, name: str, t: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        p = self._where[name]
-        e = self._index[(t, p)]["tensors"].get(name)
+        stem = self._where[name][t]
+        e = self._index[stem]["tensors"].get(name)
         if e is None:
-            raise RoundError(f"tensor {name} is missing from trainer rank (tp={t}, pp={p})'s shard")
+            raise RoundError(f"tensor {name} is missing from trainer rank ({_who(stem)})'s shard")
         if e.get("version") != self.version:
             raise RoundError(
-                f"tensor {name} was not written in round {self.version} by trainer rank (tp={t}, pp={p}) "
+                f"tensor {name} was not written in round {self.version} by trainer rank ({_who(stem)}) "
                 f"(last written in round {e.get('version')})"
             )
-        buf, dtype, shape = self._bufs[(t, p)], _dtype(e["dtype"]), tuple(e["shape"])
+        buf, dtype, shape = self._bufs[stem], _dtype(e["dtype"]), tuple(e["shape"])
         n = math.prod(shape) * dtype.itemsize
         data = buf[e["offset"] : e["offset"] + n].view(dtype).view(shape)
         hashes = buf[e["hash_offset"] : e["hash_offset"] + 8 * e["hashes"]].view(torch.int64)
@@ -267,7 +287,7 @@ class RoundReader:
         """The full shape of tensor ``name``: its trainer shards' shape, as its sharding assembles them."""
         if name not in self._where:
             raise RoundError(f"tensor {name} was published by no trainer rank")
-        return sharding_of(name).full_shape(self._shard(name, 0)[0].shape, self.source_tp)
+        return sharding_of(name).full_shape(self._shard(name, 0)[0].shape, len(self._where[name]))
 
     def read(
         self,
@@ -279,8 +299,8 @@ class RoundReader:
     ) -> torch.Tensor:
         """The full tensor ``name``, or ``length`` entries from ``start`` along ``dim``; verified."""
         full = self.shape(name)
-        sharding = sharding_of(name)
-        sd = sharding.dim if self.source_tp > 1 else None
+        sharding, shards = sharding_of(name), len(self._where[name])
+        sd = sharding.dim if shards > 1 else None
         if dim is None:
             dim, start, length = (sd or 0), 0, full[sd or 0]
         length = full[dim] - start if length is None else length
@@ -294,12 +314,12 @@ class RoundReader:
             self._take(name, 0, {dim: (start, length)}, out)
         elif dim == sd:
             at = 0
-            for t, local, n in sharding.pieces(first.shape[sd], self.source_tp, start, length):
+            for t, local, n in sharding.pieces(first.shape[sd], shards, start, length):
                 self._take(name, t, {dim: (local, n)}, out.narrow(dim, at, n))
                 at += n
         else:  # a range of the other dimension: every shard contributes its part of the split one
             at = 0
-            for t, local, n in sharding.pieces(first.shape[sd], self.source_tp, 0, full[sd]):
+            for t, local, n in sharding.pieces(first.shape[sd], shards, 0, full[sd]):
                 self._take(name, t, {dim: (start, length), sd: (local, n)}, out.narrow(sd, at, n))
                 at += n
         return out
@@ -343,8 +363,8 @@ class RoundReader:
             bad = int((got != want).nonzero()[0, 0]) + start
             what = "column" if received.dim() > 1 and sharding_of(name).hash_axis == 1 else "row"
             raise RoundError(
-                f"tensor {name}: checksum mismatch in {what} {bad} of trainer rank tp={t} "
-                f"pp={self._where[name]}'s shard: the bytes received differ from the bytes sent"
+                f"tensor {name}: checksum mismatch in {what} {bad} of trainer rank ({_who(self._where[name][t])})'s "
+                f"shard: the bytes received differ from the bytes sent"
             )
         self.received_bytes += received.numel() * received.element_size()
         self.verified += 1

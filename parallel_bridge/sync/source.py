@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +27,10 @@ from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 from parallel_bridge.checkpoint.megatron_files import canonical
 from parallel_bridge.errors import RoundError, SyncError, UnknownTensorError
 from parallel_bridge.parallel.context import ParallelContext
-from parallel_bridge.spec import schema
+from parallel_bridge.spec import moe, schema
 from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.spec.schema import expected_shapes, to_hf
+from parallel_bridge.spec.tp_split import experts_per_rank
 from parallel_bridge.sync.shards import LocalTensor, RoundReader, ShardWriter
 
 
@@ -62,9 +64,14 @@ class MegatronWeightSource(WeightSource):
         self.config = config or GPTConfig.of_model(self.module, vocab_size)
         self.config.check_supported()
         self.publishes = ctx.dp_rank == 0 and ctx.cp_rank == 0
+        self.publishes_experts = bool(self.config.num_moe_experts) and ctx.expert_dp_rank == 0 and ctx.cp_rank == 0
         self._params = self._local_params()
         self.local_tensors = [
-            LocalTensor(name, tuple(shape), p.dtype) for name, p, shape, keep in self._params if keep
+            LocalTensor(name, tuple(shape), p.dtype) for name, p, shape, keep in self._params
+            if keep and not moe.is_expert(name)
+        ]
+        self.expert_tensors = [
+            LocalTensor(name, tuple(shape), p.dtype) for name, p, shape, keep in self._params if keep and moe.is_expert(name)
         ]
 
     def _local_params(self) -> list[tuple[str, torch.nn.Parameter, tuple[int, ...], bool]]:
@@ -72,9 +79,11 @@ class MegatronWeightSource(WeightSource):
         cfg, ctx = self.config, self.ctx
         offset = schema.layer_offset(cfg.num_layers, ctx.pp, ctx.pp_rank)
         expected = expected_shapes(cfg)
+        per_rank = experts_per_rank(cfg.num_moe_experts, ctx.ep)
         out = []
         for local, p in self.module.named_parameters():
-            name = canonical(schema.global_name(local, offset))
+            name = moe.global_expert_name(canonical(schema.global_name(local, offset)), ctx.ep_rank, per_rank)
+            expert = moe.is_expert(name)
             shape = tuple(getattr(p, "ds_shape", p.shape))
             if cfg.tie_embeddings and name == "output_layer.weight":
                 continue  # the last stage's copy of the tied embedding
@@ -84,33 +93,49 @@ class MegatronWeightSource(WeightSource):
                     f"this config: no tensor kind declares it, so it cannot be synced"
                 )
             sharding = schema.sharding_of(name)
-            full = sharding.full_shape(shape, ctx.tp)
+            split, split_rank = (("etp", ctx.etp), ctx.etp_rank) if expert else (("tp", ctx.tp), ctx.tp_rank)
+            full = sharding.full_shape(shape, split[1])
             if full != expected[name]:
                 raise RoundError(
-                    f"tensor {name}: trainer rank {ctx.rank} holds {shape} (full {full} at tp={ctx.tp}) "
+                    f"tensor {name}: trainer rank {ctx.rank} holds {shape} (full {full} at {split[0]}={split[1]}) "
                     f"but the model config implies {expected[name]}"
                 )
-            keep = self.publishes and (sharding.dim is not None or ctx.tp_rank == 0)
+            publishes = self.publishes_experts if expert else self.publishes
+            keep = publishes and (sharding.dim is not None or split_rank == 0)
             out.append((name, p, shape, keep))
         held = {n for n, *_ in out}
         stage = range(offset, offset + cfg.num_layers // ctx.pp)
-        mine = {n for n in expected if schema.layer_of(n) in stage}  # this stage's layers
+        experts = range(ctx.ep_rank * per_rank, (ctx.ep_rank + 1) * per_rank)
+        mine = {n for n in expected if schema.layer_of(n) in stage  # this stage's layers, this EP rank's experts
+                and schema.kind_of(n, cfg).expert in (None, *experts)}
         missing = sorted(mine - held)
         if missing:
             raise RoundError(f"trainer rank {ctx.rank} (pp stage {ctx.pp_rank}) lacks tensors {missing[:4]}")
         return out
 
-    def publish(self, writer: ShardWriter | None) -> int:
-        """Write this rank's tensors into ``writer`` (None on ranks that do not publish); returns bytes.
+    def shard_files(self, root: str | Path) -> list[ShardWriter]:
+        """The shard files this rank publishes a round into: its dense tensors (data-parallel rank 0), its experts
+        (expert-data-parallel rank 0 of an MoE model); none on replicas."""
+        ctx, out = self.ctx, []
+        if self.publishes:
+            out.append(ShardWriter(root, ctx.tp_rank, ctx.pp_rank, self.local_tensors))
+        if self.publishes_experts:
+            out.append(ShardWriter(root, ctx.etp_rank, ctx.pp_rank, self.expert_tensors, ep_rank=ctx.ep_rank))
+        return out
+
+    def publish(self, writers: list[ShardWriter]) -> int:
+        """Write this rank's tensors into its ``writers`` (:meth:`shard_files`; none on ranks that do not publish);
+        returns bytes.
 
         Collective under ZeRO-3 (each parameter is gathered over data parallelism in turn).
         """
         sent = 0
+        into = {name: w for w in writers for name in w.tensors}
         with torch.no_grad():
             for name, p, _, keep in self._params:
                 with _gathered(p) as data:
-                    if keep and writer is not None:
-                        sent += writer.write(name, data)
+                    if keep and name in into:
+                        sent += into[name].write(name, data)
         return sent
 
     # ------------------------------------------------------------ vLLM WeightSource
@@ -125,7 +150,13 @@ class MegatronWeightSource(WeightSource):
 
     def round_meta(self) -> dict:
         """What every shard index of a round records: the source layout and the model config."""
-        return {"source_tp": self.ctx.tp, "source_pp": self.ctx.pp, "config": dataclasses.asdict(self.config)}
+        return {"source_tp": self.ctx.tp, "source_pp": self.ctx.pp, "experts": self.experts,
+                "config": dataclasses.asdict(self.config)}
+
+    @property
+    def experts(self) -> tuple[int, int] | None:
+        """(EP, expert TP) the experts are published at (their own shard files), or None for a dense model."""
+        return (self.ctx.ep, self.ctx.etp) if self.config.num_moe_experts else None
 
     published: tuple[str, int] | None = None
     """(folder, version) of the last round this source published."""
@@ -136,14 +167,12 @@ class MegatronWeightSource(WeightSource):
         import torch.distributed as dist
 
         version = (self.published[1] if self.published else 0) + 1
-        if self.publishes:
-            writer = getattr(self, "_writer", None)
-            if writer is None or str(writer.root) != str(root):
-                writer = self._writer = ShardWriter(root, self.ctx.tp_rank, self.ctx.pp_rank, self.local_tensors)
-            self.publish(writer)
+        writers = getattr(self, "_writers", None)
+        if writers is None or any(str(w.root) != str(root) for w in writers):
+            writers = self._writers = self.shard_files(root)
+        self.publish(writers)
+        for writer in writers:
             writer.commit(version, self.round_meta())
-        else:
-            self.publish(None)
         dist.barrier()
         self.published = (str(root), version)
         return self.published
@@ -154,6 +183,6 @@ class MegatronWeightSource(WeightSource):
             raise SyncError("publish a round first (WeightSync.publish) before iterating the source")
         if self.ctx.rank != 0:
             return
-        reader = RoundReader(self.published[0], self.published[1], self.ctx.tp, self.ctx.pp)
+        reader = RoundReader(self.published[0], self.published[1], self.ctx.tp, self.ctx.pp, experts=self.experts)
         for name in expected_shapes(self.config):
             yield from to_hf(name, reader.read(name), self.config)
