@@ -12,6 +12,11 @@ exported, every expert proven present and in its place.
 """
 
 import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +147,71 @@ def test_stock_vllm_serves_the_moe_export(checkpoints, exported):
     key = ("qwen3_moe", "ep2")
     served = first_step_and_tokens(exported[key], 1, FAMILIES["qwen3_moe"]["vocab"], mc.PROMPTS, mc.STEPS)
     compare_within(served, checkpoints[key][1]["reference"], "qwen3_moe exported, stock vLLM", length("qwen3_moe"))
+
+
+class _Counting:
+    """A store that counts the bytes each read returns (what a serving rank reads of the checkpoint)."""
+
+    def __init__(self, store):
+        self.store, self.config, self.bytes = store, store.config, 0
+
+    def shape(self, name):
+        return self.store.shape(name)
+
+    def read(self, name, dim=None, start=0, length=None):
+        t = self.store.read(name, dim, start, length)
+        self.bytes += t.numel() * t.element_size()
+        return t
+
+    def read_rows(self, name, index):
+        return torch.cat([self.read(name, 0, s, n) for s, n in index])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_serving_rank_reads_only_its_experts_and_slices(checkpoints, family):
+    """TP=2 serving: each rank reads half of every expert (its ffn columns); expert-parallel serving (EP=2, the
+    GPU path): each rank reads half the experts whole, the two halves disjoint and complete; the stacked tensors
+    equal the experts read directly."""
+    from parallel_bridge.spec.slices import rank_parts
+
+    ckpt = MegatronCheckpoint.open(checkpoints[(family, "ep2")][0])
+    cfg = ckpt.config
+    expert_bytes = sum(math.prod(ckpt.shape(n)) * 4 for n in ckpt.tensors if ".local_experts." in n)
+    for layout in ({"tp": 2}, {"ep": 2}):
+        seen = []
+        for rank in range(2):
+            store = _Counting(ckpt)
+            tp, ep = (2, None) if "tp" in layout else (1, (2, rank))
+            parts = dict(rank_parts(store, tp, 0 if ep else rank, None, ep))
+            experts = {k: v for k, v in parts.items() if ".experts." in k}
+            assert sum(v.numel() * 4 for v in experts.values()) == expert_bytes // 2, layout
+            w13 = experts[f"model.layers.1.{'block_sparse_moe' if family == 'mixtral' else 'mlp'}.experts."
+                          "routed_experts.w13_weight"]
+            assert w13.shape[0] == (cfg.num_moe_experts if ep is None else cfg.num_moe_experts // 2)
+            if ep is not None:
+                first = rank * cfg.num_moe_experts // 2
+                whole = torch.stack([ckpt.read(f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc1.weight")
+                                     for e in range(first, first + w13.shape[0])])
+                assert torch.equal(w13, whole)
+                seen += list(range(first, first + w13.shape[0]))
+            dense = store.bytes - expert_bytes // 2
+            assert dense > 0
+        if seen:
+            assert sorted(seen) == list(range(cfg.num_moe_experts))
+
+
+@pytest.mark.slow
+def test_expert_parallel_serving_is_refused_on_the_cpu(checkpoints, tmp_path):
+    """vLLM's CPU kernel cannot serve experts expert-parallel (tests/test_upstream_bugs.py): the megatron loader
+    refuses it by name before any expert is loaded, rather than letting a worker die."""
+    folder, _ = checkpoints[("mixtral", "ep2")]
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from _helpers import greedy; "
+              f"greedy({str(folder)!r}, 2, [[5, 17]], 1, in_process=False, enable_expert_parallel=True, "
+              "load_format='megatron', config_format='megatron')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    logs = proc.stdout + proc.stderr  # the workers log to stdout
+    assert proc.returncode != 0
+    assert "expert-parallel serving (enable_expert_parallel=True) is refused" in logs, logs[-2000:]
+    assert "cpu_fused_moe.cpp:242" in logs and "died unexpectedly" not in logs

@@ -144,3 +144,32 @@ def destroy_vllm_parallel_state() -> None:
     """Tear down vLLM's model-parallel groups (the default torch group stays)."""
     vllm_ps = _import_vllm()
     vllm_ps.destroy_model_parallel()
+
+
+CPU_EP_CRASH = (
+    "vLLM 0.32's CPU fused-MoE kernel crashes with expert parallelism (csrc/cpu/cpu_fused_moe.cpp:242 indexes the "
+    "local experts' weights with global expert ids: a segfault at TP=2, pinned in tests/test_upstream_bugs.py)"
+)
+"""Why expert-parallel serving is refused on the CPU."""
+
+
+def expert_parallel_of(model: Any) -> tuple[int, int] | None:
+    """(EP size, EP rank) of a vLLM model's experts when it runs them expert-parallel (each rank a contiguous block
+    of whole experts, vLLM's ``linear`` placement), None when its experts are split by TP; raises where the layout
+    cannot be served right: expert parallelism on the CPU (:data:`CPU_EP_CRASH`), another placement."""
+    for module in model.modules():
+        config = getattr(getattr(module, "moe_config", None), "moe_parallel_config", None)
+        if config is None:
+            continue
+        if not config.use_ep:
+            return None
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            raise LayoutError(f"expert-parallel serving (enable_expert_parallel=True) is refused: {CPU_EP_CRASH}; "
+                              "serve the experts split by tensor parallelism instead (leave it off)")
+        placement = getattr(module, "expert_placement_strategy", "linear")
+        if placement not in (None, "linear"):
+            raise LayoutError(f"expert_placement_strategy={placement!r}: only vLLM's 'linear' placement is filled")
+        return config.ep_size, config.ep_rank
+    return None

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
-from parallel_bridge.errors import CheckpointError
+from parallel_bridge.errors import CheckpointError, LayoutError
 from parallel_bridge.spec.slices import VOCAB_PARAMS, rank_parts
 from parallel_bridge.spec.tp_split import TPSplit, TPSplitError, serving_split
 
@@ -158,12 +158,19 @@ def load_into_vllm_model(model: Any, ckpt: MegatronCheckpoint) -> None:
     """Fill vLLM's own model of the checkpoint's family on this TP rank, reading only this rank's parts."""
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
+    from parallel_bridge.adapters.vllm import expert_parallel_of
+
     idx = model.model.embed_tokens.shard_indices
+    try:
+        ep = expert_parallel_of(model)
+    except LayoutError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
     parts = rank_parts(
         ckpt,
         get_tensor_model_parallel_world_size(),
         get_tensor_model_parallel_rank(),
         (idx.org_vocab_start_index, idx.org_vocab_end_index),
+        ep,
     )
     fill_parameters(dict(model.named_parameters()), parts, f"{ckpt.path}", type(model).__name__)
 

@@ -13,7 +13,7 @@ from parallel_bridge.parallel.layout import ceil_div
 from parallel_bridge.spec import schema, sharding
 from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.spec.store import TensorStore
-from parallel_bridge.spec.tp_split import serving_split
+from parallel_bridge.spec.tp_split import experts_per_rank, serving_split
 
 
 class ShapeStore:
@@ -42,12 +42,14 @@ VOCAB_PARAMS = frozenset(k.vllm for k in schema.LLAMA_CORE if k.sharding is shar
 
 
 def rank_parts(
-    store: TensorStore, tp: int, rank: int, vocab_range: tuple[int, int] | None = None
+    store: TensorStore, tp: int, rank: int, vocab_range: tuple[int, int] | None = None,
+    ep: tuple[int, int] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors vLLM's own model of the store's family keeps on TP rank ``rank``, under vLLM's names,
     read slice by slice as each kind's sharding says: only what the rank keeps is read. ``vocab_range`` is
     the rank's [start, end) of real vocabulary rows (vLLM pads the vocabulary its own way). A layer's experts
-    come stacked (``experts.w13_weight [experts, ...]``), each expert sliced as its kind's sharding says."""
+    come stacked (``experts.w13_weight [experts, ...]``), each expert sliced as its kind's sharding says; with
+    ``ep`` = (EP size, EP rank) (vLLM's expert parallelism) the rank keeps its contiguous block of whole experts."""
     spec = store.config
     serving_split(spec, tp)
     if vocab_range is None:
@@ -57,6 +59,15 @@ def rank_parts(
         if not kind.per_expert:
             yield kind.name("vllm", layer), kind.sharding.vllm_slice(store, name, spec, tp, rank, vocab_range)
         elif name == kind.name("megatron", layer, 0):  # vLLM stacks the layer's experts in one parameter
-            parts = [kind.sharding.vllm_slice(store, kind.name("megatron", layer, e), spec, tp, rank, vocab_range)
-                     for e in range(spec.num_moe_experts)]
+            experts, etp, erank = _experts_of(spec, tp, rank, ep)
+            parts = [kind.sharding.vllm_slice(store, kind.name("megatron", layer, e), spec, etp, erank, vocab_range)
+                     for e in experts]
             yield kind.name("vllm", layer), torch.stack(parts)
+
+
+def _experts_of(spec: GPTConfig, tp: int, rank: int, ep: tuple[int, int] | None) -> tuple[range, int, int]:
+    """(the experts a serving rank keeps, the TP degree and rank they are split at)."""
+    if ep is None:
+        return range(spec.num_moe_experts), tp, rank
+    per = experts_per_rank(spec.num_moe_experts, ep[0])
+    return range(ep[1] * per, (ep[1] + 1) * per), 1, 0

@@ -34,7 +34,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from parallel_bridge.errors import SyncError
+from parallel_bridge.errors import LayoutError, SyncError
 from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.spec.slices import VOCAB_PARAMS, ShapeStore, rank_parts
 from parallel_bridge.sync.shards import BufferPool, RoundReader
@@ -98,9 +98,15 @@ class SharedMemoryReceiver(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(), get_world_group().rank
 
     def _parts(self, shards: Any) -> list[tuple[str, torch.Tensor]]:
+        from parallel_bridge.adapters.vllm import expert_parallel_of
+
         tp_rank, tp, _ = self._rank()
         idx = self.model.model.embed_tokens.shard_indices
-        return list(rank_parts(shards, tp, tp_rank, (idx.org_vocab_start_index, idx.org_vocab_end_index)))
+        try:
+            ep = expert_parallel_of(self.model)
+        except LayoutError as e:
+            raise SyncError(str(e)) from None
+        return list(rank_parts(shards, tp, tp_rank, (idx.org_vocab_start_index, idx.org_vocab_end_index), ep))
 
     def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
         from vllm.model_executor.models.llama import LlamaForCausalLM
