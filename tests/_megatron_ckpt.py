@@ -128,18 +128,27 @@ def megatron_lm_args(config, variant):
         untie_embeddings_and_output_weights=not variant["tied"],
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        expert_model_parallel_size=config.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.expert_tensor_parallel_size,
+        num_experts=config.num_moe_experts,
+        moe_router_topk=config.moe_router_topk,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+        moe_router_pre_softmax=config.moe_router_pre_softmax,
         make_vocab_size_divisible_by=128,
         ckpt_format="torch",
     )
 
 
-def save_legacy(root, tp, variant):
-    """Per-rank torch.save files as Megatron-LM's legacy 'torch' format writes them; returns Megatron's decode."""
-    ctx = context_from_torchrun(tp=tp, timeout_s=120)
+def save_legacy(root, tp, variant, ep=1):
+    """Per-rank torch.save files as Megatron-LM's legacy 'torch' format writes them (``mp_rank_TT[_EEE]``, written
+    by expert-data-parallel rank 0, experts under local indices); returns Megatron's decode."""
+    ctx = context_from_torchrun(tp=tp, ep=ep, timeout_s=120)
     with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
         megatron.model_parallel_manual_seed(ctx, variant["seed"])
         config, model = build(ctx, variant)
-        folder = Path(root) / "iter_0000010" / f"mp_rank_{ctx.tp_rank:02d}"
+        folder = Path(root) / "iter_0000010" / (f"mp_rank_{ctx.tp_rank:02d}" + (f"_{ctx.ep_rank:03d}" if ep > 1 else ""))
+        if ctx.expert_dp_rank:
+            return megatron_decode(ctx, model, variant["vocab"])
         folder.mkdir(parents=True, exist_ok=True)
         state = {
             "args": megatron_lm_args(config, variant),

@@ -37,12 +37,13 @@ FAMILIES = {
     "mixtral": {"groups": 2, "tied": False, "vocab": 128, "padded": 128, "seed": 21,
                 "config": {"num_moe_experts": 4, "moe_router_topk": 2}},
     # Qwen3-MoE: 8 small experts, top-2 with norm_topk_prob, QK layernorm
-    "qwen3_moe": {"groups": 2, "tied": False, "vocab": 128, "padded": 128, "seed": 23,
+    "qwen3_moe": {"groups": 2, "tied": False, "vocab": 128, "padded": 128, "seed": 24,
                   "config": {"num_moe_experts": 8, "moe_router_topk": 2, "moe_ffn_hidden_size": 64,
                              "qk_layernorm": True}},
 }
-LAYOUTS = {"ep2": (1, 2, 1), "tp2_ep2_etp2": (2, 2, 2)}
-"""Saving layout -> (tp, ep, etp) of the torchrun job that wrote it."""
+LAYOUTS = {"ep2": (1, 1, 2, 1), "tp2_ep2_etp2": (2, 1, 2, 2), "pp2_ep2": (1, 2, 2, 1), "legacy_tp2_ep2": (2, 1, 2, 2)}
+"""Saving layout -> (tp, pp, ep, etp) of the torchrun job that wrote it (torch_dist, but legacy_* Megatron-LM's
+per-rank files)."""
 MARGIN = 1e-3
 """Smallest router-logit margin between the k-th and (k+1)-th expert accepted: 1000x fp32's noise on these logits."""
 
@@ -54,8 +55,13 @@ def checkpoints(tmp_path_factory):
 
     def write(key):
         family, layout = key
-        (tp, ep, etp), folder, v = LAYOUTS[layout], root / f"{family}_{layout}", FAMILIES[family]
-        run_distributed(mc.save_dist, tp * ep, str(folder), tp, 1, v, ep, etp, timeout_s=300)
+        (tp, pp, ep, etp), folder, v = LAYOUTS[layout], root / f"{family}_{layout}", FAMILIES[family]
+        if layout.startswith("legacy"):
+            run_distributed(mc.save_legacy, tp * ep, str(folder), tp, v, ep, timeout_s=300)
+            dist = root / f"{family}_{layout}_as_dist"  # megatron-core's own reading needs its own format
+            run_distributed(mc.save_dist, tp * ep, str(dist), tp, 1, v, ep, etp, timeout_s=300)
+            return folder, run_distributed(mc.moe_reference, 1, str(dist), v, timeout_s=300)[0]
+        run_distributed(mc.save_dist, tp * pp * ep, str(folder), tp, pp, v, ep, etp, timeout_s=300)
         return folder, run_distributed(mc.moe_reference, 1, str(folder), v, timeout_s=300)[0]
 
     return OnDemand(write)
@@ -65,7 +71,8 @@ def length(family):
     return mc.length(FAMILIES[family])
 
 
-KEYS = [(f, layout) for f in FAMILIES for layout in LAYOUTS]
+KEYS = [("mixtral", layout) for layout in LAYOUTS] + [("qwen3_moe", "ep2"), ("qwen3_moe", "tp2_ep2_etp2")]
+"""Every layout for Mixtral, the two torch_dist ones at PP=1 for Qwen3-MoE (its kinds read the same rows)."""
 
 
 @pytest.mark.slow
@@ -78,11 +85,13 @@ def test_every_expert_present_and_in_place(checkpoints, key):
     assert set(ckpt.tensors) == set(ref["tensors"])
     for name, tensor in ref["tensors"].items():
         assert torch.equal(ckpt.read(name), tensor), name
-    tp, ep, etp = LAYOUTS[key[1]]
+    tp, pp, ep, etp = LAYOUTS[key[1]]
     described = ckpt.describe()
     cfg = FAMILIES[key[0]]["config"]
     assert (described["experts"], described["router_topk"]) == (cfg["num_moe_experts"], cfg["moe_router_topk"])
-    assert (described["source_tp"], described["source_ep"], described["source_etp"]) == (tp, ep, etp)
+    assert (described["source_tp"], described["source_pp"], described["source_ep"], described["source_etp"]) == (
+        tp, pp, ep, etp)
+    assert described["format"] == ("torch" if key[1].startswith("legacy") else "torch_dist")
     assert ckpt.config.family.model_type == key[0]
 
 
@@ -101,8 +110,10 @@ def test_a_swapped_or_duplicated_expert_cannot_pass(checkpoints, key):
         assert gap.max > 10 * bound.max, (what, gap.max, bound.max)
 
 
-SERVED = [("mixtral", "ep2", 1), ("mixtral", "tp2_ep2_etp2", 2), ("qwen3_moe", "tp2_ep2_etp2", 1),
+SERVED = [pytest.param("mixtral", "ep2", 1, marks=pytest.mark.parity), ("mixtral", "tp2_ep2_etp2", 2),
+          ("mixtral", "pp2_ep2", 2), ("mixtral", "legacy_tp2_ep2", 1), ("qwen3_moe", "tp2_ep2_etp2", 1),
           ("qwen3_moe", "ep2", 2)]
+"""(family, saving layout, serving TP): each family at both serving TPs, each layout served."""
 
 
 @pytest.mark.slow

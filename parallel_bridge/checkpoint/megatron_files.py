@@ -4,10 +4,22 @@ tensor name."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
+import torch
+
 from parallel_bridge.errors import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """A stored tensor's full shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
 
 _TE_NORMS = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from parallel_bridge.checkpoint import config_sources, dcp, megatron_files, records, tensor_check
-from parallel_bridge.checkpoint.megatron_files import canonical
-from parallel_bridge.errors import CheckpointError, UnknownTensorError
-from parallel_bridge.spec import schema
+from parallel_bridge.checkpoint.legacy_files import LegacyFiles
+from parallel_bridge.checkpoint.megatron_files import TensorInfo, canonical
+from parallel_bridge.errors import CheckpointError
 from parallel_bridge.spec.model import GPTConfig
 
 logger = logging.getLogger(__name__)
@@ -42,12 +42,6 @@ def _args_of(common: Any, where: Any) -> Any:
     if not isinstance(common, dict):
         raise CheckpointError(f"{where} holds a {type(common).__name__}, not megatron-core's common state dict")
     return common.get("args")
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
 
 
 class MegatronCheckpoint:
@@ -317,108 +311,7 @@ class _TorchDist(MegatronCheckpoint):
 
 
 # -------------------------------------------------------------------- legacy
-class _Legacy(MegatronCheckpoint):
+class _Legacy(LegacyFiles, MegatronCheckpoint):
+    """Megatron-LM's legacy per-rank files (:class:`~parallel_bridge.checkpoint.legacy_files.LegacyFiles`)."""
+
     format = "torch"
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder
-        dirs = {}
-        for p in folder.iterdir():
-            m = megatron_files.RANK_DIR.match(p.name)
-            if p.is_dir() and m:
-                if m[3] is not None:
-                    raise CheckpointError(f"{p}: expert-parallel checkpoints (MoE) are not supported")
-                dirs[(int(m[1]), int(m[2]) if m[2] else 0)] = p
-        self._files = {k: v / "model_optim_rng.pt" for k, v in dirs.items()}
-        self._loaded: dict[tuple[int, int], dict[str, Any]] = {}
-        some = min(dirs)
-        if not self._files[some].exists():
-            raise CheckpointError(f"shard file {self._files[some]} is missing")
-        saved_args = self._load(*some).get("args")
-        # the saving job's layout, as Megatron-LM records it; else what the folders show
-        self.source_tp = getattr(saved_args, "tensor_model_parallel_size", None) or 1 + max(
-            t for t, _ in dirs
-        )
-        self.source_pp = getattr(saved_args, "pipeline_model_parallel_size", None) or 1 + max(
-            p for _, p in dirs
-        )
-        for t in range(self.source_tp):
-            for p in range(self.source_pp):
-                if (t, p) not in dirs:
-                    want = f"mp_rank_{t:02d}" + (f"_{p:03d}" if self.source_pp > 1 else "")
-                    raise CheckpointError(
-                        f"rank folder {folder / want} is missing (source tp={self.source_tp}, pp={self.source_pp})"
-                    )
-        for f in self._files.values():
-            if not f.exists():
-                raise CheckpointError(f"shard file {f} is missing")
-        first = self._load(0, 0)
-        self._first_args = first.get("args")
-        offset = 0
-        self.tensors = {}
-        self._where: dict[str, tuple[int, str]] = {}  # global name -> (pp stage, local name)
-        for p in range(self.source_pp):
-            state = self._model_state(0, p)
-            local_layers = {schema.layer_of(n) for n in state} - {None}
-            for local in state:
-                if local.endswith("_extra_state"):
-                    continue
-                name = canonical(schema.global_name(local, offset))
-                self._where[name] = (p, local)
-            offset += len(local_layers)
-        for name, (p, local) in self._where.items():
-            shards = []
-            for t in range(self.source_tp):
-                state = self._model_state(t, p)
-                if local not in state:
-                    raise CheckpointError(f"{self._files[(t, p)]} lacks tensor {local} that tp rank 0 has")
-                shards.append(state[local])
-            self.tensors[name] = TensorInfo(tuple(self._merge(name, [s.shape for s in shards], p)), shards[0].dtype)
-
-    def _load(self, t: int, p: int) -> dict[str, Any]:
-        if (t, p) not in self._loaded:
-            f = self._files[(t, p)]
-            records.verify_file(f)
-            state = records.torch_load(f, mmap=True, what="shard file")
-            if not isinstance(state, dict):
-                raise CheckpointError(f"shard file {f} holds a {type(state).__name__}, not Megatron's state dict")
-            self._loaded[(t, p)] = state
-        return self._loaded[(t, p)]
-
-    def _model_state(self, t: int, p: int) -> dict[str, torch.Tensor]:
-        ckpt = self._load(t, p)
-        state = ckpt.get("model", ckpt.get("model0"))
-        if state is None:
-            raise CheckpointError(f"{self._files[(t, p)]} has no 'model' entry (keys: {sorted(ckpt)[:6]})")
-        return state
-
-    def _merge(self, name: str, shapes: list[torch.Size], p: int) -> list[int]:
-        """The full shape from the TP shards' shapes; Megatron splits evenly, so they must all be equal. A
-        tensor no kind declares keeps its shard's shape here: the checkpoint is refused once its config is
-        read (which names the feature, MoE say, before the tensor)."""
-        for t, s in enumerate(shapes[1:], 1):
-            if s != shapes[0]:
-                raise CheckpointError(
-                    f"tensor {name}: shard {tuple(s)} in {self._files[(t, p)]} disagrees with {tuple(shapes[0])} "
-                    f"in {self._files[(0, p)]}; Megatron's tensor-parallel shards of one tensor have equal shapes"
-                )
-        try:
-            return list(schema.sharding_of(name).full_shape(shapes[0], len(shapes)))
-        except UnknownTensorError:
-            return list(shapes[0])
-
-    def _args(self) -> tuple[Any, str] | None:
-        return self._first_args, str(self._files[(0, 0)])
-
-    def read(
-        self, name: str, dim: int | None = None, start: int = 0, length: int | None = None
-    ) -> torch.Tensor:
-        if name not in self._where:
-            raise CheckpointError(f"{self.path}: no tensor {name}")
-        p, local = self._where[name]
-        shards = [self._model_state(t, p)[local] for t in range(self.source_tp)]
-        full = schema.sharding_of(name).merge(name, shards)
-        if dim is not None:
-            n = length if length is not None else full.shape[dim] - start
-            full = full.narrow(dim, start, n)
-        return full.clone()

@@ -89,15 +89,16 @@ QWEN3_MOE = register_family(Family(
 
 
 # ------------------------------------------------------------------ expert indices across expert-parallel ranks
-_LOCAL_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)(\.)")
+LOCAL_EXPERT = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)(\.)")
+"""megatron-core's per-expert names: group 2 is the (local or global) expert index."""
 
 
 def is_expert(name: str) -> bool:
     """Whether a megatron-core name is one expert's tensor (``...mlp.experts.local_experts.{e}...``)."""
-    return _LOCAL_EXPERT.search(name) is not None
+    return LOCAL_EXPERT.search(name) is not None
 
 
 def global_expert_name(name: str, ep_rank: int, per_rank: int) -> str:
     """An expert-parallel rank's local expert name with the global expert index (megatron-core places experts
     in order: rank r holds ``[r * per_rank, (r + 1) * per_rank)``); other names unchanged."""
-    return _LOCAL_EXPERT.sub(lambda m: f"{m[1]}{ep_rank * per_rank + int(m[2])}{m[3]}", name)
+    return LOCAL_EXPERT.sub(lambda m: f"{m[1]}{ep_rank * per_rank + int(m[2])}{m[3]}", name)
