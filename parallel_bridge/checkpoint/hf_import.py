@@ -24,7 +24,7 @@ from parallel_bridge.errors import CheckpointError, ModelConfigError, UnknownTen
 from parallel_bridge.parallel.layout import round_up
 from parallel_bridge.spec import schema
 from parallel_bridge.spec.model import GPTConfig
-from parallel_bridge.spec.tp_split import TPSplitError, experts_per_rank, split_for_tp
+from parallel_bridge.spec.tp_split import TPSplitError, experts_per_rank, ffn_name, split_for_tp
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def plan_import(folder: Path, tp: int, pp: int, ep: int = 1) -> tuple[GPTConfig,
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     try:
         split_for_tp(tp, cfg.num_attention_heads, cfg.num_query_groups, cfg.expert_ffn,
-                     cfg.padded_vocab_size, replicate_kv=False, pad_vocab=False)
+                     cfg.padded_vocab_size, replicate_kv=False, pad_vocab=False, ffn_name=ffn_name(cfg))
     except TPSplitError as e:
         raise CheckpointError(f"--tp {tp}: {e}") from None
     try:

@@ -56,6 +56,17 @@ class Family:
 
 _FAMILIES: list[Family] = []
 
+UNMAPPED: dict[str, str] = {
+    "deepseek_v3": "DeepSeek-V3 / Kimi-K2 (MLA attention, sigmoid routing with an expert bias and groups, shared "
+                   "experts, dense first layers)",
+    "deepseek_v2": "DeepSeek-V2 (MLA attention, shared experts)",
+    "kimi_k2": "Kimi-K2 (DeepSeek-V3's architecture: MLA attention, sigmoid routing, shared experts)",
+    "qwen2_moe": "Qwen2-MoE (a shared expert with a sigmoid gate)",
+    "glm4_moe": "GLM-4.5 (sigmoid routing with an expert bias, shared experts, dense first layers)",
+    "gpt_oss": "GPT-OSS (attention sinks, alternating sliding windows, biased clamped SwiGLU experts)",
+}
+"""Mixture-of-experts model types known and not mapped: what in each one no family computes."""
+
 HF_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "attention_bias": ((False,), "biases on q, k, v and o projections"),
     "mlp_bias": ((False,), "MLP biases"),
@@ -110,6 +121,11 @@ def family_for_hf(config: Mapping[str, Any]) -> Family:
     """The family of a Hugging Face config.json body, by ``model_type`` and then by its fields."""
     model_type = config.get("model_type")
     of_type = [f for f in _FAMILIES if f.model_type == model_type]
+    if not of_type and model_type in UNMAPPED:
+        raise ModelConfigError(
+            f"config.json has model_type {model_type!r}: {UNMAPPED[model_type]}, which parallel_bridge does not map "
+            f"yet; refused rather than converted wrong"
+        )
     if not of_type:
         known = sorted({f.model_type for f in _FAMILIES})
         raise ModelConfigError(f"config.json has model_type {model_type!r}; the schema knows {known}")

@@ -180,7 +180,9 @@ class GPTConfig:
         schema knows; anything that family computes and megatron-core's GPT cannot is refused by name."""
         body = config if isinstance(config, Mapping) else config.to_dict()
         _, fields = families.config_from_hf(body)
-        return cls(**fields, padded_vocab_size=padded_vocab_size)
+        cfg = cls(**fields, padded_vocab_size=padded_vocab_size)
+        cfg.check_supported()  # fields the family reads may combine into what no family computes
+        return cfg
 
     def to_hf(self, architecture: str | None = None) -> dict[str, Any]:
         """The Hugging Face config.json body of this model's family (``architecture`` overrides the class)."""

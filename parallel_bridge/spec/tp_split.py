@@ -51,12 +51,15 @@ def split_for_tp(
     *,
     replicate_kv: bool = True,
     pad_vocab: bool = True,
+    ffn_name: str = NAMES["ffn"],
 ) -> TPSplit:
     """The split of a model with these totals over ``tp`` ranks, or :class:`TPSplitError`.
 
     ``replicate_kv``: fewer kv heads than ranks are replicated (vLLM serving does; Megatron training
     does not). ``pad_vocab``: the vocabulary is padded up to a multiple of tp (else tp must divide it).
+    ``ffn_name``: the FFN size's name in messages (an MoE model's experts: ``moe_ffn_hidden_size``).
     """
+    names = {**NAMES, "ffn": ffn_name}
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise TPSplitError(f"tensor-parallel size must be a positive integer, got {tp!r}")
     kv = heads if kv_heads is None else kv_heads
@@ -68,7 +71,7 @@ def split_for_tp(
         {"heads": heads, "kv_heads": None if replicated else kv},
         {"ffn": ffn, "vocab": None if pad_vocab else vocab},
     ):
-        wrong = [f"{NAMES[k]}={v}" for k, v in sizes.items() if v is not None and v % tp]
+        wrong = [f"{names[k]}={v}" for k, v in sizes.items() if v is not None and v % tp]
         if wrong:
             raise TPSplitError(f"tensor-parallel size {tp} does not divide {', '.join(wrong)}")
     if replicated and tp % kv:
@@ -94,7 +97,12 @@ def heads_per_rank(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int
 
 def serving_split(spec: Any, tp: int) -> TPSplit:
     """What each of ``tp`` vLLM serving ranks keeps of a model (kv heads replicated when fewer than tp)."""
-    return split_for_tp(tp, spec.num_attention_heads, spec.num_query_groups, spec.expert_ffn)
+    return split_for_tp(tp, spec.num_attention_heads, spec.num_query_groups, spec.expert_ffn, ffn_name=ffn_name(spec))
+
+
+def ffn_name(spec: Any) -> str:
+    """What the FFN size tensor parallelism splits is called: an MoE model's experts' or the dense MLP's."""
+    return "moe_ffn_hidden_size" if getattr(spec, "num_moe_experts", None) else NAMES["ffn"]
 
 
 def experts_per_rank(num_experts: int | None, ep: int) -> int:
