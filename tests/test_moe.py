@@ -226,3 +226,13 @@ def test_expert_parallel_serving_is_refused_on_the_cpu(checkpoints, tmp_path):
     assert proc.returncode != 0
     assert "expert-parallel serving (enable_expert_parallel=True) is refused" in logs, logs[-2000:]
     assert "cpu_fused_moe.cpp:242" in logs and "died unexpectedly" not in logs
+
+
+@pytest.mark.slow
+def test_inspect_shows_experts_topk_and_the_expert_layout(checkpoints, capsys):
+    from parallel_bridge.cli.main import main
+
+    assert main(["inspect", str(checkpoints[("mixtral", "tp2_ep2_etp2")][0])]) == 0
+    out = capsys.readouterr().out
+    assert "source      tp=2 pp=1 ep=2 expert tp=2" in out, out
+    assert "experts     4 per layer, top-2 (top-k, softmax over the chosen), expert ffn 256" in out, out

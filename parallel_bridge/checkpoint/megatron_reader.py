@@ -161,8 +161,9 @@ class MegatronCheckpoint:
         cfg = self.config
         if not cfg.num_moe_experts:
             return {}
+        routing = "softmax over all, top-k" if cfg.moe_router_pre_softmax else "top-k, softmax over the chosen"
         return {"experts": cfg.num_moe_experts, "router_topk": cfg.moe_router_topk, "expert_ffn": cfg.expert_ffn,
-                "source_ep": self.source_ep, "source_etp": self.source_etp}
+                "routing": routing, "source_ep": self.source_ep, "source_etp": self.source_etp}
 
 
 # ---------------------------------------------------------------- torch_dist

@@ -55,7 +55,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"path        {info['path']}")
     print(f"format      {info['format']}")
     print(f"iteration   {info['iteration']}")
-    print(f"source      tp={info['source_tp']} pp={info['source_pp']}")
+    print(f"source      tp={info['source_tp']} pp={info['source_pp']}"
+          + (f" ep={info['source_ep']} expert tp={info['source_etp']}" if "experts" in info else ""))
     print(f"config from {'; '.join(info['config_sources']) or 'the overrides alone'}")
     if info["overrides"]:
         print(f"overrides   {json.dumps(info['overrides'])}")
@@ -67,6 +68,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"(kv {cfg['num_query_groups']}), ffn {cfg['ffn_hidden_size']}, vocab {cfg['vocab_size']} "
         f"(padded {cfg['padded_vocab_size']}), tied embeddings: {cfg['tie_embeddings']}"
     )
+    if "experts" in info:
+        print(f"experts     {info['experts']} per layer, top-{info['router_topk']} "
+              f"({info['routing']}), expert ffn {info['expert_ffn']}")
     for name, shape in info["tensors"].items():
         print(f"  {name:<60} {tuple(shape)}")
     return EXIT_OK
