@@ -8,6 +8,8 @@ save code (TP=2, two ranks), then, each in a fresh process:
   read slice by slice (``rank_parts``);
 - export: the whole checkpoint to a Hugging Face folder;
 - import: that Hugging Face folder back to a torch_dist checkpoint for TP=2 (``--to megatron``).
+With ``--moe``: a Mixtral-like checkpoint (8 experts, top-2) saved at EP=2, and also the load of expert-parallel
+rank 0 of EP=2 (half the experts, whole: the GPU serving path) beside rank 0 of TP=2 (half of every expert).
 Rates are checkpoint bytes / seconds (for the rank load: the bytes it keeps);
 opening the checkpoint is timed, importing modules is not.
 Peak RSS is the process's high-water mark minus its RSS after imports.
@@ -42,14 +44,14 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def _save(root: str, sizes: dict) -> None:
+def _save(root: str, sizes: dict, ep: int = 1) -> None:
     import torch
 
     from parallel_bridge.adapters import megatron
     from parallel_bridge.checkpoint.megatron_save import save_torch_dist
     from parallel_bridge.spec.model import GPTConfig
 
-    ctx = context_from_torchrun(tp=2, timeout_s=600)
+    ctx = context_from_torchrun(tp=2 // ep, ep=ep, timeout_s=600)
     spec = GPTConfig(**sizes)
     with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
         megatron.model_parallel_manual_seed(ctx, 0)
@@ -90,6 +92,11 @@ def _measure(kind: str, root: str, out: str, queue) -> None:
         for _, tensor in rank_parts(ckpt, 2, 0):
             kept += tensor.numel() * tensor.element_size()
             del tensor
+    elif kind == "load_ep_rank0_of_ep2":
+        ckpt = MegatronCheckpoint.open(root)
+        for _, tensor in rank_parts(ckpt, 1, 0, None, (2, 0)):
+            kept += tensor.numel() * tensor.element_size()
+            del tensor
     elif kind == "import_megatron":
         import_hf(root, out, tp=2)
         kept = sum(f.stat().st_size for f in Path(root).glob("*.safetensors"))
@@ -124,6 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--moe", action="store_true", help="a Mixtral-like checkpoint saved at EP=2")
     args = parser.parse_args()
     from _common import report
 
@@ -139,10 +147,12 @@ def main() -> None:
         "ffn_hidden_size": 2816 * h // 1024,
         "vocab_size": 16384,
     }
+    if args.moe:
+        sizes.update(num_moe_experts=8, moe_router_topk=2, ffn_hidden_size=h)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         root = str(Path(tmp, "ckpt"))
         start = time.perf_counter()
-        run_distributed(_save, 2, root, sizes, timeout_s=1200)
+        run_distributed(_save, 2, root, sizes, 2 if args.moe else 1, timeout_s=1200)
         save_s = time.perf_counter() - start
         ckpt = MegatronCheckpoint.open(root)
         total = ckpt.total_bytes
@@ -150,6 +160,8 @@ def main() -> None:
         kinds = ("raw", "raw_write", "load_rank0_of_tp2", "export_hf")
         results = [run(kind, root, str(Path(tmp, "hf"))) for kind in kinds]
         results.append(run("import_megatron", str(Path(tmp, "hf")), str(Path(tmp, "imported"))))
+        if args.moe:
+            results.append(run("load_ep_rank0_of_ep2", root, ""))
     raw = results[0]["bytes"] / results[0]["seconds"]
     rows = []
     for r in results:
@@ -175,7 +187,7 @@ def main() -> None:
         f"largest tensor {largest_mb:.0f} MB -> RSS budget {budget:.0f} MB"
     )
     report(
-        "checkpoint_load",
+        "checkpoint_load_moe" if args.moe else "checkpoint_load",
         rows,
         {
             "checkpoint_mb": total / MB,
