@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from parallel_bridge.errors import ModelConfigError
 from parallel_bridge.spec import (
     families,
+    megatron_fields,
     moe,  # noqa: F401 - registers the MoE families with their tensor kinds
 )
 from parallel_bridge.spec import megatron_args as margs
@@ -231,15 +232,7 @@ _OPTIONAL = frozenset(n for n, h in _HINTS.items() if type(None) in typing.get_a
 
 
 # ------------------------------------------------------------------ the Megatron side, written once
-Getter = Callable[..., Any]
-
-
-def _getter(args: Any) -> Getter:
-    if isinstance(args, Mapping):
-        return lambda k, d=None: args.get(k, d)
-    return lambda k, d=None: getattr(args, k, d)
-
-
+# (fields by Megatron name: spec/megatron_fields.py)
 def _check_keys(cls: type[GPTConfig], args: Any, overrides: Mapping[str, Any] | None) -> None:
     """Refuse overrides that are not a mapping of known fields, and side-file keys no table classifies."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -261,58 +254,12 @@ def _check_keys(cls: type[GPTConfig], args: Any, overrides: Mapping[str, Any] | 
         check_field(name, value, "override")
 
 
-def _fields_of_args(get: Getter) -> dict[str, Any]:
-    """GPTConfig fields from Megatron-LM's argument names (or the side file's own)."""
-    heads = get("num_attention_heads")
-    groups = get("num_query_groups") if get("group_query_attention", get("num_query_groups") is not None) else None
-    hidden = get("hidden_size")
-    window = get("window_size")
-    return {
-        "num_layers": get("num_layers"),
-        "hidden_size": hidden,
-        "num_attention_heads": heads,
-        "num_query_groups": groups or heads,
-        "ffn_hidden_size": get("ffn_hidden_size") or (4 * hidden if isinstance(hidden, int) else None),
-        "padded_vocab_size": get("padded_vocab_size") or get("vocab_size"),
-        "vocab_size": get("true_vocab_size") or get("vocab_size") or get("padded_vocab_size"),
-        "max_position_embeddings": get("max_position_embeddings") or get("seq_length") or 4096,
-        "rotary_base": get("rotary_base", 10000.0) or 10000.0,
-        "norm_epsilon": get("norm_epsilon", get("layernorm_epsilon", 1e-5)) or 1e-5,
-        "tie_embeddings": not get("untie_embeddings_and_output_weights", not get("tie_embeddings", False)),
-        "add_bias_linear": bool(get("add_bias_linear", False)),
-        "add_qkv_bias": bool(get("add_qkv_bias", get("add_bias_linear", False))),
-        "normalization": get("normalization", "RMSNorm") or "RMSNorm",
-        "swiglu": bool(get("swiglu", get("gated_linear_unit", True))),
-        "position_embedding_type": get("position_embedding_type", "rope") or "rope",
-        "kv_channels": get("kv_channels"),
-        "qk_layernorm": bool(get("qk_layernorm", False)),
-        "rope_scaling_factor": _rope_scaling_factor(get),
-        # Megatron-LM's window_size, or the side file's own field
-        "sliding_window": sliding_window_of(window) if window is not None else get("sliding_window"),
-        **_moe_fields_of_args(get),
-    }
-
-
-def _moe_fields_of_args(get: Getter) -> dict[str, Any]:
-    """The MoE fields from Megatron-LM's ``num_experts`` (``num_moe_experts`` in megatron-core and the side
-    file); Megatron-LM's MoE defaults (top-2, a softmax over the chosen) where an MoE model leaves them out."""
-    experts = get("num_moe_experts") or get("num_experts")
-    if not experts:
-        return {}
-    return {
-        "num_moe_experts": experts,
-        "moe_router_topk": get("moe_router_topk") or 2,
-        "moe_ffn_hidden_size": get("moe_ffn_hidden_size"),
-        "moe_router_pre_softmax": bool(get("moe_router_pre_softmax", False)),
-    }
-
-
 def args_fields(args: Any) -> tuple[dict[str, Any], list[str]]:
     """GPTConfig fields a Megatron-LM ``args`` namespace (or a side-file dict) states, and the features it turns
     on that no family maps (``name=value (meaning)``, refused once the config is built)."""
     _check_keys(GPTConfig, args, None)
-    get = _getter(args)
-    return _fields_of_args(get), margs.refused_features(get)
+    get = megatron_fields.getter(args)
+    return megatron_fields.fields_of_args(get), margs.refused_features(get)
 
 
 def build_config(
@@ -367,8 +314,8 @@ def config_from_transformer_config(
         kv_channels=config.kv_channels,
         qk_layernorm=bool(config.qk_layernorm),
         rope_scaling_factor=rope_scaling_factor,
-        sliding_window=sliding_window_of(config.window_size),
-        **_moe_fields_of_args(lambda k, d=None: getattr(config, k, d)),
+        sliding_window=megatron_fields.sliding_window_of(config.window_size),
+        **megatron_fields.moe_fields_of_args(lambda k, d=None: getattr(config, k, d)),
     )
 
 
@@ -401,23 +348,3 @@ def config_of_model(cls: type[GPTConfig], model: Any, vocab_size: int | None = N
         max_position_embeddings=model.max_sequence_length, tie_embeddings=model.share_embeddings_and_output_weights,
         rotary_base=getattr(model, "rotary_base", 10000.0),
     )
-
-
-def sliding_window_of(window_size: Any) -> int | None:
-    """megatron-core's causal ``window_size=(left, 0)`` as the tokens each query sees (left + 1); a window
-    that looks ahead (right > 0) is refused."""
-    if window_size is None:
-        return None
-    if not isinstance(window_size, (list, tuple)) or len(window_size) != 2 or window_size[1] != 0:
-        raise ModelConfigError(f"window_size={window_size!r}: only causal windows (left, 0) map to a sliding window; refused")
-    return int(window_size[0]) + 1
-
-
-def _rope_scaling_factor(get: Getter) -> float | None:
-    """Megatron-LM's ``use_rope_scaling`` (or ``rope_scaling``) switches ``rope_scaling_factor`` (default 8) on;
-    the side file holds the factor itself (None: no scaling)."""
-    switched = get("use_rope_scaling", get("rope_scaling", None))
-    factor = get("rope_scaling_factor", None)
-    if switched is None:
-        return factor
-    return float(factor or 8.0) if switched else None
