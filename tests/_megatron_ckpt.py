@@ -35,6 +35,7 @@ def spec_of(variant) -> GPTConfig:
 def build(ctx, variant):
     """(TransformerConfig, GPTModel) of the variant on the context's groups, family tensors perturbed."""
     extra = {"pipeline_dtype": torch.float32} if ctx.pp > 1 else {}
+    extra.update(variant.get("megatron", {}))  # TransformerConfig settings the spec leaves at their defaults
     config, model = megatron.gpt_model(ctx, spec_of(variant), init_method_std=0.2, **extra)
     _perturb_family_tensors(ctx, model)
     return config, model

@@ -136,3 +136,9 @@ def test_legacy_experts_read_as_megatron_saved_them(moe_ckpt):
     local = state["decoder.layers.1.mlp.experts.local_experts.0.linear_fc2.weight"]
     assert torch.equal(legacy.read("decoder.layers.1.mlp.experts.local_experts.2.linear_fc2.weight"), local)
     assert torch.equal(dist.read("decoder.layers.1.mlp.experts.local_experts.2.linear_fc2.weight"), local)
+
+
+def test_moe_on_every_layer_written_as_a_list_is_accepted():
+    """``moe_layer_freq=[1, 1]`` is MoE on every layer, as 1 is: mapped, not refused as dense layers."""
+    cfg = GPTConfig.from_args(argparse.Namespace(**{**MOE_ARGS, "moe_layer_freq": [1, 1]}))
+    assert (cfg.family.model_type, cfg.num_moe_experts, cfg.moe_router_topk) == ("mixtral", 4, 2)

@@ -41,9 +41,16 @@ FAMILIES = {
                   "config": {"num_moe_experts": 8, "moe_router_topk": 2, "moe_ffn_hidden_size": 64,
                              "qk_layernorm": True}},
 }
-LAYOUTS = {"ep2": (1, 1, 2, 1), "tp2_ep2_etp2": (2, 1, 2, 2), "pp2_ep2": (1, 2, 2, 1), "legacy_tp2_ep2": (2, 1, 2, 2)}
+LAYOUTS = {"ep2": (1, 1, 2, 1), "tp2_ep2_etp2": (2, 1, 2, 2), "pp2_ep2": (1, 2, 2, 1), "legacy_tp2_ep2": (2, 1, 2, 2),
+           "per_layer_ep2": (1, 1, 2, 1)}
 """Saving layout -> (tp, pp, ep, etp) of the torchrun job that wrote it (torch_dist, but legacy_* Megatron-LM's
-per-rank files)."""
+per-rank files; per_layer_* saved with ``moe_layer_freq`` a per-layer list, so megatron-core writes per-layer
+keys ``decoder.layers.{i}.mlp...`` instead of a stacked layer axis, as for DeepSeek-V3's first dense layers)."""
+
+
+def _variant(family, layout):
+    v = FAMILIES[family]
+    return {**v, "megatron": {"moe_layer_freq": [1] * mc.SIZES["num_layers"]}} if layout.startswith("per_layer") else v
 MARGIN = 1e-3
 """Smallest router-logit margin between the k-th and (k+1)-th expert accepted: 1000x fp32's noise on these logits."""
 
@@ -55,7 +62,7 @@ def checkpoints(tmp_path_factory):
 
     def write(key):
         family, layout = key
-        (tp, pp, ep, etp), folder, v = LAYOUTS[layout], root / f"{family}_{layout}", FAMILIES[family]
+        (tp, pp, ep, etp), folder, v = LAYOUTS[layout], root / f"{family}_{layout}", _variant(family, layout)
         if layout.startswith("legacy"):
             run_distributed(mc.save_legacy, tp * ep, str(folder), tp, v, ep, timeout_s=300)
             dist = root / f"{family}_{layout}_as_dist"  # megatron-core's own reading needs its own format
@@ -92,6 +99,9 @@ def test_every_expert_present_and_in_place(checkpoints, key):
     assert (described["source_tp"], described["source_pp"], described["source_ep"], described["source_etp"]) == (
         tp, pp, ep, etp)
     assert described["format"] == ("torch" if key[1].startswith("legacy") else "torch_dist")
+    if key[1].startswith("per_layer"):  # megatron-core wrote per-layer expert keys, not a stacked layer axis
+        stored = set(ckpt.metadata.state_dict_metadata)
+        assert "decoder.layers.1.mlp.experts.experts.linear_fc1.weight" in stored, sorted(stored)[:8]
     assert ckpt.config.family.model_type == key[0]
 
 
@@ -111,8 +121,8 @@ def test_a_swapped_or_duplicated_expert_cannot_pass(checkpoints, key):
 
 
 SERVED = [pytest.param("mixtral", "ep2", 1, marks=pytest.mark.parity), ("mixtral", "tp2_ep2_etp2", 2),
-          ("mixtral", "pp2_ep2", 2), ("mixtral", "legacy_tp2_ep2", 1), ("qwen3_moe", "tp2_ep2_etp2", 1),
-          ("qwen3_moe", "ep2", 2)]
+          ("mixtral", "pp2_ep2", 2), ("mixtral", "legacy_tp2_ep2", 1), ("mixtral", "per_layer_ep2", 2),
+          ("qwen3_moe", "tp2_ep2_etp2", 1), ("qwen3_moe", "ep2", 2)]
 """(family, saving layout, serving TP): each family at both serving TPs, each layout served."""
 
 

@@ -8,7 +8,8 @@ Registered in every vLLM process by the package's plugin, so these work:
 The config parser turns the checkpoint's configuration, wherever its producer put it
 (:mod:`parallel_bridge.checkpoint.config_sources`: Megatron-LM ``args``, Megatron-Bridge's
 ``run_config.yaml``, verl's ``huggingface/config.json``, ``megatron_gpt_config.json``), into the Hugging Face
-config of its family (Llama, Qwen2 with QKV biases, Qwen3 with QK layernorm; Llama-3.1 rope scaling).
+config of its family (Llama, Qwen2 with QKV biases, Qwen3 with QK layernorm, Mistral, Mixtral, Qwen3-MoE;
+Llama-3.1 rope scaling).
 Overrides travel in vLLM's ``hf_overrides`` under ``megatron.`` keys, the one route vLLM 0.32 passes to both
 the config parser and the loader (dict-valued ``hf_overrides`` and ``model_loader_extra_config`` do not reach
 the parser)::
@@ -19,7 +20,7 @@ the parser)::
 The loader fills the model:
 
 - vLLM's own model of the family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-  ``Qwen3ForCausalLM``; the fast path): each rank reads only the rows/columns of
+  ``Qwen3ForCausalLM``, ``MixtralForCausalLM``...; the fast path): each rank reads only the rows/columns of
   each tensor it keeps, as each kind's sharding says (:mod:`parallel_bridge.spec.sharding`) (its query and
   kv heads in vLLM's ``qkv_proj`` order, kv heads replicated when fewer than TP,
   its ``[gate | up]`` rows, its input columns of row-parallel weights, its

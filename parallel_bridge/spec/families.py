@@ -29,7 +29,7 @@ def _nothing(_: Any) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """One family of Llama-like GPTs and how each side names it."""
+    """One family of Llama-like GPTs (dense or mixture-of-experts) and how each side names it."""
 
     model_type: str
     """Hugging Face ``model_type``."""

@@ -133,7 +133,7 @@ NO_MATH = frozenset(
     moe_paged_stash_buffer_size_factor_cpu fine_grained_offloading_max_inflight_offloads q_lora_rank kv_lora_rank""".split()
 )
 """No effect on the math of a served forward: training, kernels, precision recipes, initialisation,
-and fields that only matter under a feature refused above (MoE, Mamba, MLA, muP, DSA); megatron-core 0.16.1's
+and fields that only matter under a feature refused above (shared experts, Mamba, MLA, muP, DSA); megatron-core 0.16.1's
 ``TransformerConfig`` fields and those 0.17-0.19.2 added."""
 
 PARALLEL = frozenset(
@@ -183,6 +183,18 @@ def refused_features(get: Callable[[str, Any], Any]) -> list[str]:
     return out
 
 
+def _every_layer(value: Any) -> Any:
+    """``moe_layer_freq`` as a per-layer list of ones is MoE on every layer, as 1 is (megatron-core then stores
+    per-layer keys, ``decoder.layers.{i}.mlp...``, not the stacked layer axis: the reader takes both)."""
+    if isinstance(value, (list, tuple)) and value and all(_same(v, 1) for v in value):
+        return 1
+    return value
+
+
+_EQUIVALENT: dict[str, Callable[[Any], Any]] = {"moe_layer_freq": _every_layer}
+"""Values written another way that mean a neutral one."""
+
+
 def away_from(
     get: Callable[[str, Any], Any], table: dict[str, tuple[tuple[Any, ...], str]], claimed: dict | None = None
 ) -> list[str]:
@@ -191,7 +203,7 @@ def away_from(
     out = []
     missing = object()
     for name, (ok, meaning) in table.items():
-        value = get(name, missing)
+        value = _EQUIVALENT.get(name, lambda v: v)(get(name, missing))
         if value is missing or any(_same(value, v) for v in (*ok, *(claimed or {}).get(name, ()))):
             continue
         out.append(f"{name}={value if isinstance(value, str) else repr(value)} ({meaning})")

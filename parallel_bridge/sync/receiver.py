@@ -74,7 +74,7 @@ def serving_ranks(root: str | Path) -> list[int]:
 
 
 class SharedMemoryReceiver(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
-    """Receives a trainer's Megatron shards from shared memory into vLLM's LlamaForCausalLM."""
+    """Receives a trainer's Megatron shards from shared memory into vLLM's own model of its family."""
 
     init_info_cls = ShmInitInfo
     update_info_cls = ShmUpdateInfo
