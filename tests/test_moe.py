@@ -42,7 +42,7 @@ FAMILIES = {
                              "qk_layernorm": True}},
 }
 LAYOUTS = {"ep2": (1, 1, 2, 1), "tp2_ep2_etp2": (2, 1, 2, 2), "pp2_ep2": (1, 2, 2, 1), "legacy_tp2_ep2": (2, 1, 2, 2),
-           "per_layer_ep2": (1, 1, 2, 1)}
+           "per_layer_ep2": (1, 1, 2, 1), "tp2_ep2_etp1": (2, 1, 2, 1)}
 """Saving layout -> (tp, pp, ep, etp) of the torchrun job that wrote it (torch_dist, but legacy_* Megatron-LM's
 per-rank files; per_layer_* saved with ``moe_layer_freq`` a per-layer list, so megatron-core writes per-layer
 keys ``decoder.layers.{i}.mlp...`` instead of a stacked layer axis, as for DeepSeek-V3's first dense layers)."""
@@ -78,7 +78,8 @@ def length(family):
     return mc.length(FAMILIES[family])
 
 
-KEYS = [("mixtral", layout) for layout in LAYOUTS] + [("qwen3_moe", "ep2"), ("qwen3_moe", "tp2_ep2_etp2")]
+KEYS = [("mixtral", layout) for layout in LAYOUTS] + [("qwen3_moe", "ep2"), ("qwen3_moe", "tp2_ep2_etp2"),
+                                                     ("qwen3_moe", "tp2_ep2_etp1")]
 """Every layout for Mixtral, the two torch_dist ones at PP=1 for Qwen3-MoE (its kinds read the same rows)."""
 
 
