@@ -123,7 +123,7 @@ def test_bad_hf_inputs_are_refused_before_anything_is_written(tmp_path):
     other = tmp_path / "gpt2"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    cases.append((other, [], "config.json has model_type 'gpt2'; the schema knows ['llama', 'mistral', 'qwen2', 'qwen3']"))
+    cases.append((other, [], "config.json has model_type 'gpt2'; the schema knows ['llama', 'mistral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe']"))
     cases.append((good, ["--tp", "3"], "--tp 3: tensor-parallel size 3 does not divide num_attention_heads=4"))
     cases.append((good, ["--pp", "3"], "--pp 3 does not divide num_hidden_layers=2"))
     cases.append((good, ["--format", "legacy"], "--format legacy: importing writes megatron-core's torch_dist"))
