@@ -83,9 +83,10 @@ class LegacyFiles:
                     if (t, p, e) not in dirs:
                         want = (f"mp_rank_{t:02d}" + (f"_{p:03d}" if self.source_pp > 1 else "")
                                 + (f"_{e:03d}" if self.source_ep > 1 else ""))
+                        ep = f", ep={self.source_ep}" if self.source_ep > 1 else ""
                         raise CheckpointError(
                             f"rank folder {self.path / want} is missing (source tp={self.source_tp}, "
-                            f"pp={self.source_pp}, ep={self.source_ep})"
+                            f"pp={self.source_pp}{ep})"
                         )
         for f in self._files.values():
             if not f.exists():
