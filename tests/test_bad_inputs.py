@@ -234,7 +234,7 @@ def test_side_config_values_are_checked(ckpt, capsys, change, says):
 @pytest.mark.parametrize(
     "change",
     [{"add_bias_linear": True}, {"softmax_scale": 0.5}, {"rotary_percent": 0.5}, {"rotary_interleaved": True},
-     {"multi_latent_attention": True}, {"num_experts": 8}, {"apply_layernorm_1p": True}],
+     {"multi_latent_attention": True}, {"moe_shared_expert_intermediate_size": 256}, {"apply_layernorm_1p": True}],
 )
 def test_math_changing_megatron_lm_args_are_refused_by_name(ckpt, capsys, change):
     src = ckpt("legacy")

@@ -142,3 +142,19 @@ def test_moe_on_every_layer_written_as_a_list_is_accepted():
     """``moe_layer_freq=[1, 1]`` is MoE on every layer, as 1 is: mapped, not refused as dense layers."""
     cfg = GPTConfig.from_args(argparse.Namespace(**{**MOE_ARGS, "moe_layer_freq": [1, 1]}))
     assert (cfg.family.model_type, cfg.num_moe_experts, cfg.moe_router_topk) == ("mixtral", 4, 2)
+
+
+@pytest.mark.slow
+def test_an_moe_config_over_a_dense_checkpoint_is_named(tmp_path, capsys):
+    """A side file declaring experts over a dense checkpoint (a config of another model): named, not 'router
+    missing'."""
+    pytest.importorskip("megatron.core")
+    import _megatron_ckpt as mc
+
+    root = tmp_path / "dense"
+    run_distributed(mc.save_dist, 1, str(root), 1, 1, {"groups": 2, "tied": False, "vocab": 128, "padded": 128,
+                                                       "seed": 1}, timeout_s=300)
+    side = root / "megatron_gpt_config.json"
+    side.write_text(json.dumps({**json.loads(side.read_text()), "num_moe_experts": 8, "moe_router_topk": 2}))
+    line = cli_error(capsys, "inspect", str(root))
+    assert "declares num_moe_experts=8, but the checkpoint stores no router or expert tensors" in line, line

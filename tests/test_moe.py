@@ -78,8 +78,7 @@ def length(family):
     return mc.length(FAMILIES[family])
 
 
-KEYS = [("mixtral", layout) for layout in LAYOUTS] + [("qwen3_moe", "ep2"), ("qwen3_moe", "tp2_ep2_etp2"),
-                                                     ("qwen3_moe", "tp2_ep2_etp1")]
+KEYS = [("mixtral", layout) for layout in LAYOUTS] + [("qwen3_moe", "ep2"), ("qwen3_moe", "tp2_ep2_etp2")]
 """Every layout for Mixtral, the two torch_dist ones at PP=1 for Qwen3-MoE (its kinds read the same rows)."""
 
 

@@ -18,8 +18,9 @@ def check_tensors(path: Path, cfg: GPTConfig, shapes: Mapping[str, tuple[int, ..
     ``sources`` (:class:`~parallel_bridge.checkpoint.config_sources.Source`)."""
     if not cfg.num_moe_experts:
         _refuse_moe(path, shapes, sources)
+    else:
+        _missing_experts(path, cfg, shapes)
     expected = schema.expected_shapes(cfg)
-    _missing_experts(path, cfg, shapes)
     for name, shape in expected.items():
         if name not in shapes:
             raise CheckpointError(f"{path}: tensor {name} is missing (the config has {cfg.num_layers} layers)")
@@ -36,7 +37,12 @@ def check_tensors(path: Path, cfg: GPTConfig, shapes: Mapping[str, tuple[int, ..
 def _missing_experts(path: Path, cfg: GPTConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Fewer experts stored than the config declares (an expert-parallel rank's files missing, or a config of
     another model): say how many of which, before any expert is read."""
-    _, stored = schema.moe_tensors(shapes)
+    moe, stored = schema.moe_tensors(shapes)
+    if not moe:
+        raise CheckpointError(
+            f"{path}: the configuration declares num_moe_experts={cfg.num_moe_experts}, but the checkpoint stores no "
+            f"router or expert tensors: a dense model's checkpoint, or the configuration of another model"
+        )
     if stored and stored != cfg.num_moe_experts:
         raise CheckpointError(
             f"{path} stores {stored} experts per layer but its configuration declares num_moe_experts="
