@@ -10,8 +10,9 @@ Face parts in both directions. Everything else asks these objects; nothing re-de
 The kinds: :data:`REPLICATED`, :data:`COLUMN` (output rows split, contiguous per rank), :data:`ROW` (input
 columns split: row-parallel weights), :data:`GATED` (``[gate ; up]``, each half split: a rank holds
 ``[its gate ; its up]``), :data:`GROUPED_QKV` (per query group ``[q heads ; k ; v]`` rows, whole groups per
-rank) and :data:`VOCAB` (vocabulary rows; rows past ``vocab_size`` are padding). An expert axis, when MoE
-lands, is one more kind wrapping these: the schema's names already carry an expert index.
+rank) and :data:`VOCAB` (vocabulary rows; rows past ``vocab_size`` are padding). An MoE expert is one tensor per
+expert, sharded by these kinds like a dense MLP (:mod:`~parallel_bridge.spec.moe`); vLLM's stacking of a layer's
+experts is :func:`~parallel_bridge.spec.slices.rank_parts`'s.
 """
 
 from __future__ import annotations
