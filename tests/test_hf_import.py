@@ -40,14 +40,14 @@ FAMILIES = {
 }
 
 
-def hf_model(family, folder):
-    """A random tiny model of ``family`` saved in ``folder``; weights far from their init (norms at 1,
-    biases at 0 would hide a dropped tensor)."""
+def hf_model(family, folder, families=None, seed=7):
+    """A random tiny model of ``family`` (a row of ``families``: this module's by default) saved in ``folder``;
+    weights far from their init (norms at 1, biases at 0 would hide a dropped tensor)."""
     import transformers
 
-    cls, extra, _ = FAMILIES[family]
+    cls, extra, _ = (families or FAMILIES)[family]
     config = getattr(transformers, cls)(**COMMON, **extra)
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -5,7 +5,6 @@ full first-step log-softmax within the parity rule's bound (max and mean), greed
 """
 
 import pytest
-import torch
 
 from parallel_bridge.testing import run_distributed
 
@@ -14,7 +13,7 @@ pytest.importorskip("megatron.core")
 
 import _megatron_ckpt as mc  # noqa: E402
 from _helpers import compare, first_step_and_tokens, hf_decode  # noqa: E402
-from test_hf_import import COMMON, VOCAB, convert  # noqa: E402
+from test_hf_import import VOCAB, convert, hf_model  # noqa: E402
 
 FAMILIES = {
     "mixtral": ("MixtralConfig", {"rope_theta": 10000.0, "num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False},
@@ -26,19 +25,8 @@ FAMILIES = {
 
 
 def hf_moe_model(family, folder, seed=7):
-    """A random tiny MoE model of ``family`` saved by transformers in ``folder`` (norms near 1, every expert
-    its own random weights)."""
-    import transformers
-
-    cls, extra, _ = FAMILIES[family]
-    config = getattr(transformers, cls)(**COMMON, **extra)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1 if name.endswith("norm.weight") else 0) + 0.2 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    return model
+    """A random tiny MoE model of ``family`` saved by transformers in ``folder`` (every expert its own weights)."""
+    return hf_model(family, folder, FAMILIES, seed)
 
 
 def variant(family, tp):

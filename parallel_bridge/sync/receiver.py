@@ -102,11 +102,12 @@ class SharedMemoryReceiver(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
 
         tp_rank, tp, _ = self._rank()
         idx = self.model.model.embed_tokens.shard_indices
-        try:
-            ep = expert_parallel_of(self.model)
-        except LayoutError as e:
-            raise SyncError(str(e)) from None
-        return list(rank_parts(shards, tp, tp_rank, (idx.org_vocab_start_index, idx.org_vocab_end_index), ep))
+        if not hasattr(self, "_ep"):  # the served model's expert layout, found once
+            try:
+                self._ep = expert_parallel_of(self.model)
+            except LayoutError as e:
+                raise SyncError(str(e)) from None
+        return list(rank_parts(shards, tp, tp_rank, (idx.org_vocab_start_index, idx.org_vocab_end_index), self._ep))
 
     def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
         from vllm.model_executor.models.llama import LlamaForCausalLM
