@@ -10,6 +10,10 @@ phases run concurrently across ranks as in a push) and a checkpoint round trip
 Goals: >= 0.7 of the ceiling; >= 5x faster than save+reload; ratio 1.0. ``apply_s`` is vLLM's own
 CPU kernel repack of the new weights (``process_weights_after_loading``), which any update path into
 vLLM's CPU GEMMs pays; ``transport_vs_ceiling`` leaves it (and the RPCs) out.
+
+``--backend parallel_bridge_dist``: the same over the torch.distributed backend (gloo over TCP on this host's
+loopback, in-process engines); its ceiling is the same bytes sent with plain ``send``/``recv`` between two
+trainer ranks over gloo. Results: ``results/weight_sync_dist.json``.
 """
 
 from __future__ import annotations
@@ -74,7 +78,23 @@ def _raw_ceiling(nbytes_write: int, nbytes_read: int, root: Path) -> float:
     return best
 
 
-def _run(folder: str, serve_tp: int) -> dict:
+def _raw_send_ceiling(nbytes: int) -> float:
+    """Seconds for trainer rank 1 to send ``nbytes`` to rank 0 with plain ``send``/``recv`` over gloo (TCP on this
+    host, as the dist backend's group): the transport's ceiling without planning, hashing or staging."""
+    import torch.distributed as dist
+
+    buf = torch.empty(max(nbytes // 4, 16), dtype=torch.float32)
+    dist.barrier()
+    start = time.perf_counter()
+    if dist.get_rank() == 1:
+        dist.send(buf, 0)
+    elif dist.get_rank() == 0:
+        dist.recv(buf, 1)
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def _run(folder: str, serve_tp: int, backend: str = "parallel_bridge_shm") -> dict:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -105,9 +125,12 @@ def _run(folder: str, serve_tp: int) -> dict:
 
             engine = llm_engine(model=str(ckpt), tensor_parallel_size=serve_tp, skip_tokenizer_init=True,
                                 dtype="float32", max_model_len=128, enforce_eager=True,
-                                weight_transfer_config=WeightTransferConfig(backend=BACKEND))
+                                weight_transfer_config=WeightTransferConfig(backend=backend))
         with engine as llm:
-            sync = WeightSync(ctx, model, llm, timeout_s=600)
+            from parallel_bridge.testing import free_port
+
+            address = f"127.0.0.1:{free_port()}" if backend != BACKEND else None
+            sync = WeightSync(ctx, model, llm, timeout_s=600, backend=backend, address=address)
             shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             pushes = []
             for _ in range(PUSHES):
@@ -121,7 +144,10 @@ def _run(folder: str, serve_tp: int) -> dict:
             sent = best.sent_bytes.get(ctx.rank, 0)
             received = max(best.received_bytes.values())
             dist.barrier()
-            raw = _raw_ceiling(max(sent, 64), received, Path(sync.sender.root))
+            if backend == BACKEND:
+                raw = _raw_ceiling(max(sent, 64), received, Path(sync.sender.root))
+            else:
+                raw = _raw_send_ceiling(received)
             raws = [None] * ctx.world_size
             dist.all_gather_object(raws, raw)
             # the checkpoint round trip: gather, save to disk, vLLM's reload_weights from the folder
@@ -171,17 +197,24 @@ def _serving_shard_bytes(serve_tp: int) -> int:
 
 
 def main() -> None:
+    import argparse
+
     from parallel_bridge.testing import run_distributed
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--backend", default="parallel_bridge_shm", choices=["parallel_bridge_shm", "parallel_bridge_dist"])
+    backend = parser.parse_args().backend
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     rows = []
     for serve_tp in (2, 1):
         env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1" if serve_tp == 2 else "auto"}
         with tempfile.TemporaryDirectory() as tmp:
-            r = run_distributed(_run, 2, tmp, serve_tp, timeout_s=900, env=env, threads=1)[0]
+            r = run_distributed(_run, 2, tmp, serve_tp, backend, timeout_s=900, env=env, threads=1)[0]
         own = _serving_shard_bytes(serve_tp)
         rows.append(
             {
+                "backend": backend.removeprefix("parallel_bridge_"),
                 "trainer": "tp2",
                 "engine": f"tp{serve_tp}",
                 "model_MB": r["model_MB"],
@@ -199,7 +232,7 @@ def main() -> None:
                 "recv/own_shard": max(r["recv_bytes_per_rank"].values()) / own,
             }
         )
-    report("weight_sync", rows, {"goals": {"vs_ceiling": 0.7, "speedup": 5.0, "recv/own_shard": 1.0}})
+    report("weight_sync" if backend == "parallel_bridge_shm" else "weight_sync_dist", rows, {"goals": {"vs_ceiling": 0.7, "speedup": 5.0, "recv/own_shard": 1.0}})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import torch
 from _sync_rounds import CFG, full_tensors, publish
 
 from parallel_bridge.spec.store import TensorStore
-from parallel_bridge.sync.shards import RoundReader, copy_and_hash, shard_hash
+from parallel_bridge.sync.pieces import copy_and_hash, shard_hash
+from parallel_bridge.sync.shards import RoundReader
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ the day vLLM fixes one, its test passes and the suite says so; then drop the wor
 - ``vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py`` (``_setup_kernel``): on the CPU, a
   second ``process_weights_after_loading`` (any weight reload or update) copies checkpoint-layout weights into the
   storage the CPU kernel had prepacked and skips the prepacking: wrong numbers, no error (the vLLM #42821 class).
-  The weight sync sets the kernel up again instead (``sync/receiver._rebuild_cpu_moe_kernel``).
+  The weight sync sets the kernel up again instead (``sync/receiving._rebuild_cpu_moe_kernel``).
 - ``csrc/cpu/cpu_fused_moe.cpp:242``: ``enable_expert_parallel=True`` at TP=2 crashes the CPU fused-MoE kernel
   (global expert ids index the local experts' weights; here a worker dies, exit -9, in the first forward). The loader and the sync refuse expert-parallel serving on
   the CPU (``adapters/vllm.CPU_EP_CRASH``).

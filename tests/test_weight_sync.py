@@ -256,7 +256,7 @@ def _failures(root):
 
             # 3. a push while one is running (re-entered from the engine client on rank 0)
             if llm:
-                client = sync.sender.client
+                client = sync.sender.client[0]
                 start = client.start_weight_update
                 client.start_weight_update = lambda: sync.push()
             out["busy"] = _expect_sync_error(sync.push, "already in progress")

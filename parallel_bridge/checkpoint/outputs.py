@@ -45,13 +45,14 @@ def _remove_stale_partials(out: Path) -> None:
     """Temporary folders of earlier exports to ``out`` whose process is gone (killed mid-way)."""
     for partial in out.parent.glob(f".{out.name}.partial-*"):
         pid = partial.name[len(f".{out.name}.partial-") :].split("-")[0]
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and pid_alive(int(pid)):
             continue
         logger.info("removing %s, left by an interrupted export", partial)
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this host) is still running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

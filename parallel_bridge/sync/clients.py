@@ -17,6 +17,10 @@ class LLMClient:
     def __init__(self, llm: Any) -> None:
         self.llm = llm
 
+    def world_size(self) -> int:
+        """The engine's workers (TP x PP): the ranks a weight round reaches."""
+        return self.llm.llm_engine.vllm_config.parallel_config.world_size
+
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 
@@ -51,6 +55,16 @@ class ServerClient:
         if r.status_code >= 400:
             raise IntegrationError(f"POST /{path}: HTTP {r.status_code} {r.text[-500:]}")
         return r.json() if r.content else {}
+
+    def world_size(self) -> int:
+        """The server's workers (TP x PP), from its ``/server_info`` (a dev-mode route, as the weight-sync ones)."""
+        import requests
+
+        r = requests.get(f"{self.base_url}/server_info", params={"config_format": "json"}, timeout=self.timeout_s)
+        if r.status_code >= 400:
+            raise IntegrationError(f"GET /server_info: HTTP {r.status_code} (start vllm serve with VLLM_SERVER_DEV_MODE=1)")
+        parallel = r.json()["vllm_config"]["parallel_config"]
+        return int(parallel.get("world_size") or parallel["tensor_parallel_size"] * parallel["pipeline_parallel_size"])
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self.http.init_weight_transfer_engine(init_info)

@@ -31,6 +31,7 @@ from parallel_bridge.spec import moe, schema
 from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.spec.schema import expected_shapes, to_hf
 from parallel_bridge.spec.tp_split import experts_per_rank
+from parallel_bridge.sync.pieces import stem
 from parallel_bridge.sync.shards import LocalTensor, RoundReader, ShardWriter
 
 
@@ -113,14 +114,44 @@ class MegatronWeightSource(WeightSource):
             raise RoundError(f"trainer rank {ctx.rank} (pp stage {ctx.pp_rank}) lacks tensors {missing[:4]}")
         return out
 
-    def shard_files(self, root: str | Path) -> list[ShardWriter]:
-        """The shard files this rank publishes a round into: its dense tensors (data-parallel rank 0), its experts
+    def shards(self) -> dict[str, list[LocalTensor]]:
+        """The trainer shards this rank publishes, by name: its dense tensors (data-parallel rank 0), its experts
         (expert-data-parallel rank 0 of an MoE model); none on replicas."""
+        ctx, out = self.ctx, {}
+        if self.publishes:
+            out[stem(ctx.tp_rank, ctx.pp_rank)] = self.local_tensors
+        if self.publishes_experts:
+            out[stem(ctx.etp_rank, ctx.pp_rank, ctx.ep_rank)] = self.expert_tensors
+        return out
+
+    def shard_files(self, root: str | Path) -> list[ShardWriter]:
+        """The shared-memory files of :meth:`shards`, a round is published into."""
         ctx, out = self.ctx, []
         if self.publishes:
             out.append(ShardWriter(root, ctx.tp_rank, ctx.pp_rank, self.local_tensors))
         if self.publishes_experts:
             out.append(ShardWriter(root, ctx.etp_rank, ctx.pp_rank, self.expert_tensors, ep_rank=ctx.ep_rank))
+        return out
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor, bool, bool]]:
+        """(name, this rank's data, published by this rank, a ZeRO-3 gather) of every parameter, in order;
+        collective under ZeRO-3 (each parameter is gathered over data parallelism in turn and released when the
+        caller asks for the next)."""
+        with torch.no_grad():
+            for name, p, _, keep in self._params:
+                with _gathered(p) as data:
+                    yield name, data, keep, hasattr(p, "ds_id")
+
+    def nonfinite(self) -> list[tuple[str, int]]:
+        """(name, count) of every tensor this rank holds with NaN or Inf values (ZeRO-3: its partition)."""
+        out = []
+        with torch.no_grad():
+            for name, p, _, keep in self._params:
+                data = p.ds_tensor if hasattr(p, "ds_tensor") else (p.data if keep else None)
+                if data is not None and data.is_floating_point() and data.numel():
+                    bad = data.numel() - int(torch.isfinite(data).sum())
+                    if bad:
+                        out.append((name, bad))
         return out
 
     def publish(self, writers: list[ShardWriter]) -> int:
@@ -131,11 +162,9 @@ class MegatronWeightSource(WeightSource):
         """
         sent = 0
         into = {name: w for w in writers for name in w.tensors}
-        with torch.no_grad():
-            for name, p, _, keep in self._params:
-                with _gathered(p) as data:
-                    if keep and name in into:
-                        sent += into[name].write(name, data)
+        for name, data, keep, _ in self.tensors():
+            if keep and name in into:
+                sent += into[name].write(name, data)
         return sent
 
     # ------------------------------------------------------------ vLLM WeightSource

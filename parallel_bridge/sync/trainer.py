@@ -1,12 +1,12 @@
 """Live weight sync for the trainer: :class:`WeightSync`.
 
-    sync = WeightSync(ctx, model, llm)        # every trainer rank; llm: vllm.LLM or an HTTP client
+    sync = WeightSync(ctx, model, llm)        # every trainer rank; llm: a vllm.LLM, a client, or a list of them
     for step in ...:
         train_step()
-        report = sync.push()                   # every trainer rank; the engine serves the new weights
+        report = sync.push()                   # every trainer rank; every engine serves the new weights
 
-The round itself is :class:`~parallel_bridge.sync.sender.SharedMemorySender`'s (vLLM's trainer
-weight-transfer engine of the ``parallel_bridge_shm`` backend).
+The round is :class:`~parallel_bridge.sync.protocol.RoundSender`'s; the backend (``parallel_bridge_shm`` on
+one host, ``parallel_bridge_dist`` across hosts) says how the bytes travel.
 """
 
 from __future__ import annotations
@@ -19,18 +19,24 @@ import torch.distributed as dist
 from parallel_bridge.errors import SyncError
 from parallel_bridge.parallel.context import ParallelContext
 from parallel_bridge.sync.clients import LLMClient
-from parallel_bridge.sync.receiver import BACKEND, register_weight_transfer
-from parallel_bridge.sync.sender import ShmTrainerInitInfo, SyncReport
+from parallel_bridge.sync.protocol import SyncReport
+from parallel_bridge.sync.receiver import BACKEND, BACKENDS, register_weight_transfer
 from parallel_bridge.sync.source import MegatronWeightSource
 
 
-class WeightSync:
-    """Push a megatron-core model's weights into a running vLLM engine after each step.
+def _client(engine: Any) -> Any:
+    return LLMClient(engine) if hasattr(engine, "llm_engine") else engine  # a vllm.LLM, or a client already
 
-    Create it on every trainer rank with the same arguments; ``llm`` is needed on
-    trainer rank 0 only (a ``vllm.LLM`` started with ``weight_transfer_config=
-    WeightTransferConfig(backend="parallel_bridge_shm")``, or any client with vLLM's
-    weight-sync methods, e.g. ``HTTPVLLMWeightSyncClient`` for ``vllm serve``).
+
+class WeightSync:
+    """Push a megatron-core model's weights into running vLLM engines after each step.
+
+    Create it on every trainer rank with the same arguments; ``llm`` is needed on trainer rank 0 only: a
+    ``vllm.LLM`` started with ``weight_transfer_config=WeightTransferConfig(backend=...)``, a client with vLLM's
+    weight-sync methods (:class:`~parallel_bridge.sync.clients.ServerClient` for ``vllm serve``), or a list of
+    them (every engine gets every round; a round commits on all or on none). ``address`` (``parallel_bridge_dist``):
+    HOST:PORT where the engines reach trainer rank 0. ``allow_nonfinite``: send NaN/Inf weights instead of
+    refusing the round.
     """
 
     def __init__(
@@ -43,7 +49,9 @@ class WeightSync:
         config: Any = None,
         vocab_size: int | None = None,
         root: str | os.PathLike | None = None,
+        address: str | None = None,
         timeout_s: float = 300.0,
+        allow_nonfinite: bool = False,
     ) -> None:
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
@@ -53,20 +61,24 @@ class WeightSync:
                 f"the trainer's torch.distributed world ({have} ranks) does not match the context's "
                 f"{ctx.world_size} (tp={ctx.tp} pp={ctx.pp} dp={ctx.dp}); build it with context_from_torchrun"
             )
-        if ctx.rank == 0 and llm is None:
-            raise SyncError("trainer rank 0 drives the engine: pass the vllm.LLM (or a weight-sync client) there")
-        register_weight_transfer()
-        client = LLMClient(llm) if llm is not None and hasattr(llm, "llm_engine") else llm  # a vllm.LLM here
-        source = MegatronWeightSource(ctx, model, config=config, vocab_size=vocab_size)
-        if backend != BACKEND:
+        if ctx.rank == 0 and (llm is None or llm == []):
+            raise SyncError("trainer rank 0 drives the engines: pass the vllm.LLM (or a weight-sync client, or a "
+                            "list of them) there")
+        if backend not in BACKENDS:
             raise SyncError(
-                f"unknown weight-sync backend {backend!r}; known: [{BACKEND!r}] (vLLM's own GPU backends, "
+                f"unknown weight-sync backend {backend!r}; known: {sorted(BACKENDS)} (vLLM's own GPU backends, "
                 f"e.g. 'nccl', take a MegatronWeightSource directly: see the README)"
             )
+        register_weight_transfer()
+        engines = [_client(e) for e in (llm if isinstance(llm, (list, tuple)) else [llm] if llm is not None else [])]
+        source = MegatronWeightSource(ctx, model, config=config, vocab_size=vocab_size)
+        init_cls = _init_info_class(backend)
+        extra = {"root": str(root or "")} if backend == BACKEND else {"address": address or ""}
         self._busy = False
         try:
             self.sender = WeightTransferTrainerFactory.trainer_init(
-                ShmTrainerInitInfo(rank=ctx.rank, root=str(root or ""), timeout_s=timeout_s), client=client, source=source
+                init_cls(rank=ctx.rank, timeout_s=timeout_s, allow_nonfinite=allow_nonfinite, **extra),
+                client=engines, source=source,
             )
         except ValueError as e:
             raise SyncError(str(e)) from e
@@ -74,6 +86,7 @@ class WeightSync:
 
     @property
     def version(self) -> int:
+        """The number of rounds committed (continuing from what the engines served when this sync attached)."""
         return self.sender.version
 
     def push(self) -> SyncReport:
@@ -87,7 +100,7 @@ class WeightSync:
             self._busy = False
 
     def close(self) -> None:
-        """Remove the shared-memory files (collective)."""
+        """Release the transport (collective)."""
         self.sender._barrier("close")
         self.sender.shutdown()
 
@@ -97,3 +110,9 @@ class WeightSync:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+
+def _init_info_class(backend: str) -> type:
+    import importlib
+
+    _, _, module, cls = BACKENDS[backend]
+    return getattr(importlib.import_module(module), cls).init_info_cls
