@@ -56,8 +56,15 @@ class DistSender(RoundSender):
         address, sizes = self._agree((address, sizes))
         if isinstance(sizes, str):
             raise SyncError(sizes)
+        joined = None
         if not self.is_sender:
-            self.control = ControlPlane(address, self.session, host=False, timeout_s=self.timeout_s)
+            try:
+                self.control = ControlPlane(address, self.session, host=False, timeout_s=self.timeout_s)
+            except SyncError as e:
+                joined = f"trainer rank {self.ctx.rank}: {e}"
+        failed = [x for x in self._gather(joined, "join the weight-sync store") if x]
+        if failed:
+            raise SyncError(failed[0])
         self.control_address, self.sizes = address, sizes
         trainers = self.ctx.world_size
         self.offsets = [trainers + sum(sizes[:e]) for e in range(len(sizes))]

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import TrainerWeightTransferEngine
 
 from parallel_bridge.errors import SyncError
+from parallel_bridge.sync.round_errors import empty_reports, engine_error, failed_report, refusal
 from parallel_bridge.sync.source import MegatronWeightSource
 
 
@@ -142,13 +143,25 @@ class RoundSender(TrainerWeightTransferEngine):
         if self.is_sender:
             outcome = self._call_engines("init_weight_transfer_engine", lambda e: (self._engine_info(e),),
                                          alongside=self._connect)
+            for e in outcome.get("failed", []):  # the engine's own words, posted to the store
+                why = self.control.poll(f"engine{e}/error")
+                if why:
+                    where = f"engine {e}" if len(self.client) > 1 else "the vLLM engine"
+                    outcome["error"] = f"{where} refused the weight sync: {why.split('SyncError: ', 1)[-1]}"
+                    break
             if "error" not in outcome:
                 outcome = self._registered()
+            local = None
         else:
-            self._connect()
+            try:
+                self._connect()
+                local = None
+            except Exception as e:  # noqa: BLE001 - every trainer rank raises the same error
+                local = f"trainer rank {self.ctx.rank}: {e}"
         outcome = self._agree(outcome)
-        if "error" in outcome:
-            raise SyncError(outcome["error"])
+        failed = [x for x in self._gather(local, "set up the transport") if x]
+        if "error" in outcome or failed:
+            raise SyncError(outcome.get("error") or failed[0])
         self.workers, self.version = outcome["workers"], outcome["version"]
 
     def _registered(self) -> dict[str, Any]:
@@ -179,7 +192,7 @@ class RoundSender(TrainerWeightTransferEngine):
                     errors.append((e, exc))
         if errors:
             e, exc = errors[0]
-            return {"error": _engine_error(call, exc, e if len(self.client) > 1 else None), "failed": [i for i, _ in errors]}
+            return {"error": engine_error(call, exc, e if len(self.client) > 1 else None), "failed": [i for i, _ in errors]}
         if local is not None:
             return {"error": f"{type(local).__name__}: {local}"}
         return {}
@@ -197,9 +210,9 @@ class RoundSender(TrainerWeightTransferEngine):
                 local["sent"] = self._publish(round_id)
         except Exception as e:  # noqa: BLE001 - reported to every rank
             local["error"] = f"{type(e).__name__}: {e}"
-        refusal = _refusal(self._gather(local, f"publish weight round {round_id}"), self.version)
-        if refusal:
-            raise SyncError(refusal)
+        why = refusal(self._gather(local, f"publish weight round {round_id}"), self.version)
+        if why:
+            raise SyncError(why)
         publish_s = time.perf_counter() - start
         if self.is_sender:
             outcome = self._drive(round_id, local["sent"])
@@ -248,7 +261,7 @@ class RoundSender(TrainerWeightTransferEngine):
             except Exception as exc:  # noqa: BLE001
                 self._resume(paused)
                 self._gather({"rank": 0, "sent": 0, "error": None}, "finish the transfer")
-                return {"error": _engine_error("pause", exc, e if len(self.client) > 1 else None)}
+                return {"error": engine_error("pause", exc, e if len(self.client) > 1 else None)}
         try:
             return self._round(round_id, published)
         finally:
@@ -285,10 +298,10 @@ class RoundSender(TrainerWeightTransferEngine):
             self._end(live, round_id, None)
             return {"error": f"weight round {round_id}: {e}"}
         reports = self._reports(round_id)
-        why = started.get("error") or _failed(reports) or staged.get("error") or next(
+        why = started.get("error") or failed_report(reports) or staged.get("error") or next(
             (f"trainer rank {s['rank']} could not send: {s['error']}" for s in everyone if s["error"]), None)
         if why is None:
-            why = _empty(reports)
+            why = empty_reports(reports)
         if why is not None:
             self._end(live, round_id, None)
             return {"error": f"weight round {round_id} failed, every engine keeps serving version {self.version}: "
@@ -324,7 +337,7 @@ class RoundSender(TrainerWeightTransferEngine):
                     raise SyncError("the engine's prefix cache could not be reset after the update")
             except Exception as exc:  # noqa: BLE001
                 self.dangling.add(e)
-                outcome = outcome or {"error": _engine_error(f"{op['op']} of round {round_id}", exc,
+                outcome = outcome or {"error": engine_error(f"{op['op']} of round {round_id}", exc,
                                                              e if len(self.client) > 1 else None)}
         return outcome
 
@@ -342,52 +355,3 @@ def _resume_later(client: Any, seconds: float) -> None:
             return
         except Exception:  # noqa: BLE001, S112 - not reachable yet
             continue
-
-
-def _refusal(everyone: list[dict[str, Any]], version: int) -> str | None:
-    """Why a round cannot start (every rank computes the same from the gathered statuses), or None."""
-    keeps = f"The engines keep serving version {version}"
-    for s in everyone:
-        if s["nonfinite"]:
-            name, count = s["nonfinite"][0]
-            more = f" (and {len(s['nonfinite']) - 1} more tensors)" if len(s["nonfinite"]) > 1 else ""
-            return (f"tensor {name} holds {count} non-finite values (NaN/Inf) on trainer rank {s['rank']}{more}: "
-                    f"the round is refused before any engine sees it. {keeps}; WeightSync(..., allow_nonfinite="
-                    f"True) sends them anyway")
-    failed = next((s for s in everyone if s["error"]), None)
-    if failed:
-        return f"trainer rank {failed['rank']} could not publish: {failed['error']}. {keeps}"
-    return None
-
-
-def _failed(reports: list[list[dict[str, Any] | None]]) -> str | None:
-    for e, rs in enumerate(reports):
-        for r in rs:
-            if r is not None and r["error"]:
-                where = f"engine {e}, " if len(reports) > 1 else ""
-                return f"{where}serving rank {r['rank']}: {r['error']}"
-    return None
-
-
-def _empty(reports: list[list[dict[str, Any] | None]]) -> str | None:
-    for e, rs in enumerate(reports):
-        where = f"engine {e}: " if len(reports) > 1 else ""
-        missing = [i for i, r in enumerate(rs) if r is None]
-        if missing:
-            return f"{where}serving ranks {missing} reported nothing"
-        empty = [r["rank"] for r in rs if r["bytes"] <= 0]
-        if empty:
-            return f"{where}serving ranks {empty} received zero bytes"
-    return None
-
-
-def _engine_error(call: str, e: BaseException, engine: int | None) -> str:
-    text = [line for line in str(e).strip().splitlines() if line.strip()]
-    last = text[-1] if text else type(e).__name__
-    found = next((line for line in text if "SyncError" in line or "held by another trainer" in line), None)
-    last = found.split("SyncError: ", 1)[-1] if found else last
-    if "Weight transfer not configured" in str(e):
-        last = ("the engine has no weight transfer configured: start it with weight_transfer_config="
-                "WeightTransferConfig(backend=...) naming this backend")
-    where = f"engine {engine}" if engine is not None else "the vLLM engine"
-    return f"{where} failed {call}: {last}"

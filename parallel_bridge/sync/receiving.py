@@ -101,6 +101,14 @@ class RoundReceiver(WeightTransferEngine):
         return list(rank_parts(store, tp, tp_rank, (idx.org_vocab_start_index, idx.org_vocab_end_index), self._ep))
 
     def init_transfer_engine(self, init_info: Any) -> None:
+        control = ControlPlane(init_info.store, init_info.session, host=False, timeout_s=init_info.timeout_s)
+        try:
+            self._attach(init_info, control)
+        except Exception as e:  # the reason reaches the trainer through its store (an HTTP 500 carries none)
+            control.set(f"engine{init_info.engine}/error", f"{type(e).__name__}: {e}")
+            raise
+
+    def _attach(self, init_info: Any, control: ControlPlane) -> None:
         if self.info is not None and self.info.session != init_info.session:
             if init_info.replaces != self.info.session and trainer_alive(self.info.store, self.info.session):
                 raise SyncError(
@@ -113,8 +121,7 @@ class RoundReceiver(WeightTransferEngine):
             self.shutdown()
         cfg = GPTConfig(**init_info.config)
         self.expected = self._check_model(cfg)
-        self.info, self.config_spec = init_info, cfg
-        self.control = ControlPlane(init_info.store, init_info.session, host=False, timeout_s=init_info.timeout_s)
+        self.info, self.control = init_info, control
         extra = self._connect(init_info)
         _, tp, world_rank = self._rank()
         self.control.set(self.control.worker_key(init_info.engine, world_rank),
