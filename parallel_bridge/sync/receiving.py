@@ -109,6 +109,8 @@ class RoundReceiver(WeightTransferEngine):
             raise
 
     def _attach(self, init_info: Any, control: ControlPlane) -> None:
+        cfg = GPTConfig(**init_info.config)
+        expected = self._check_model(cfg)  # a model of other sizes is named first, whoever holds the engine
         if self.info is not None and self.info.session != init_info.session:
             if init_info.replaces != self.info.session and trainer_alive(self.info.store, self.info.session):
                 raise SyncError(
@@ -119,9 +121,7 @@ class RoundReceiver(WeightTransferEngine):
             logger.info("trainer session %s is gone: session %s takes over at version %d",
                         self.info.session, init_info.session, self.version)
             self.shutdown()
-        cfg = GPTConfig(**init_info.config)
-        self.expected = self._check_model(cfg)
-        self.info, self.control = init_info, control
+        self.expected, self.info, self.control = expected, init_info, control
         extra = self._connect(init_info)
         _, tp, world_rank = self._rank()
         self.control.set(self.control.worker_key(init_info.engine, world_rank),
