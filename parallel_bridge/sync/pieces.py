@@ -10,7 +10,6 @@ transport; a transport says how a piece arrives (``_take``): copied out of share
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -232,6 +231,3 @@ class LandedReader(PieceReader):
         axis = hash_axis(name, piece.dim())
         self._verify(name, t, out, copy_and_hash(out, piece, axis), want, 0)
 
-
-def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * dtype.itemsize

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
 
 import torch
 
@@ -76,9 +75,3 @@ def register_weight_transfer() -> None:
                 if "already registered" not in str(e):
                     raise
 
-
-def known_backends() -> list[str]:
-    return list(BACKENDS)
-
-
-__all__: list[Any] = ["BACKEND", "BACKENDS", "ShmInitInfo", "SharedMemoryReceiver", "register_weight_transfer"]
