@@ -15,6 +15,17 @@ def _hash(t: torch.Tensor) -> str:
     return hashlib.sha1(t.detach().contiguous().float().numpy().tobytes()).hexdigest()[:16]
 
 
+def vllm_library() -> str:
+    """The file name of the vLLM kernel library this process mapped. Not ``sys.modules["vllm._C"]``: on an
+    AVX2-only or AVX-512-without-BF16 CPU vLLM imports ``vllm._C_AVX2`` / ``_C_AVX512``, whose module is named
+    ``_C`` inside, so the import fails after the library loaded and no module is recorded."""
+    with open("/proc/self/maps") as maps:
+        names = {os.path.basename(line.split()[-1]) for line in maps if "/vllm/_C" in line}
+    if len(names) != 1:
+        raise RuntimeError(f"expected one vLLM kernel library mapped, found {sorted(names)}")
+    return names.pop()
+
+
 def _engine_logprobs(folder: str) -> str:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -44,7 +55,7 @@ def main(folder: str) -> None:
 
     result = {
         "aten": torch.backends.cpu.get_cpu_capability(),
-        "vllm_library": os.path.basename(sys.modules["vllm._C"].__file__),
+        "vllm_library": vllm_library(),
         "log_softmax": _hash(torch.log_softmax(a, -1)),
         "mkl_matmul": _hash(a @ b),
         "onednn_mm": _hash(ops.onednn_mm(ops.create_onednn_mm(b, 32), a, None)),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from _helpers import KERNEL_CAPS, kernel_env
+from _kernel_probe import vllm_library
 
 pytest.importorskip("vllm")
 
@@ -80,7 +81,7 @@ def test_this_process_takes_the_kernels_its_caps_say():
     import torch
     import vllm._custom_ops  # noqa: F401 - loads vLLM's kernel library the way vLLM does
 
-    library = os.path.basename(sys.modules["vllm._C"].__file__)
+    library = vllm_library()
     if os.environ.get("PARALLEL_BRIDGE_KERNEL_CAP") == "avx2":
         assert torch.backends.cpu.get_cpu_capability() == "AVX2"
         assert library == "_C_AVX2.abi3.so"
