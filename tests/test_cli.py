@@ -181,3 +181,19 @@ def test_serve_impossible_tp_and_missing_tokenizer(demo_out, tmp_path):
     )
     line = one_error_line(run_cli("serve", str(tmp_path)), "serve")
     assert "is neither a torch_dist checkpoint" in line
+
+
+VERL = "tests/fixtures/producers/verl_layout/checkpoint/global_step_10/actor/dist_ckpt"
+
+
+@pytest.mark.slow
+def test_convert_both_ways_shows_a_byte_bar_and_no_third_party_warnings(tmp_path):
+    """Export and import each print a bar of bytes with the rate and the folder written; megatron-core's Apex
+    notices (printed on every import of its model code) go to the log, not the terminal."""
+    hf, back = tmp_path / "hf", tmp_path / "back"
+    exported = run_cli("convert", VERL, str(hf))
+    imported = run_cli("convert", str(hf), str(back), "--to", "megatron", "--tp", "2")
+    for proc, what, out in ((exported, "export", hf), (imported, "import", back)):
+        assert proc.returncode == 0 and proc.stdout.strip().endswith(f"wrote {out}"), proc.stderr[-2000:]
+        assert f"{what}: 100%" in proc.stderr and "B/s" in proc.stderr, proc.stderr[-2000:]
+        assert "Warning" not in proc.stderr and "Apex" not in proc.stderr, proc.stderr[-2000:]

@@ -1,6 +1,8 @@
-"""torch.distributed.checkpoint, read the way a serving rank needs: exact slices in one pass of DCP's own
-reader (a planner built from ``create_read_items_for_chunk_list``), every record checked against the CRC-32s
-``torch.save`` stored in it, errors naming the file."""
+"""torch.distributed.checkpoint, read the way a serving rank needs: exact slices, the read items from DCP's own
+``create_read_items_for_chunk_list``, each record read in place into the destinations in one pass with its
+CRC-32 checked (:mod:`~parallel_bridge.checkpoint.archive`); a record written with DCP's stream extensions or
+not as a ``torch.save`` archive goes through DCP's own reader (a planner from the same read items), checked
+the same way. Errors name the file and the record."""
 
 from __future__ import annotations
 
@@ -12,21 +14,42 @@ from typing import Any
 import torch
 
 from parallel_bridge.checkpoint import records
+from parallel_bridge.checkpoint.archive import Archive, StoredTensor
 from parallel_bridge.errors import CheckpointError
 
 
 def read_slices(
     reader: Any, metadata: Any, requests: list[tuple[str, list[int], list[int]]]
 ) -> list[torch.Tensor]:
-    """Read slices ``(key, offsets, sizes)`` of a DCP checkpoint in one pass of torch's own reader."""
+    """Read slices ``(key, offsets, sizes)`` of a DCP checkpoint, each record read once for all of them."""
     out = [
         torch.empty(sizes, dtype=metadata.state_dict_metadata[key].properties.dtype)
         for key, _, sizes in requests
     ]
+    items = [item for n, request in enumerate(requests) for item in _items_of(metadata, n, *request)]
+    by_record: dict[Any, list[Any]] = {}
+    for item in items:
+        by_record.setdefault(item.storage_index, []).append(item)
+    stored = {index: reader.stored(index) for index in by_record}
+    if all(t is not None for t in stored.values()):
+        order = sorted(by_record, key=lambda i: (metadata.storage_data[i].relative_path,
+                                                 metadata.storage_data[i].offset))
+        for index in order:
+            tensor: StoredTensor = stored[index]
+            boxes = [(list(i.storage_offsets), list(i.lengths), _dest(out, i)) for i in by_record[index]]
+            tensor.record.archive.read_boxes(tensor, boxes)
+        return out
     keys = sorted({key for key, _, _ in requests})
-    _load({str(n): t for n, t in enumerate(out)}, reader, _slice_planner(metadata, requests, out),
+    _load({str(n): t for n, t in enumerate(out)}, reader, _slice_planner(items, out),
           f"reading {keys[:3]} failed")
     return out
+
+
+def _dest(out: list[torch.Tensor], read_item: Any) -> torch.Tensor:
+    dest = out[int(read_item.dest_index.fqn)]
+    for dim, (off, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
+        dest = dest.narrow(dim, off, n)
+    return dest
 
 
 def _load(state: dict[str, Any], reader: Any, planner: Any, failed: str, prefix: str = "") -> None:
@@ -48,33 +71,34 @@ def _load(state: dict[str, Any], reader: Any, planner: Any, failed: str, prefix:
             ) from inner
 
 
-def _slice_planner(metadata: Any, requests: list[tuple[str, list[int], list[int]]], out: list[torch.Tensor]) -> Any:
-    """A DCP load planner that reads exactly the requested chunks into ``out`` (one tensor per request, so one
-    key can be read in several slices); built on DCP's own ``create_read_items_for_chunk_list``."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
+def _items_of(metadata: Any, n: int, key: str, offsets: list[int], sizes: list[int]) -> list[Any]:
+    """DCP's read items for the slice ``(key, offsets, sizes)``, its destination named ``str(n)``."""
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
-    from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+    from torch.distributed.checkpoint.planner import ReadItem
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    def items_of(n: int, key: str, offsets: list[int], sizes: list[int]) -> list[ReadItem]:
-        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-        return [
-            ReadItem(type=item.type, dest_index=MetadataIndex(fqn=str(n), offset=item.dest_index.offset,
-                                                             index=item.dest_index.index),
-                     dest_offsets=item.dest_offsets, storage_index=item.storage_index,
-                     storage_offsets=item.storage_offsets, lengths=item.lengths)
-            for item in create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk])
-        ]
+    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+    return [
+        ReadItem(type=item.type, dest_index=MetadataIndex(fqn=str(n), offset=item.dest_index.offset,
+                                                         index=item.dest_index.index),
+                 dest_offsets=item.dest_offsets, storage_index=item.storage_index,
+                 storage_offsets=item.storage_offsets, lengths=item.lengths)
+        for item in create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk])
+    ]
+
+
+def _slice_planner(items: list[Any], out: list[torch.Tensor]) -> Any:
+    """A DCP load planner that reads exactly ``items`` into ``out`` (one tensor per request, so one key can be
+    read in several slices)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.planner import LoadPlan
 
     class SlicePlanner(DefaultLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
-            return LoadPlan([item for n, request in enumerate(requests) for item in items_of(n, *request)])
+            return LoadPlan(items)
 
         def resolve_tensor(self, read_item):
-            dest = out[int(read_item.dest_index.fqn)]
-            for dim, (off, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-                dest = dest.narrow(dim, off, n)
-            return dest
+            return _dest(out, read_item)
 
         def commit_tensor(self, read_item, tensor) -> None:
             pass
@@ -88,6 +112,45 @@ def cached_reader(folder: Path) -> Any:
 
     class Reader(FileSystemReader):
         _metadata = None
+        _stored: dict[Any, StoredTensor | None]
+        _files: dict[str, Any]
+
+        def stored(self, index: Any) -> StoredTensor | None:
+            """The chunk at storage ``index`` as it lies in its file (None: a record only DCP's reader reads)."""
+            if not hasattr(self, "_stored"):
+                self._stored, self._files = {}, {}
+            if index not in self._stored:
+                self._stored[index] = self._in_place(index)
+            return self._stored[index]
+
+        def __del__(self) -> None:
+            for f in getattr(self, "_files", {}).values():
+                f.close()
+
+        def _in_place(self, index: Any) -> StoredTensor | None:
+            sinfo = self.read_metadata().storage_data[index]
+            if getattr(sinfo, "transform_descriptors", None):
+                return None
+            path = folder / sinfo.relative_path
+            if sinfo.relative_path not in self._files:
+                self._files[sinfo.relative_path] = open(path, "rb", buffering=0)  # noqa: SIM115 - process-long
+            f = self._files[sinfo.relative_path]
+            f.seek(sinfo.offset)
+            if f.read(4) != b"PK\x03\x04":
+                return None  # DCP's raw serialization: its reader's
+            label = f"shard file {path} (record of {index.fqn} at byte {sinfo.offset})"
+            tensor = Archive(path, sinfo.offset, sinfo.length, label, file=f).objects()
+            chunk = next((c for c in self.read_metadata().state_dict_metadata[index.fqn].chunks
+                          if tuple(c.offsets) == tuple(index.offset)), None)
+            dtype = self.read_metadata().state_dict_metadata[index.fqn].properties.dtype
+            if not isinstance(tensor, StoredTensor) or chunk is None or tuple(tensor.shape) != tuple(chunk.sizes) \
+                    or tensor.dtype != dtype:
+                raise CheckpointError(
+                    f"{label} holds {getattr(tensor, 'shape', type(tensor).__name__)} "
+                    f"{getattr(tensor, 'dtype', '')}; the metadata says a {dtype} chunk of "
+                    f"{tuple(chunk.sizes) if chunk is not None else '?'}"
+                )
+            return tensor
 
         def _slice_file(self, file, sinfo):
             """The record's bytes, checked against the CRC-32s torch.save stored in it."""

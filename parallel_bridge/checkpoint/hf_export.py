@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
 from parallel_bridge.checkpoint.outputs import atomic_output, check_output
+from parallel_bridge.checkpoint.progress import byte_progress
 from parallel_bridge.errors import CheckpointError, UnknownTensorError
 from parallel_bridge.spec import schema
 
@@ -57,9 +59,13 @@ def export_hf(
         )
     with atomic_output(out, str(ckpt.path)) as tmp:
         writer = _ShardedWriter(tmp, shard_bytes)
-        for name in _progress(names, progress):
-            for hf_name, tensor in schema.to_hf(name, ckpt.read(name), spec):
-                writer.add(hf_name, tensor)
+        total = sum(math.prod(ckpt.shape(n)) * ckpt.tensors[n].dtype.itemsize for n in names)
+        with byte_progress(total, "export", progress) as bar:
+            for name in names:
+                tensor = ckpt.read(name)
+                for hf_name, part in schema.to_hf(name, tensor, spec):
+                    writer.add(hf_name, part)
+                bar.update(tensor.numel() * tensor.element_size())
         writer.close()
         config = spec.to_hf()
         config["torch_dtype"] = str(ckpt.dtype).replace("torch.", "")
@@ -81,14 +87,6 @@ def _tokenizer_files(tokenizer: str | Path | None) -> list[Path]:
     if not files:
         raise CheckpointError(f"tokenizer folder {tokenizer} holds none of {list(TOKENIZER_FILES)}")
     return files
-
-
-def _progress(names: list[str], show: bool):
-    if not show:
-        return names
-    from tqdm import tqdm
-
-    return tqdm(names, desc="export", unit="tensor", ncols=80)
 
 
 class _ShardedWriter:

@@ -121,7 +121,7 @@ def plan_import(folder: Path, tp: int, pp: int, ep: int = 1) -> tuple[GPTConfig,
 
 def import_hf(
     folder: str | Path, out: str | Path, *, tp: int, pp: int = 1, ep: int = 1, iteration: int = 1,
-    overwrite: bool = False,
+    overwrite: bool = False, progress: bool = False,
 ) -> Path:
     """Write the Hugging Face model in ``folder`` as a Megatron ``torch_dist`` checkpoint ``out`` (with
     ``megatron_gpt_config.json``) for training at ``tp`` x ``pp`` (experts at ``ep``); returns ``out``."""
@@ -129,23 +129,26 @@ def import_hf(
     check_output(out, [folder], overwrite)
     cfg, plan = plan_import(folder, tp, pp, ep)
     with atomic_output(out, str(folder)) as tmp:
-        _save_with_megatron(cfg, plan, tmp, iteration)
+        _save_with_megatron(cfg, plan, tmp, iteration, progress)
     logger.info("imported %s -> %s (torch_dist, for tp=%d pp=%d)", folder, out, tp, pp)
     return out
 
 
-def _save_with_megatron(cfg: GPTConfig, plan: Plan, root: Path, iteration: int) -> None:
-    """Build the model with megatron-core on a world of one, fill it, save it with megatron-core's own code."""
+def _save_with_megatron(cfg: GPTConfig, plan: Plan, root: Path, iteration: int, progress: bool) -> None:
+    """Build the model with megatron-core on a world of one, fill it (a bar of the bytes read when
+    ``progress``), save it with megatron-core's own code."""
     from safetensors import safe_open
 
     from parallel_bridge.adapters import megatron
     from parallel_bridge.checkpoint.megatron_save import save_torch_dist
+    from parallel_bridge.checkpoint.progress import byte_progress
     from parallel_bridge.parallel.launch import single_process_world
 
     with single_process_world() as ctx, megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
         _, model = megatron.gpt_model(ctx, cfg, perform_initialization=False)
         params = dict(model.named_parameters())
-        with torch.no_grad(), contextlib.ExitStack() as files:
+        total = sum(params[name].numel() * 4 for name in plan)
+        with torch.no_grad(), contextlib.ExitStack() as files, byte_progress(total, "import", progress) as bar:
             handles: dict[Path, Any] = {}  # each safetensors file opened once
             for name, ((kind, layer, expert), parts) in plan.items():
                 tensors = []
@@ -154,4 +157,5 @@ def _save_with_megatron(cfg: GPTConfig, plan: Plan, root: Path, iteration: int) 
                         handles[path] = files.enter_context(safe_open(str(path), framework="pt"))
                     tensors.append(handles[path].get_tensor(part).to(torch.float32))
                 params[name].copy_(schema.from_hf(kind, layer, tensors, cfg, expert))
+                bar.update(params[name].numel() * 4)
         save_torch_dist(ctx, model, root, iteration, cfg)  # also writes megatron_gpt_config.json

@@ -1,8 +1,9 @@
 """Megatron-LM's legacy ``torch`` checkpoint format: ``iter_XXXXXXX/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt``,
 one file per tensor-parallel rank, pipeline stage and (MoE) expert-parallel rank.
 
-Each file is memory-mapped (``torch.load(mmap=True)``) after its zip records' CRC-32 checks, and a tensor is
-assembled from the TP shards that hold it. Expert-parallel rank ``e``'s file holds its experts under local indices
+Each file's pickle is read with its tensors left in place (:mod:`~parallel_bridge.checkpoint.archive`: nothing
+else is read, so a file that also holds optimizer state costs only the model's bytes), and a tensor is read in
+one CRC-checked pass from the TP shards that hold it, straight into the slice wanted when one shard holds it. Expert-parallel rank ``e``'s file holds its experts under local indices
 (``local_experts.{l}``); they are presented under the global index ``e * experts_per_rank + l``, the name
 megatron-core's own model at EP=1 gives them, and their shards merged over TP (Megatron-LM's legacy saves keep
 the expert TP equal to TP). The dense tensors every EP rank's file repeats are read from EP rank 0's.
@@ -15,7 +16,8 @@ from typing import Any
 
 import torch
 
-from parallel_bridge.checkpoint import megatron_files, records
+from parallel_bridge.checkpoint import megatron_files
+from parallel_bridge.checkpoint.archive import Archive, StoredTensor
 from parallel_bridge.checkpoint.megatron_files import TensorInfo, canonical
 from parallel_bridge.errors import CheckpointError, UnknownTensorError
 from parallel_bridge.spec import moe, schema
@@ -111,10 +113,10 @@ class LegacyFiles:
 
     @staticmethod
     def _read(f: Path) -> dict[str, Any]:
-        records.verify_file(f)
-        state = records.torch_load(f, mmap=True, what="shard file")
+        state = Archive(f).objects()
         if not isinstance(state, dict):
-            raise CheckpointError(f"shard file {f} holds a {type(state).__name__}, not Megatron's state dict")
+            what = "Tensor" if isinstance(state, StoredTensor) else type(state).__name__
+            raise CheckpointError(f"shard file {f} holds a {what}, not Megatron's state dict")
         return state
 
     def _load(self, rank: Rank) -> dict[str, Any]:
@@ -122,7 +124,7 @@ class LegacyFiles:
             self._loaded[rank] = self._read(self._files[rank])
         return self._loaded[rank]
 
-    def _model_state(self, rank: Rank) -> dict[str, torch.Tensor]:
+    def _model_state(self, rank: Rank) -> dict[str, StoredTensor]:
         ckpt = self._load(rank)
         state = ckpt.get("model", ckpt.get("model0"))
         if state is None:
@@ -148,13 +150,47 @@ class LegacyFiles:
         return self._first_args, str(self._files[(0, 0, 0)])
 
     def read(self, name: str, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
-        """The full tensor ``name`` (or ``length`` entries from ``start`` along ``dim``), merged from its shards."""
+        """The full tensor ``name`` (or ``length`` entries from ``start`` along ``dim``) from its shards."""
+        full = self._info(name).shape
+        if dim is None:
+            return self._read_ranges(name, 0, [(0, full[0])]) if full else self._stored(name)[0].read()
+        return self._read_ranges(name, dim, [(start, length if length is not None else full[dim] - start)])
+
+    def read_rows(self, name: str, index: list[tuple[int, int]]) -> torch.Tensor:
+        """Row ranges ``[(start, length), ...]`` of ``name``, each shard's record read once for all of them."""
+        self._info(name)
+        return self._read_ranges(name, 0, index)
+
+    def _info(self, name: str) -> TensorInfo:
         if name not in self._where:
             raise CheckpointError(f"{self.path}: no tensor {name}")
+        return self.tensors[name]
+
+    def _stored(self, name: str) -> list[StoredTensor]:
         p, e, local = self._where[name]
-        shards = [self._model_state((t, p, e))[local] for t in range(self.source_tp)]
-        full = schema.sharding_of(name).merge(name, shards)
-        if dim is not None:
-            n = length if length is not None else full.shape[dim] - start
-            full = full.narrow(dim, start, n)
-        return full.clone()
+        return [self._model_state((t, p, e))[local] for t in range(self.source_tp)]
+
+    def _read_ranges(self, name: str, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        """Ranges along ``dim`` of the full tensor, concatenated: along the dimension TP split, only the shard
+        pieces that hold them are read (the sharding's own :meth:`pieces`), straight into the output."""
+        stored, sharding, full = self._stored(name), schema.sharding_of(name), self.tensors[name]
+        split = len(stored) > 1 and sharding.dim is not None
+        if split and sharding.dim != dim:  # across the split dimension: every shard, merged
+            merged = sharding.merge(name, [s.read() for s in stored])
+            if ranges == [(0, full.shape[dim])]:
+                return merged
+            return torch.cat([merged.narrow(dim, a, n) for a, n in ranges], dim=dim)
+        shape = list(full.shape)
+        shape[dim] = sum(n for _, n in ranges)
+        out = torch.empty(shape, dtype=full.dtype)
+        boxes: dict[int, list[tuple[list[int], list[int], torch.Tensor]]] = {}
+        at = 0
+        for a, n in ranges:
+            for t, local, m in sharding.pieces(stored[0].shape[dim], len(stored), a, n) if split else [(0, a, n)]:
+                offsets, lengths = [0] * len(shape), list(stored[t].shape)
+                offsets[dim], lengths[dim] = local, m
+                boxes.setdefault(t, []).append((offsets, lengths, out.narrow(dim, at, m)))
+                at += m
+        for t, wanted in boxes.items():
+            stored[t].record.archive.read_boxes(stored[t], wanted)
+        return out

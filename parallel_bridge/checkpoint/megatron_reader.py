@@ -223,14 +223,18 @@ class _TorchDist(MegatronCheckpoint):
             path = self.path / f
             if not path.exists():
                 raise CheckpointError(f"shard file {path} is missing")
-        sizes: dict[str, int] = {}
-        for v in self.metadata.storage_data.values():
-            sizes[v.relative_path] = max(sizes.get(v.relative_path, 0), v.offset + v.length)
-        for f, need in sorted(sizes.items()):
+        ends: dict[str, tuple[int, Any]] = {}  # file -> (where its last record ends, that record)
+        for index, v in self.metadata.storage_data.items():
+            if v.offset + v.length > ends.get(v.relative_path, (0, None))[0]:
+                ends[v.relative_path] = (v.offset + v.length, index)
+        for f, (need, _) in sorted(ends.items()):
             have = (self.path / f).stat().st_size
             if have < need:
+                cut = min(((v.offset, i) for i, v in self.metadata.storage_data.items()
+                           if v.relative_path == f and v.offset + v.length > have), key=lambda x: x[0])
                 raise CheckpointError(
-                    f"shard file {self.path / f} is truncated: {have} bytes, metadata needs {need}"
+                    f"shard file {self.path / f} is truncated: {have} bytes, metadata needs {need}; the record of "
+                    f"{cut[1].fqn} (chunk at {list(cut[1].offset)}) from byte {cut[0]} on is cut"
                 )
 
     def _source_layout(self) -> tuple[int, int]:

@@ -1,7 +1,8 @@
-"""Checked reads of checkpoint files: CRC-32 checks of ``torch.save`` files (every record of the zip
-archive against the checksum stored beside it; ``torch.load`` does not check them, so a flipped byte inside
-a tensor would load silently), and JSON or pickles whose errors name the file (unpickled without running
-what they name)."""
+"""Checked reads of checkpoint files: the CRC-32 check of a ``torch.save`` archive already in memory (a DCP
+record DCP's own reader returns; every record of the archive against the checksum stored beside it:
+``torch.load`` does not check them, so a flipped byte inside a tensor would load silently; archives read in
+place are checked by :mod:`~parallel_bridge.checkpoint.archive`), and JSON or pickles whose errors name the
+file (unpickled without running what they name)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,6 @@ def _check(f: BinaryIO, label: str) -> None:
                 f"{label}: record {info.filename} fails its CRC-32 check (stored {info.CRC:08x}, "
                 f"read {crc:08x}); the file is damaged, restore it from a good copy"
             )
-
-
-def verify_file(path: Path, what: str = "shard file") -> None:
-    """Raise naming ``path`` and the record when any record of a ``torch.save`` file is damaged."""
-    with open(path, "rb") as f:
-        _check(f, f"{what} {path}")
 
 
 def verify_bytes(data: bytes, label: str) -> None:

@@ -7,12 +7,15 @@ Every value is checked before anything starts or is written; failures are :class
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +79,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def third_party_warnings_logged() -> Iterator[None]:
+    """Within the block, Python warnings (megatron-core's Apex notice on every import...) go to the log at DEBUG
+    (``--debug`` shows them), not to the terminal; ``catch_warnings`` restores the filters and the hook on exit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: logger.debug(
+            "%s:%d: %s: %s", filename, lineno, category.__name__, message)
+        yield
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Export a Megatron checkpoint to a Hugging Face folder, or import a Hugging Face folder as Megatron's."""
+    """Export a Megatron checkpoint to a Hugging Face folder, or import a Hugging Face folder as Megatron's;
+    third-party warnings go to the log."""
+    with third_party_warnings_logged():
+        return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
     from parallel_bridge.checkpoint.hf_export import export_hf
 
     if args.to not in ("hf", "megatron"):
@@ -93,7 +113,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         given = [args.iteration, args.config_overrides, args.tokenizer, args.hf_config]
         if any(v is not None for v in given):
             raise CliError("--iteration, --config-overrides, --hf-config and --tokenizer apply to exports (--to hf) only")
-        print(f"wrote {import_hf(args.checkpoint, args.out, tp=args.tp, pp=args.pp, ep=args.ep, overwrite=args.force)}")
+        out = import_hf(args.checkpoint, args.out, tp=args.tp, pp=args.pp, ep=args.ep, overwrite=args.force,
+                        progress=not args.quiet)
+        print(f"wrote {out}")
         return EXIT_OK
     out = export_hf(
         _open_checkpoint(args),

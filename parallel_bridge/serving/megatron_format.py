@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
+from parallel_bridge.checkpoint.progress import byte_progress
 from parallel_bridge.errors import CheckpointError, LayoutError
 from parallel_bridge.spec.slices import VOCAB_PARAMS, rank_parts
 from parallel_bridge.spec.tp_split import TPSplit, TPSplitError, serving_split
@@ -155,8 +156,9 @@ def fill_parameters(
         )
 
 
-def load_into_vllm_model(model: Any, ckpt: MegatronCheckpoint) -> None:
-    """Fill vLLM's own model of the checkpoint's family on this TP rank, reading only this rank's parts."""
+def load_into_vllm_model(model: Any, ckpt: MegatronCheckpoint, progress: bool = False) -> None:
+    """Fill vLLM's own model of the checkpoint's family on this TP rank, reading only this rank's parts (a bar
+    of the bytes on TP rank 0 when ``progress``: vLLM's ``use_tqdm_on_load``)."""
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
     from parallel_bridge.adapters.vllm import expert_parallel_of
@@ -173,7 +175,17 @@ def load_into_vllm_model(model: Any, ckpt: MegatronCheckpoint) -> None:
         (idx.org_vocab_start_index, idx.org_vocab_end_index),
         ep,
     )
-    fill_parameters(dict(model.named_parameters()), parts, f"{ckpt.path}", type(model).__name__)
+    params = dict(model.named_parameters())
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    show = progress and get_tensor_model_parallel_rank() == 0
+    with byte_progress(total, f"loading {ckpt.format} checkpoint", show) as bar:
+        fill_parameters(params, _counted(parts, bar), f"{ckpt.path}", type(model).__name__)
+
+
+def _counted(parts: Iterator[tuple[str, torch.Tensor]], bar: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, value in parts:
+        yield name, value
+        bar.update(value.numel() * value.element_size())
 
 
 def register_vllm_formats() -> None:
@@ -202,7 +214,7 @@ def register_vllm_formats() -> None:
         def load_weights(self, model, model_config) -> None:
             ckpt = opened(model_config.model, model_config.hf_overrides)
             if type(model).__module__.startswith("vllm.model_executor.models."):  # vLLM's own class
-                load_into_vllm_model(model, ckpt)
+                load_into_vllm_model(model, ckpt, bool(getattr(self.load_config, "use_tqdm_on_load", False)))
             else:
                 loaded = model.load_weights(ckpt.iter_full())
                 expected = {n for n, _ in model.named_parameters()}
