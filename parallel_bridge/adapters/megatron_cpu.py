@@ -96,7 +96,9 @@ def cpu_compat() -> Iterator[None]:
     ``"cpu"``, ``torch.cuda.synchronize()`` (dist_checkpointing's file writer) does
     nothing, the default causal and sliding-window masks of the unfused softmax are made on the CPU, the MoE
     router's GEMM takes torch's path (megatron-core names Transformer Engine's, which it never imported),
-    and Megatron's CUDA RNG tracker is a :class:`CpuRNGStatesTracker`
+    ``tensor.cuda()`` returns the tensor (megatron-core moves a pipeline's tied embedding copy to the GPU
+    before all-reducing it between the first and last stage), and Megatron's CUDA RNG tracker is a
+    :class:`CpuRNGStatesTracker`
     (seed it with :func:`model_parallel_manual_seed`). With a GPU it does nothing:
     Megatron's own behaviour applies.
     """
@@ -117,8 +119,10 @@ def cpu_compat() -> Iterator[None]:
         fused_softmax.get_default_causal_mask,
         fused_softmax.get_sliding_window_causal_mask,
         moe_utils.__dict__.get("te_general_gemm", _ABSENT),
+        torch.Tensor.cuda,
     )
     torch.cuda.synchronize = _no_sync
+    torch.Tensor.cuda = _stay_on_cpu  # type: ignore[method-assign]
     if not moe_utils.HAVE_TE:  # the router's GEMM names Transformer Engine's te_general_gemm, never imported
         moe_utils.te_general_gemm = None
     torch.cuda.current_device = _cpu_device
@@ -132,12 +136,17 @@ def cpu_compat() -> Iterator[None]:
             yield
     finally:
         torch.cuda.synchronize, torch.cuda.current_device = saved[0], saved[1]
+        torch.Tensor.cuda = saved[7]  # type: ignore[method-assign]
         mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved[2], saved[3]
         fused_softmax.get_default_causal_mask, fused_softmax.get_sliding_window_causal_mask = saved[4], saved[5]
         if saved[6] is _ABSENT:
             moe_utils.__dict__.pop("te_general_gemm", None)
         else:
             moe_utils.te_general_gemm = saved[6]
+
+
+def _stay_on_cpu(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return self
 
 
 def model_parallel_manual_seed(ctx: ParallelContext, seed: int) -> None:

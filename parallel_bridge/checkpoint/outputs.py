@@ -66,17 +66,29 @@ def pid_alive(pid: int) -> bool:
 def atomic_output(out: Path, source: str) -> Iterator[Path]:
     """A temporary folder to fill; on success it becomes ``out`` (carrying :data:`MARKER`, and replacing an
     earlier output checked by :func:`check_output`), on failure it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    tmp = begin_output(out)
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"tool": "parallel-bridge convert", "source": source}))
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        if out.exists():
-            out.rename(old)  # checked before: an earlier output of this tool
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        finish_output(tmp, out, source)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def begin_output(out: Path) -> Path:
+    """The temporary folder beside ``out`` a conversion fills (``.OUT.partial-PID-*``), the ones of killed
+    earlier runs removed first. :func:`atomic_output` for one process; a distributed import's rank 0 calls this
+    and :func:`finish_output` itself."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+
+
+def finish_output(tmp: Path, out: Path, source: str) -> None:
+    """Mark the filled ``tmp`` and rename it to ``out`` (an earlier output, checked before, replaced)."""
+    (tmp / MARKER).write_text(json.dumps({"tool": "parallel-bridge convert", "source": source}))
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    if out.exists():
+        out.rename(old)  # checked before: an earlier output of this tool
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

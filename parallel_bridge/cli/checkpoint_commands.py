@@ -113,8 +113,18 @@ def _convert(args: argparse.Namespace) -> int:
         given = [args.iteration, args.config_overrides, args.tokenizer, args.hf_config]
         if any(v is not None for v in given):
             raise CliError("--iteration, --config-overrides, --hf-config and --tokenizer apply to exports (--to hf) only")
-        out = import_hf(args.checkpoint, args.out, tp=args.tp, pp=args.pp, ep=args.ep, overwrite=args.force,
-                        progress=not args.quiet)
+        from parallel_bridge.checkpoint.sharded_import import import_hf_sharded, under_torchrun
+
+        if under_torchrun():  # one process per Megatron rank, each its own shard
+            if args.ep != 1:
+                raise CliError("--ep applies to one-process imports; under torchrun, import with --tp and --pp")
+            out = import_hf_sharded(args.checkpoint, args.out, tp=args.tp, pp=args.pp, overwrite=args.force,
+                                    progress=not args.quiet)
+            if os.environ.get("RANK", "0") != "0":
+                return EXIT_OK
+        else:
+            out = import_hf(args.checkpoint, args.out, tp=args.tp, pp=args.pp, ep=args.ep, overwrite=args.force,
+                            progress=not args.quiet)
         print(f"wrote {out}")
         return EXIT_OK
     out = export_hf(

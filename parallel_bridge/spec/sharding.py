@@ -18,7 +18,7 @@ experts is :func:`~parallel_bridge.spec.slices.rank_parts`'s.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +35,10 @@ def _chunk(name: str, t: torch.Tensor, parts: int, dim: int) -> tuple[torch.Tens
     if t.shape[dim] % parts:
         raise ModelConfigError(f"tensor {name} of shape {tuple(t.shape)} cannot be split in {parts} along dim {dim}")
     return torch.chunk(t, parts, dim=dim)
+
+
+PartReader = Callable[[int, "int | None", int, int], torch.Tensor]
+"""``(part, dim, start, length)`` -> that slice of a kind's Hugging Face part ``part`` (``dim`` None: all of it)."""
 
 
 class Sharding:
@@ -84,6 +88,13 @@ class Sharding:
         """The shapes of the Hugging Face parts of a tensor of full shape ``full``."""
         return [full]
 
+    def hf_shard(self, name: str, read_part: PartReader, full: tuple[int, ...], spec: GPTConfig, tp: int,
+                 rank: int) -> torch.Tensor:
+        """megatron-core TP rank ``rank``'s shard of a tensor of full shape ``full``, from slices of its Hugging
+        Face parts (``read_part(part, dim, start, length)``; ``dim`` None reads a part whole): only what the
+        shard holds is read (a distributed import reads each byte once over all ranks)."""
+        return self.from_hf(name, [read_part(i, None, 0, 0) for i in range(len(self.hf_shapes(full, spec)))], spec)
+
     def __repr__(self) -> str:
         return f"<{self.name} sharding>"
 
@@ -102,6 +113,10 @@ class ColumnParallel(Sharding):
     def vllm_slice(self, store, name, spec, tp, rank, vocab):
         local = store.shape(name)[self.dim] // tp
         return store.read(name, self.dim, rank * local, local)
+
+    def hf_shard(self, name, read_part, full, spec, tp, rank):
+        local = full[self.dim] // tp
+        return read_part(0, self.dim, rank * local, local)
 
 
 class RowParallel(ColumnParallel):
@@ -146,6 +161,10 @@ class GatedColumnParallel(ColumnParallel):
     def hf_shapes(self, full, spec):
         return [(full[0] // 2, *full[1:])] * 2
 
+    def hf_shard(self, name, read_part, full, spec, tp, rank):
+        half = full[0] // 2 // tp
+        return torch.cat([read_part(0, 0, rank * half, half), read_part(1, 0, rank * half, half)])
+
 
 class GroupedQKVParallel(ColumnParallel):
     """megatron-core's grouped ``linear_qkv`` rows: whole query groups per rank (:class:`GroupedQKV`)."""
@@ -164,6 +183,12 @@ class GroupedQKVParallel(ColumnParallel):
     def hf_shapes(self, full, spec):
         rest, kv = full[1:], spec.num_query_groups * spec.head_dim
         return [(spec.num_attention_heads * spec.head_dim, *rest), (kv, *rest), (kv, *rest)]
+
+    def hf_shard(self, name, read_part, full, spec, tp, rank):
+        qkv = GroupedQKV.of(spec)
+        local = GroupedQKV(qkv.heads // tp, qkv.groups // tp, qkv.head_dim)  # megatron-core: whole groups per rank
+        q, kv = local.heads * local.head_dim, local.groups * local.head_dim
+        return local.fuse(read_part(0, 0, rank * q, q), read_part(1, 0, rank * kv, kv), read_part(2, 0, rank * kv, kv))
 
 
 class VocabParallel(ColumnParallel):
@@ -189,6 +214,16 @@ class VocabParallel(ColumnParallel):
 
     def hf_shapes(self, full, spec):
         return [(spec.vocab_size, *full[1:])]
+
+    def hf_shard(self, name, read_part, full, spec, tp, rank):
+        per = full[0] // tp  # rows of the padded vocabulary; those past vocab_size are zeros
+        start = rank * per
+        real = max(0, min(per, spec.vocab_size - start))
+        rows = read_part(0, 0, start, real) if real else None
+        out = torch.zeros(per, *full[1:], dtype=rows.dtype if rows is not None else torch.float32)
+        if rows is not None:
+            out[:real] = rows
+        return out
 
     def pad_for(self, name: str, full: torch.Tensor, spec: GPTConfig, rows: int) -> torch.Tensor:
         """The real rows of ``full`` padded with zeros to ``rows`` (a model's own padding for its TP size)."""
