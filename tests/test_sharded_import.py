@@ -70,14 +70,15 @@ def same_checkpoints(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, tp, pp", [("qwen2", 2, 1), ("qwen2", 1, 2), ("qwen3", 2, 1)])
+@pytest.mark.parametrize("family, tp, pp", [("qwen2", 2, 1), ("qwen2", 1, 2), ("qwen3", 2, 1), ("mixtral", 2, 1)])
 def test_torchrun_import_equals_the_one_process_import(tmp_path, family, tp, pp):
     from test_hf_import import hf_model
+    from test_moe_hf import FAMILIES as MOE
 
     from parallel_bridge.checkpoint.hf_import import import_hf
 
     hf = tmp_path / "hf"
-    hf_model(family, hf)
+    hf_model(family, hf, MOE if family in MOE else None)
     proc = torchrun(hf, tmp_path / "dist", "--tp", tp, "--pp", pp)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0 and out.strip().splitlines()[-1] == f"wrote {tmp_path / 'dist'}", err[-3000:]

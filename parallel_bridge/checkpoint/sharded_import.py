@@ -7,7 +7,8 @@ megatron-core's GPTModel for its (TP, PP) place, fills its shard from exactly th
 ``dist_checkpointing.save`` writes all shards together as global sharded tensors, so the result loads at any
 layout like a single-process import's. Rank 0 owns the temporary folder beside ``OUT`` and renames it into
 place once every rank has saved; a rank that dies leaves the others failing at the save's collective within the
-timeout, and the next run removes the folder it left. Memory per rank: its shard, the largest slice it reads,
+timeout, and the next run removes the folder it left. MoE models import at EP=1, each expert split like a
+dense MLP over expert-TP (= TP). Memory per rank: its shard, the largest slice it reads,
 and megatron-core's save buffers.
 """
 
@@ -27,8 +28,9 @@ from parallel_bridge.checkpoint.megatron_files import canonical
 from parallel_bridge.checkpoint.outputs import begin_output, check_output, finish_output
 from parallel_bridge.checkpoint.progress import byte_progress
 from parallel_bridge.errors import CheckpointError
-from parallel_bridge.spec import schema
+from parallel_bridge.spec import moe, schema
 from parallel_bridge.spec.model import GPTConfig
+from parallel_bridge.spec.tp_split import experts_per_rank
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,6 @@ def import_hf_sharded(
         )
     check_output(out, [folder], overwrite)
     cfg, plan = plan_import(folder, tp, pp)
-    if cfg.num_moe_experts:
-        raise CheckpointError(f"{folder}: an MoE import under torchrun is not built yet; run it in one process")
     ctx = context_from_torchrun(tp=tp, pp=pp, timeout_s=timeout_s)
     try:
         with megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
@@ -90,6 +90,7 @@ def _fill(ctx: Any, model: Any, cfg: GPTConfig, plan: Plan, progress: bool) -> N
     from safetensors import safe_open
 
     offset = schema.layer_offset(cfg.num_layers, ctx.pp, ctx.pp_rank)
+    per_rank = experts_per_rank(cfg.num_moe_experts, ctx.ep)
     params = dict(model.named_parameters())
     total = sum(p.numel() * p.element_size() for p in params.values())
     with torch.no_grad(), contextlib.ExitStack() as files, byte_progress(total, "import", progress) as bar:
@@ -107,14 +108,15 @@ def _fill(ctx: Any, model: Any, cfg: GPTConfig, plan: Plan, progress: bool) -> N
             return read_part
 
         for local, param in params.items():
-            name = canonical(schema.global_name(local, offset))
+            name = moe.global_expert_name(canonical(schema.global_name(local, offset)), ctx.ep_rank, per_rank)
             if cfg.tie_embeddings and name == "output_layer.weight":
                 name = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
             if name not in plan:
                 raise CheckpointError(f"parameter {local} (global name {name}) of rank {ctx.rank} has no Hugging "
                                       f"Face tensor to come from")
-            (kind, _, _), parts = plan[name]
-            shard = kind.sharding.hf_shard(name, reader(parts), kind.shape(cfg), cfg, ctx.tp, ctx.tp_rank)
+            (kind, _, expert), parts = plan[name]
+            split, split_rank = (ctx.etp, ctx.etp_rank) if expert is not None else (ctx.tp, ctx.tp_rank)
+            shard = kind.sharding.hf_shard(name, reader(parts), kind.shape(cfg), cfg, split, split_rank)
             if tuple(shard.shape) != tuple(param.shape):
                 raise CheckpointError(f"tensor {name}: rank {ctx.rank}'s shard from Hugging Face has shape "
                                       f"{tuple(shard.shape)}, its parameter {tuple(param.shape)}")
