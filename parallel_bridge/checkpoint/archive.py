@@ -103,7 +103,8 @@ class Archive:
                  file: BinaryIO | None = None) -> None:
         self.path, self.label = path, label or f"shard file {path}"
         self.verified: set[str] = set()
-        # an unbuffered handle (shared by the records of one .distcp file); closed with its owner
+        # an unbuffered handle: its own (closed when the archive goes), or one the records of a .distcp file share
+        self._owned = file is None
         self._file = file if file is not None else open(path, "rb", buffering=0)  # noqa: SIM115
         size = self._file.seek(0, 2)
         length = size - base if length is None else length
@@ -120,6 +121,10 @@ class Archive:
         if len(pickles) != 1:
             raise CheckpointError(f"{self.label} is not a torch.save archive (no single */data.pkl record)")
         self.prefix = pickles[0][: -len("data.pkl")]
+
+    def __del__(self) -> None:
+        if getattr(self, "_owned", False):
+            self._file.close()
 
     def _record(self, info: zipfile.ZipInfo, base: int, length: int) -> Record:
         self._window.seek(info.header_offset)
