@@ -144,14 +144,11 @@ class Archive:
 
     def objects(self) -> Any:
         """What the archive's pickle holds, every tensor a :class:`StoredTensor` (nothing else read)."""
-        for record in self.records.values():  # the small ones: the pickle, the format's version, byte order
-            if not record.name.startswith(self.prefix + "data/"):
-                self._read_checked(record)
-        order = self.records.get(self.prefix + "byteorder")
-        if order is not None and self._read_span(order.offset, order.size) != b"little":
+        small = {r.name: self._read_checked(r) for r in self.records.values()  # the pickle, version, byte order
+                 if not r.name.startswith(self.prefix + "data/")}
+        if small.get(self.prefix + "byteorder", b"little") != b"little":
             raise CheckpointError(f"{self.label} was written on a big-endian machine; read it with torch.load")
-        pkl = self.records[self.prefix + "data.pkl"]
-        data = self._read_span(pkl.offset, pkl.size)
+        data = small[self.prefix + "data.pkl"]
         try:
             return _PlaceholderUnpickler(io.BytesIO(data), self).load()
         except CheckpointError:

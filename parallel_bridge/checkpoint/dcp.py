@@ -19,10 +19,12 @@ from parallel_bridge.errors import CheckpointError
 
 
 def read_slices(
-    reader: Any, metadata: Any, requests: list[tuple[str, list[int], list[int]]]
+    reader: Any, metadata: Any, requests: list[tuple[str, list[int], list[int]]],
+    into: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """Read slices ``(key, offsets, sizes)`` of a DCP checkpoint, each record read once for all of them."""
-    out = [
+    """Read slices ``(key, offsets, sizes)`` of a DCP checkpoint, each record read once for all of them, into
+    ``into`` (tensors of the requests' sizes: views of one output, say) or new tensors."""
+    out = into if into is not None else [
         torch.empty(sizes, dtype=metadata.state_dict_metadata[key].properties.dtype)
         for key, _, sizes in requests
     ]
@@ -106,51 +108,64 @@ def _slice_planner(items: list[Any], out: list[torch.Tensor]) -> Any:
     return SlicePlanner()
 
 
+class _InPlaceChunks:
+    """The chunks of one DCP checkpoint as they lie in their files (:class:`StoredTensor`), each checked against
+    the metadata once; each ``.distcp`` file opened once, closed with this object."""
+
+    def __init__(self, folder: Path, metadata: Any) -> None:
+        self.folder, self.metadata = folder, metadata
+        self._stored: dict[Any, StoredTensor | None] = {}
+        self._files: dict[str, Any] = {}
+
+    def __del__(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def get(self, index: Any) -> StoredTensor | None:
+        """The chunk at storage ``index`` (None: a record only DCP's reader reads: stream extensions, raw bytes)."""
+        if index not in self._stored:
+            self._stored[index] = self._find(index)
+        return self._stored[index]
+
+    def _find(self, index: Any) -> StoredTensor | None:
+        sinfo = self.metadata.storage_data[index]
+        if getattr(sinfo, "transform_descriptors", None):
+            return None
+        path = self.folder / sinfo.relative_path
+        if sinfo.relative_path not in self._files:
+            self._files[sinfo.relative_path] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in __del__
+        f = self._files[sinfo.relative_path]
+        f.seek(sinfo.offset)
+        if f.read(4) != b"PK\x03\x04":
+            return None  # DCP's raw serialization: its reader's
+        label = f"shard file {path} (record of {index.fqn} at byte {sinfo.offset})"
+        tensor = Archive(path, sinfo.offset, sinfo.length, label, file=f).objects()
+        md = self.metadata.state_dict_metadata[index.fqn]
+        chunk = next((c for c in md.chunks if tuple(c.offsets) == tuple(index.offset)), None)
+        dtype = md.properties.dtype
+        if not isinstance(tensor, StoredTensor) or chunk is None or tuple(tensor.shape) != tuple(chunk.sizes) \
+                or tensor.dtype != dtype:
+            raise CheckpointError(
+                f"{label} holds {getattr(tensor, 'shape', type(tensor).__name__)} "
+                f"{getattr(tensor, 'dtype', '')}; the metadata says a {dtype} chunk of "
+                f"{tuple(chunk.sizes) if chunk is not None else '?'}"
+            )
+        return tensor
+
+
 def cached_reader(folder: Path) -> Any:
-    """A FileSystemReader that parses ``.metadata`` once, not on every read."""
+    """A FileSystemReader that parses ``.metadata`` once, not on every read, and finds chunks in place."""
     from torch.distributed.checkpoint import FileSystemReader
 
     class Reader(FileSystemReader):
         _metadata = None
-        _stored: dict[Any, StoredTensor | None]
-        _files: dict[str, Any]
+        _chunks: _InPlaceChunks | None = None
 
         def stored(self, index: Any) -> StoredTensor | None:
             """The chunk at storage ``index`` as it lies in its file (None: a record only DCP's reader reads)."""
-            if not hasattr(self, "_stored"):
-                self._stored, self._files = {}, {}
-            if index not in self._stored:
-                self._stored[index] = self._in_place(index)
-            return self._stored[index]
-
-        def __del__(self) -> None:
-            for f in getattr(self, "_files", {}).values():
-                f.close()
-
-        def _in_place(self, index: Any) -> StoredTensor | None:
-            sinfo = self.read_metadata().storage_data[index]
-            if getattr(sinfo, "transform_descriptors", None):
-                return None
-            path = folder / sinfo.relative_path
-            if sinfo.relative_path not in self._files:
-                self._files[sinfo.relative_path] = open(path, "rb", buffering=0)  # noqa: SIM115 - process-long
-            f = self._files[sinfo.relative_path]
-            f.seek(sinfo.offset)
-            if f.read(4) != b"PK\x03\x04":
-                return None  # DCP's raw serialization: its reader's
-            label = f"shard file {path} (record of {index.fqn} at byte {sinfo.offset})"
-            tensor = Archive(path, sinfo.offset, sinfo.length, label, file=f).objects()
-            chunk = next((c for c in self.read_metadata().state_dict_metadata[index.fqn].chunks
-                          if tuple(c.offsets) == tuple(index.offset)), None)
-            dtype = self.read_metadata().state_dict_metadata[index.fqn].properties.dtype
-            if not isinstance(tensor, StoredTensor) or chunk is None or tuple(tensor.shape) != tuple(chunk.sizes) \
-                    or tensor.dtype != dtype:
-                raise CheckpointError(
-                    f"{label} holds {getattr(tensor, 'shape', type(tensor).__name__)} "
-                    f"{getattr(tensor, 'dtype', '')}; the metadata says a {dtype} chunk of "
-                    f"{tuple(chunk.sizes) if chunk is not None else '?'}"
-                )
-            return tensor
+            if self._chunks is None:
+                self._chunks = _InPlaceChunks(folder, self.read_metadata())
+            return self._chunks.get(index)
 
         def _slice_file(self, file, sinfo):
             """The record's bytes, checked against the CRC-32s torch.save stored in it."""

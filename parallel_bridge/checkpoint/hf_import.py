@@ -147,7 +147,7 @@ def _save_with_megatron(cfg: GPTConfig, plan: Plan, root: Path, iteration: int, 
     with single_process_world() as ctx, megatron.cpu_compat(), megatron.bind_parallel_state(ctx):
         _, model = megatron.gpt_model(ctx, cfg, perform_initialization=False)
         params = dict(model.named_parameters())
-        total = sum(params[name].numel() * 4 for name in plan)
+        total = sum(params[name].numel() * params[name].element_size() for name in plan)
         with torch.no_grad(), contextlib.ExitStack() as files, byte_progress(total, "import", progress) as bar:
             handles: dict[Path, Any] = {}  # each safetensors file opened once
             for name, ((kind, layer, expert), parts) in plan.items():
@@ -157,5 +157,5 @@ def _save_with_megatron(cfg: GPTConfig, plan: Plan, root: Path, iteration: int, 
                         handles[path] = files.enter_context(safe_open(str(path), framework="pt"))
                     tensors.append(handles[path].get_tensor(part).to(torch.float32))
                 params[name].copy_(schema.from_hf(kind, layer, tensors, cfg, expert))
-                bar.update(params[name].numel() * 4)
+                bar.update(params[name].numel() * params[name].element_size())
         save_torch_dist(ctx, model, root, iteration, cfg)  # also writes megatron_gpt_config.json

@@ -18,7 +18,7 @@ import torch
 
 from parallel_bridge.checkpoint import megatron_files
 from parallel_bridge.checkpoint.archive import Archive, StoredTensor
-from parallel_bridge.checkpoint.megatron_files import TensorInfo, canonical
+from parallel_bridge.checkpoint.megatron_files import TensorInfo
 from parallel_bridge.errors import CheckpointError, UnknownTensorError
 from parallel_bridge.spec import moe, schema
 
@@ -49,10 +49,11 @@ class LegacyFiles:
         self.path = folder
         any_file = next(p / "model_optim_rng.pt" for p in sorted(folder.iterdir())
                         if p.is_dir() and megatron_files.RANK_DIR.match(p.name))
-        saved = self._read(any_file).get("args")
+        first = self._read(any_file)
+        saved = first.get("args")
         dirs = rank_folders(folder, saved)
         self._files = {k: v / "model_optim_rng.pt" for k, v in dirs.items()}
-        self._loaded: dict[Rank, dict[str, Any]] = {}
+        self._loaded: dict[Rank, dict[str, Any]] = {k: first for k, f in self._files.items() if f == any_file}
         # the saving job's layout, as Megatron-LM records it; else what the folders show
         self.source_tp = getattr(saved, "tensor_model_parallel_size", None) or 1 + max(t for t, _, _ in dirs)
         self.source_pp = getattr(saved, "pipeline_model_parallel_size", None) or 1 + max(p for _, p, _ in dirs)
@@ -107,7 +108,7 @@ class LegacyFiles:
                     if local.endswith("_extra_state") or (e and not moe.is_expert(local)):
                         continue
                     local_layers.add(schema.layer_of(local))
-                    name = moe.global_expert_name(canonical(schema.global_name(local, offset)), e, per_rank)
+                    name = megatron_files.global_param_name(local, offset, e, per_rank)
                     self._where[name] = (p, e, local)
             offset += len(local_layers - {None})
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from parallel_bridge.errors import CheckpointError
+from parallel_bridge.spec import moe, schema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,13 @@ def canonical(name: str) -> str:
         if name.endswith(te):
             return name[: -len(te)] + local
     return name
+
+
+def global_param_name(local: str, layer_offset: int, ep_rank: int = 0, experts_per_rank: int = 0) -> str:
+    """A pipeline stage's (and expert-parallel rank's) parameter name as the whole model's: local-spec, the layer
+    index made global, a local expert's index made global. The one mapping the legacy reader, the sharded
+    import and the weight sync share."""
+    return moe.global_expert_name(canonical(schema.global_name(local, layer_offset)), ep_rank, experts_per_rank)
 
 
 def iteration_folder(root: Path, iteration: int | None) -> Path:

@@ -295,8 +295,17 @@ class _TorchDist(MegatronCheckpoint):
         return self._unstack(name, out)
 
     def read_rows(self, name: str, index: list[tuple[int, int]]) -> torch.Tensor:
-        parts = dcp.read_slices(self.reader, self.metadata, [self._request(name, 0, s, n) for s, n in index])
-        return torch.cat([self._unstack(name, p) for p in parts], dim=0)
+        requests = [self._request(name, 0, s, n) for s, n in index]
+        shape = list(self.tensors[name].shape)
+        shape[0] = sum(n for _, n in index)
+        out = torch.empty(shape, dtype=self.tensors[name].dtype)
+        lead = [1] * len(self._stored[name][1])
+        views, at = [], 0
+        for _, n in index:  # each range read straight into its rows of the output
+            views.append(out.narrow(0, at, n).view(*lead, n, *shape[1:]))
+            at += n
+        dcp.read_slices(self.reader, self.metadata, requests, into=views)
+        return out
 
     def _request(
         self, name: str, dim: int | None, start: int, length: int | None

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from parallel_bridge.checkpoint.hf_import import Plan, plan_import
-from parallel_bridge.checkpoint.megatron_files import canonical
+from parallel_bridge.checkpoint.megatron_files import global_param_name
 from parallel_bridge.checkpoint.outputs import begin_output, check_output, finish_output
 from parallel_bridge.checkpoint.progress import byte_progress
 from parallel_bridge.errors import CheckpointError
-from parallel_bridge.spec import moe, schema
+from parallel_bridge.spec import schema
 from parallel_bridge.spec.model import GPTConfig
 from parallel_bridge.spec.tp_split import experts_per_rank
 
@@ -108,7 +108,7 @@ def _fill(ctx: Any, model: Any, cfg: GPTConfig, plan: Plan, progress: bool) -> N
             return read_part
 
         for local, param in params.items():
-            name = moe.global_expert_name(canonical(schema.global_name(local, offset)), ctx.ep_rank, per_rank)
+            name = global_param_name(local, offset, ctx.ep_rank, per_rank)
             if cfg.tie_embeddings and name == "output_layer.weight":
                 name = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
             if name not in plan:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
-from parallel_bridge.checkpoint.megatron_files import canonical
+from parallel_bridge.checkpoint.megatron_files import global_param_name
 from parallel_bridge.errors import RoundError, SyncError, UnknownTensorError
 from parallel_bridge.parallel.context import ParallelContext
 from parallel_bridge.spec import moe, schema
@@ -83,7 +83,7 @@ class MegatronWeightSource(WeightSource):
         per_rank = experts_per_rank(cfg.num_moe_experts, ctx.ep)
         out = []
         for local, p in self.module.named_parameters():
-            name = moe.global_expert_name(canonical(schema.global_name(local, offset)), ctx.ep_rank, per_rank)
+            name = global_param_name(local, offset, ctx.ep_rank, per_rank)
             expert = moe.is_expert(name)
             shape = tuple(getattr(p, "ds_shape", p.shape))
             if cfg.tie_embeddings and name == "output_layer.weight":
