@@ -205,23 +205,12 @@ def _rows(results: list[dict], ceiling: float, raw: dict[str, float]) -> list[di
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--hidden", type=int, default=1536)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--moe", action="store_true", help="a Mixtral-like checkpoint saved at EP=2")
-    parser.add_argument("--ttft", action="store_true", help="also time the first served token (4 engines)")
-    args = parser.parse_args()
-    from _common import report
-
+def _measure_all(args: argparse.Namespace, sizes: dict) -> tuple[list, int, float, float]:
+    """Save the checkpoint (both formats unless MoE) and run every measurement: (results, checkpoint bytes,
+    largest tensor MB, save seconds)."""
     from parallel_bridge.checkpoint.megatron_reader import MegatronCheckpoint
     from parallel_bridge.testing import run_distributed
 
-    h = args.hidden
-    sizes = {"num_layers": args.layers, "hidden_size": h, "num_attention_heads": h // 64,
-             "num_query_groups": h // 256, "ffn_hidden_size": 2816 * h // 1024, "vocab_size": 16384}
-    if args.moe:
-        sizes.update(num_moe_experts=8, moe_router_topk=2, ffn_hidden_size=h)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         root, legacy, hf = (str(Path(tmp, n)) for n in ("ckpt", "legacy", "hf"))
         start = time.perf_counter()
@@ -247,6 +236,24 @@ def main() -> None:
         if args.ttft and not args.moe:
             measured += [run(f"first_token_{src}_tp{tp}", path, "") for tp in (1, 2)
                          for src, path in (("megatron", root), ("hf", hf))]
+    return measured, total, largest_mb, save_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hidden", type=int, default=1536)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--moe", action="store_true", help="a Mixtral-like checkpoint saved at EP=2")
+    parser.add_argument("--ttft", action="store_true", help="also time the first served token (4 engines)")
+    args = parser.parse_args()
+    from _common import report
+
+    h = args.hidden
+    sizes = {"num_layers": args.layers, "hidden_size": h, "num_attention_heads": h // 64,
+             "num_query_groups": h // 256, "ffn_hidden_size": 2816 * h // 1024, "vocab_size": 16384}
+    if args.moe:
+        sizes.update(num_moe_experts=8, moe_router_topk=2, ffn_hidden_size=h)
+    measured, total, largest_mb, save_s = _measure_all(args, sizes)
     results = [r for r in measured if r is not None]
     by_kind = {r["kind"]: r for r in results}
     rate = {k: r["bytes"] / r["seconds"] for k, r in by_kind.items() if r["bytes"]}
