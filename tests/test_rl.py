@@ -94,6 +94,9 @@ def test_short_rl_run_twice_prints_the_same_table_and_another_kernel_family_keep
         (["--samples", "0"], "--samples must be >= 1, got 0"),
         (["--train-tp", "4"], "--train-tp 4 must divide the model's 2 kv heads"),
         (["--lr", "0"], "--lr must be > 0"),
+        (["--routing-replay", "on"], "--routing-replay on needs an MoE policy (--moe): the dense policy has no router"),
+        (["--moe", "--train-ep", "3"], "--train-ep 3 does not divide the MoE policy's 8 experts"),
+        (["--train-ep", "2"], "--train-ep 2 needs an MoE policy (--moe)"),
     ],
 )
 def test_bad_input_fails_before_starting(tmp_path, args, needle):
@@ -127,3 +130,52 @@ def test_default_run_improves_heldout_accuracy(tmp_path):
     report = _check_report(out, 60)
     print(f"\n[rl default] held-out {report['heldout_acc_start']:.3f} -> {report['heldout_acc_end']:.3f}")
     assert report["heldout_acc_end"] - report["heldout_acc_start"] >= 0.15
+
+
+def _check_moe_report(out, modes, steps):
+    """Every loop's rows: route fractions in [0, 1]; the replayed forward within the parity rule's bound; where
+    no route differed, the trainer's own routing gives the replayed forward's gap (top-2 routes gathered in
+    another order sum exactly) and is within the bound too; where one did, the own-routing gap is past the
+    bound (a changed route moves a log-prob by far more than rounding: tests/test_routing_replay.py)."""
+    from parallel_bridge.cli.rl_moe import MODEL
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["policy"] == "moe" and list(report["runs"]) == modes
+    versions, differed = [], 0
+    for mode in modes:
+        rows = report["runs"][mode]["steps"]
+        assert [r["step"] for r in rows] == list(range(1, steps + 1))
+        for r in rows:
+            assert r["routing_replay"] == mode and r["routes_compared"] > 0
+            assert 0 <= r["route_disagreement"] <= 1 and r["route_disagreement"] == r["routes_differ"] / r["routes_compared"]
+            bound = parity.bound_for(MODEL, r["max_abs_logit"], MODEL.max_position_embeddings)
+            own = parity.Gap(r["own_routing_mismatch_max"], r["own_routing_mismatch_mean"], 1)
+            if mode == "on":
+                bound.check(parity.Gap(r["mismatch_max"], r["mismatch_mean"], 1), f"replay on, step {r['step']}")
+            if r["routes_differ"] == 0:
+                bound.check(own, f"{mode}, step {r['step']}, no route differed")
+                assert r["own_routing_mismatch_max"] == pytest.approx(r["mismatch_max"], abs=1e-7)
+            else:
+                assert r["own_routing_mismatch_max"] > max(bound.max, r["mismatch_max"] if mode == "on" else 0), r
+            differed += r["routes_differ"]
+            assert r["route_disagreement"] <= 0.01, r  # the engine's captured routes are the trainer's own
+            versions.append(r["weights_version"])
+    assert versions == sorted(set(versions)) and versions[0] >= 2  # every step pushed a new version
+    png = (out / "rl.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    compared = sum(r["routes_compared"] for m in modes for r in report["runs"][m]["steps"])
+    print(f"\n[rl --moe] {differed} of {compared} (token, layer) routes differed between engine and trainer")
+    return report
+
+
+@pytest.mark.slow
+def test_moe_routing_replay_both_loops_from_one_warm_up(tmp_path):
+    out = tmp_path / "moe"
+    short = ["--steps", "3", "--prompts-per-step", "4", "--samples", "2", "--warmup", "20"]
+    proc = _run("--out", str(out), "--moe", "--routing-replay", "both", *short)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = _check_moe_report(out, ["off", "on"], 3)
+    assert (report["train_tp"], report["train_ep"]) == (1, 2)  # the default MoE layout: two expert-parallel ranks
+    runs = report["runs"]
+    assert runs["off"]["heldout_acc_start"] == runs["on"]["heldout_acc_start"]  # the same warm-up
+    assert "routing replay off:" in proc.stdout and "routing replay on:" in proc.stdout

@@ -143,28 +143,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_rl(args: argparse.Namespace) -> int:
-    """The RL loop under torchrun: vLLM samples, Megatron trains, weights pushed every step."""
-    from parallel_bridge.cli.rl import MODEL as sizes
+def _rl_options(args: argparse.Namespace) -> None:
+    """Fill the policy's defaults into ``args`` and refuse bad options, each in one line, before anything starts."""
+    from parallel_bridge.cli import rl_moe
+    from parallel_bridge.cli.rl_task import MODEL as dense
     from parallel_bridge.serving.megatron_format import check_serving_tp
 
-    for name in ("steps", "prompts_per_step", "samples", "train_tp", "serve_tp"):
+    sizes = rl_moe.MODEL if args.moe else dense
+    args.train_tp = args.train_tp if args.train_tp is not None else (1 if args.moe else 2)
+    args.train_ep = args.train_ep if args.train_ep is not None else (2 if args.moe else 1)
+    args.routing_replay = args.routing_replay or ("on" if args.moe else "off")
+    args.warmup = args.warmup if args.warmup is not None else (300 if args.moe else 150)
+    args.lr = args.lr if args.lr is not None else (3e-4 if args.moe else 1e-4)
+    for name in ("steps", "prompts_per_step", "samples", "train_tp", "train_ep", "serve_tp"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise CliError(f"--warmup must be >= 0, got {args.warmup}")
     if args.lr <= 0:
         raise CliError(f"--lr must be > 0, got {args.lr}")
+    problem = rl_moe.check_args(args)
+    if problem:
+        raise CliError(problem)
     try:
         check_serving_tp(sizes, args.serve_tp)  # heads, kv heads (split or replicated), FFN
     except ValueError as e:
         raise CliError(f"--serve-tp: {e}") from e
-    if any(n % args.train_tp for n in (sizes.num_query_groups, sizes.ffn_hidden_size, sizes.vocab_size)):
+    if any(n % args.train_tp for n in (sizes.num_query_groups, sizes.expert_ffn, sizes.vocab_size)):
         raise CliError(
             f"--train-tp {args.train_tp} must divide the model's {sizes.num_query_groups} kv heads, "
-            f"{sizes.ffn_hidden_size} FFN units and {sizes.vocab_size} symbols (Megatron trains whole query "
+            f"{sizes.expert_ffn} FFN units and {sizes.vocab_size} symbols (Megatron trains whole query "
             f"groups per rank)"
         )
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    """The RL loop under torchrun: vLLM samples, Megatron trains, weights pushed every step."""
+    _rl_options(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file; choose a folder")
@@ -174,7 +189,8 @@ def cmd_rl(args: argparse.Namespace) -> int:
     argv = [
         "--out", str(out), "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
         "--samples", str(args.samples), "--lr", str(args.lr), "--serve-tp", str(args.serve_tp),
-        "--warmup", str(args.warmup), "--seed", str(args.seed),
+        "--warmup", str(args.warmup), "--seed", str(args.seed), "--train-ep", str(args.train_ep),
+        "--routing-replay", args.routing_replay, "--serve-dtype", args.serve_dtype, *(["--moe"] if args.moe else []),
     ]
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     if args.serve_tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
@@ -184,7 +200,9 @@ def cmd_rl(args: argparse.Namespace) -> int:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(args.serve_tp)
     start = time.perf_counter()
     log = _log_file(args, out)
-    code = torchrun("parallel_bridge.cli.rl", args.train_tp, argv, env, log=log)
+    if log is not None:  # vLLM logs to stdout by default: its lines join the rest of the third-party output
+        env["VLLM_LOGGING_STREAM"] = "ext://sys.stderr"
+    code = torchrun("parallel_bridge.cli.rl", args.train_tp * args.train_ep, argv, env, log=log)
     if code != 0:
         raise CliError(f"the RL run failed (torchrun exit code {code}); see {log or 'the output above'}")
     print(f"rl finished in {time.perf_counter() - start:.0f} s")
@@ -245,10 +263,23 @@ def _add_rl(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=60, help="RL steps (default: 60)")
     p.add_argument("--prompts-per-step", type=int, default=32, help="prompts sampled per step (default: 32)")
     p.add_argument("--samples", type=int, default=8, help="completions per prompt, temperature 1 (default: 8)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the RL update (default: 1e-4)")
-    p.add_argument("--train-tp", type=int, default=2, help="tensor-parallel size of training (default: 2)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate of the RL update (default: 1e-4, with --moe 3e-4)")
+    p.add_argument("--train-tp", type=int, default=None,
+                   help="tensor-parallel size of training (default: 2, with --moe 1)")
     p.add_argument("--serve-tp", type=int, default=1, help="tensor-parallel size of the vLLM engine (default: 1)")
-    p.add_argument("--warmup", type=int, default=150, help="supervised warm-up steps (default: 150)")
+    p.add_argument("--moe", action="store_true",
+                   help="a Mixtral-like policy (8 experts, top-2) trained at expert parallelism")
+    p.add_argument("--train-ep", type=int, default=None,
+                   help="expert-parallel size of training, with --moe (default: 2 with --moe, else 1)")
+    p.add_argument("--routing-replay", choices=["off", "on", "both"], default=None,
+                   help="with --moe: the loss's forward routes tokens to the experts the engine chose (on), to "
+                   "the trainer's own (off), or both loops from one warm-up (default: on with --moe, else off)")
+    p.add_argument("--serve-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="with --moe: the engine's dtype; bfloat16 rolls out as GPU engines do, against the fp32 "
+                   "trainer (default: float32)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="supervised warm-up steps (default: 150, with --moe 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling (default: 0)")
     p.set_defaults(func=cmd_rl)
 

@@ -56,13 +56,13 @@ def llm_engine(**kwargs: Any) -> Iterator[Any]:
     shut down on exit, so the next engine in the same process starts clean."""
     from vllm import LLM
 
-    from parallel_bridge.adapters.vllm_numerics import EXTENSION
+    from parallel_bridge.adapters import vllm_numerics, vllm_routing
 
-    kwargs.setdefault("worker_extension_cls", EXTENSION)
+    kwargs.setdefault("worker_extension_cls", vllm_numerics.EXTENSION)
     with exported_to_vllm_processes():
         llm = LLM(**kwargs)
     try:
-        if kwargs["worker_extension_cls"] == EXTENSION:
+        if kwargs["worker_extension_cls"] in (vllm_numerics.EXTENSION, vllm_routing.EXTENSION):  # both check
             checked_fp32(llm, kwargs.get("dtype"))
         else:
             logger.warning("worker_extension_cls=%s: the engine's float32 check is skipped", kwargs["worker_extension_cls"])
