@@ -179,3 +179,22 @@ def test_moe_routing_replay_both_loops_from_one_warm_up(tmp_path):
     runs = report["runs"]
     assert runs["off"]["heldout_acc_start"] == runs["on"]["heldout_acc_start"]  # the same warm-up
     assert "routing replay off:" in proc.stdout and "routing replay on:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_default_moe_run_improves_heldout_accuracy(tmp_path):
+    """`rl --moe` with its defaults (routing replay on, EP=2): held-out accuracy ends above where it started and
+    its mean over the last 10 steps is 5 points above the start (18 held-out pairs: one pair is 5.6 points, so a
+    single step's accuracy is coarse); the mean reward of the last 10 steps beats the first 10's by 5 points."""
+    out = tmp_path / "moe"
+    proc = _run("--out", str(out), "--moe", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = _check_moe_report(out, ["on"], 60)["runs"]["on"]
+    rows = run["steps"]
+    late_acc = sum(r["heldout_acc"] for r in rows[-10:]) / 10
+    early, late = (sum(r["reward"] for r in part) / 10 for part in (rows[:10], rows[-10:]))
+    print(f"\n[rl --moe default] held-out {run['heldout_acc_start']:.3f} -> {run['heldout_acc_end']:.3f} (last 10 "
+          f"steps {late_acc:.3f}); reward {early:.3f} -> {late:.3f}")
+    assert run["heldout_acc_end"] > run["heldout_acc_start"]
+    assert late_acc >= run["heldout_acc_start"] + 0.05
+    assert late >= early + 0.05

@@ -135,8 +135,10 @@ class Routes:
 @contextlib.contextmanager
 def captured_routes(llm: Any) -> Iterator[list[Routes]]:
     """A scope in which every forward of ``llm`` (built with ``worker_extension_cls=EXTENSION``) files its
-    routes; on exit the list given holds one :class:`Routes` and every worker's routers are unhooked."""
+    routes; on exit the list given holds one :class:`Routes` and every worker's routers are unhooked. The
+    prefix cache is emptied on entry, so every token generated inside is computed (and routed) inside."""
     box: list[Routes] = []
+    llm.reset_prefix_cache()  # a block cached before the scope would be reused without a route recorded
     llm.collective_rpc("parallel_bridge_capture_routes")
     try:
         yield box

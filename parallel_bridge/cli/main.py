@@ -154,7 +154,7 @@ def _rl_options(args: argparse.Namespace) -> None:
     args.train_ep = args.train_ep if args.train_ep is not None else (2 if args.moe else 1)
     args.routing_replay = args.routing_replay or ("on" if args.moe else "off")
     args.warmup = args.warmup if args.warmup is not None else (300 if args.moe else 150)
-    args.lr = args.lr if args.lr is not None else (3e-4 if args.moe else 1e-4)
+    args.lr = args.lr if args.lr is not None else (5e-4 if args.moe else 1e-4)
     for name in ("steps", "prompts_per_step", "samples", "train_tp", "train_ep", "serve_tp"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -264,7 +264,7 @@ def _add_rl(sub: Any) -> None:
     p.add_argument("--prompts-per-step", type=int, default=32, help="prompts sampled per step (default: 32)")
     p.add_argument("--samples", type=int, default=8, help="completions per prompt, temperature 1 (default: 8)")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate of the RL update (default: 1e-4, with --moe 3e-4)")
+                   help="Adam learning rate of the RL update (default: 1e-4, with --moe 5e-4)")
     p.add_argument("--train-tp", type=int, default=None,
                    help="tensor-parallel size of training (default: 2, with --moe 1)")
     p.add_argument("--serve-tp", type=int, default=1, help="tensor-parallel size of the vLLM engine (default: 1)")

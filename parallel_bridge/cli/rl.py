@@ -19,7 +19,8 @@ Run under torchrun (TP = processes) by the CLI. On sums of two numbers below 10
    ``prompt_logprobs``), held-out greedy accuracy through the engine, push seconds
    and bytes.
 
-Writes ``report.json`` and ``rl.png`` into ``--out`` and prints a table.
+Writes ``report.json`` and ``rl.png`` into ``--out`` and prints a table. ``--moe``: an MoE policy at expert
+parallelism, its step with routing replay (``--routing-replay off|on|both``), in :mod:`parallel_bridge.cli.rl_moe`.
 """
 
 from __future__ import annotations

@@ -119,19 +119,21 @@ def plot_moe(report: dict, path: Path) -> None:
     for mode, run in report["runs"].items():
         rows, style = run["steps"], "-" if mode == "on" else "--"
         steps = [r["step"] for r in rows]
-        top.plot([0, *steps], [run["heldout_acc_start"], *(r["heldout_acc"] for r in rows)], style,
+        top.plot([0, *steps], [run["heldout_acc_start"], *(r["heldout_acc"] for r in rows)], style, color="C0",
                  label=f"held-out accuracy, replay {mode}")
-        top.plot(steps, [r["reward"] for r in rows], style, alpha=0.5, label=f"mean reward, replay {mode}")
-        mid.semilogy(steps, [max(r["mismatch_max"], 1e-9) for r in rows], style, label=f"max |Δ log-prob|, replay {mode}")
-        mid.semilogy(steps, [max(r["mismatch_mean"], 1e-9) for r in rows], style, alpha=0.5,
+        top.plot(steps, [r["reward"] for r in rows], style, color="C1", label=f"mean reward, replay {mode}")
+        mid.semilogy(steps, [max(r["mismatch_max"], 1e-9) for r in rows], style, color="C2",
+                     label=f"max |Δ log-prob|, replay {mode}")
+        mid.semilogy(steps, [max(r["mismatch_mean"], 1e-9) for r in rows], style, color="C3",
                      label=f"mean |Δ log-prob|, replay {mode}")
-        bottom.plot(steps, [r["route_disagreement"] for r in rows], style, label=f"replay {mode}")
+        bottom.plot(steps, [r["route_disagreement"] for r in rows], style, color="C4", label=f"replay {mode}")
     last = next(iter(report["runs"].values()))["steps"]
     mid.semilogy([r["step"] for r in last], [r["bound_max"] for r in last], ":", color="gray",
-                 label="fp32 rounding bound (max)")
+                 label=f"{report['serve_dtype']} rounding bound (max)")
     top.set_ylim(0, 1)
     top.legend(loc="lower right", fontsize=7)
-    top.set_title(f"MoE RL: Megatron TP={report['train_tp']} EP={report['train_ep']} -> vLLM TP={report['serve_tp']}")
+    top.set_title(f"MoE RL: Megatron TP={report['train_tp']} EP={report['train_ep']} (fp32) -> vLLM TP={report['serve_tp']} "
+                  f"({report['serve_dtype']})\ndashed: routing replay off, solid: on", fontsize=10)
     mid.set_ylabel("train/serve gap")
     mid.legend(loc="upper right", fontsize=7)
     bottom.set_ylabel("routes the trainer\nwould pick otherwise")
