@@ -153,8 +153,8 @@ def one_run(args, ctx, model, sync, llm, tokenizer, data, mode: str | None) -> d
     first = sync.push()
     start_acc = greedy_accuracy(llm, tokenizer, held) if llm is not None else None
     if llm is not None:
-        what = "" if mode is None else f" (routing replay {mode})"
-        print(f"      {args.steps} RL steps{what}: {args.prompts_per_step} prompts x {args.samples} samples")
+        what = "[3/3] " if mode is None else f"      routing replay {mode}: "
+        print(f"{what}{args.steps} RL steps: {args.prompts_per_step} prompts x {args.samples} samples")
     loop = {} if mode is None else {"step_fn": rl_moe.step_fn(mode), "after_push": rl_moe.after_push,
                                     "label": f"replay {mode}"}
     start = time.perf_counter()
@@ -186,11 +186,13 @@ def run(args, ctx: ParallelContext, out: Path) -> dict | None:
         if rank0:
             print(f"[2/3] vLLM engine at TP={args.serve_tp}; weights pushed before each loop and after every step")
             (tok_dir / "config.json").write_text(json.dumps(spec.to_hf(), indent=2))
-        with engine(out, tok_dir, args.serve_tp, spec, args.moe, args.serve_dtype) if rank0 else contextlib.nullcontext() as llm:
+        rollout = engine(out, tok_dir, args.serve_tp, spec, args.moe, args.serve_dtype) if rank0 else None
+        with rollout or contextlib.nullcontext() as llm:
             sync = WeightSync(ctx, model, llm, config=spec, vocab_size=len(tokenizer), timeout_s=120)
             if rank0:
                 print(f"      {describe_engine(llm)}")
-                print("[3/3] RL")
+            if rank0 and args.moe:
+                print(f"[3/3] RL with the MoE policy, routing replay {args.routing_replay}")
             runs = {}
             for mode in rl_moe.MODES[args.routing_replay] if args.moe else (None,):
                 model.load_state_dict(start_state, strict=False)  # every loop from the same warm-up
